@@ -1,0 +1,37 @@
+# make repro   install (into .venv) and run the whole pipeline on the real data set
+# make test    install and run the test suite
+# make demo    the same pipeline offline, on generated images, in a few minutes on a CPU
+# DEVICE=cpu|gpu picks the TensorFlow build; by default gpu when `nvidia-smi` sees a GPU.
+
+PYTHON ?= python3
+VENV := .venv
+DEVICE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(DEVICE)
+
+# Stages run `python -m stages.<name>`: the venv's python must come first.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install repro test demo clean-venv
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-$(DEVICE).txt constraints.txt
+	@if [ "$(DEVICE)" != cpu ] && [ "$(DEVICE)" != gpu ]; then echo "DEVICE must be cpu or gpu, not '$(DEVICE)'"; exit 2; fi
+	@# tensorflow-cpu and tensorflow cannot share a venv: switching builds starts afresh.
+	@if ls $(VENV)/.installed-* >/dev/null 2>&1 && [ ! -f $@ ]; then echo "switching to the $(DEVICE) build: recreating $(VENV)"; rm -rf $(VENV); fi
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet -r requirements-$(DEVICE).txt -c constraints.txt
+	touch $@
+
+repro: $(STAMP)
+	dvc repro
+
+test: $(STAMP)
+	python -m pytest
+
+demo: $(STAMP)
+	python -m stages.demo
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,321 @@
+"""Typed parameters: load `params.yaml`, validate every value, fail with a message naming the key.
+
+Every knob of the pipeline lives in `params.yaml`; this module turns it into frozen dataclasses
+so the stages get typed values and never index raw dicts. Validation happens before any work:
+an unknown key, a wrong type or a value out of range raises `ParamsError` naming the key, the
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PARAMS_FILE = "params.yaml"
+
+#: Names accepted by `model.backbone`; `backbones.REGISTRY` holds one entry for each.
+BACKBONES = ("vgg16", "resnet50", "inception_v3", "xception", "mobilenet_v2", "efficientnet_v2_b0")
+#: Named data sources; anything else must be an http(s) URL or a local path.
+PRESETS = ("cats_vs_dogs", "synthetic")
+
+
+class ParamsError(ValueError):
+    """A value in params.yaml is missing, unknown, of the wrong type or out of range."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
+    raise ParamsError(f"{PARAMS_FILE}: {key} = {value!r} is not valid: {allowed}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        _fail(key, value, "must be > 0")
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    """Images per class in each split: all whole counts, or all fractions of the class."""
+
+    train: float = 1000
+    validation: float = 400
+    test: float = 400
+
+    def check(self, key: str) -> None:
+        values = dataclasses.asdict(self)
+        for name, value in values.items():
+            if value < 0:
+                _fail(f"{key}.{name}", value, "must be >= 0")
+        if self.train <= 0:
+            _fail(f"{key}.train", self.train, "must be > 0: training needs images")
+        if self.validation <= 0:
+            _fail(f"{key}.validation", self.validation, "must be > 0: training is validated")
+        if self.test <= 0:
+            _fail(f"{key}.test", self.test, "must be > 0: evaluation needs a test set")
+        counts = [v >= 1 for v in values.values()]
+        if any(counts) and not all(counts):
+            _fail(key, values, "give all three as counts per class (>= 1) or all as fractions (< 1)")
+        if all(counts):
+            for name, value in values.items():
+                if value != int(value):
+                    _fail(f"{key}.{name}", value, "a count per class must be a whole number")
+        elif sum(values.values()) > 1 + 1e-9:
+            _fail(key, values, "fractions must add up to at most 1")
+
+    @property
+    def as_fractions(self) -> bool:
+        return self.train < 1
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    """The generated offline data set (`data.source: synthetic`)."""
+
+    classes: int = 2
+    images_per_class: int = 200
+    size: int = 64
+
+    def check(self, key: str) -> None:
+        if self.classes < 2:
+            _fail(f"{key}.classes", self.classes, "must be >= 2")
+        if self.classes > 8:
+            _fail(f"{key}.classes", self.classes, "must be <= 8 (there are 8 patterns)")
+        _positive(f"{key}.images_per_class", self.images_per_class)
+        if self.size < 16:
+            _fail(f"{key}.size", self.size, "must be >= 16 pixels")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str = "cats_vs_dogs"
+    sha256: str | None = None
+    image_size: tuple[int, int] = (150, 150)
+    max_side: int = 500
+    min_side: int = 32
+    split: SplitParams = field(default_factory=SplitParams)
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+
+    def check(self, key: str) -> None:
+        if not self.source:
+            _fail(f"{key}.source", self.source, f"one of {', '.join(PRESETS)}, an http(s) URL, or a local path")
+        if self.sha256 is not None and (
+            len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256.lower())
+        ):
+            _fail(f"{key}.sha256", self.sha256, "64 hexadecimal digits, or null")
+        for value in self.image_size:
+            if value < 32:
+                _fail(f"{key}.image_size", list(self.image_size), "height and width must be >= 32")
+        if self.min_side < 1:
+            _fail(f"{key}.min_side", self.min_side, "must be >= 1 pixel")
+        if self.max_side < max(self.image_size):
+            _fail(f"{key}.max_side", self.max_side, f"must be >= the largest of data.image_size ({max(self.image_size)})")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    backbone: str = "vgg16"
+    weights: str | None = "imagenet"
+
+    def check(self, key: str) -> None:
+        if self.backbone not in BACKBONES:
+            _fail(f"{key}.backbone", self.backbone, f"one of {', '.join(BACKBONES)}")
+        if self.weights is not None and self.weights != "imagenet" and not self.weights.endswith(".h5"):
+            _fail(f"{key}.weights", self.weights, "imagenet, null (random init), or a path to a local .h5 weights file")
+
+
+@dataclass(frozen=True)
+class TopParams:
+    units: int = 256
+    dropout: float = 0.5
+    optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop"
+    learning_rate: float = 1e-3
+    epochs: int = 50
+    batch_size: int = 16
+
+    def check(self, key: str) -> None:
+        _positive(f"{key}.units", self.units)
+        if not 0 <= self.dropout < 1:
+            _fail(f"{key}.dropout", self.dropout, "must be in [0, 1)")
+        _positive(f"{key}.learning_rate", self.learning_rate)
+        _positive(f"{key}.epochs", self.epochs)
+        _positive(f"{key}.batch_size", self.batch_size)
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Random transforms of the training images during fine-tuning (none at featurize time)."""
+
+    rotation: float = 40.0  # degrees, either way
+    width_shift: float = 0.2  # fraction of the width
+    height_shift: float = 0.2
+    shear: float = 0.2  # shear intensity, as a fraction
+    zoom: float = 0.2
+    horizontal_flip: bool = True
+
+    def check(self, key: str) -> None:
+        if not 0 <= self.rotation <= 180:
+            _fail(f"{key}.rotation", self.rotation, "degrees in [0, 180]")
+        for name in ("width_shift", "height_shift", "shear", "zoom"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                _fail(f"{key}.{name}", value, "a fraction in [0, 1)")
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    blocks: int = 1
+    learning_rate: float = 1e-4
+    momentum: float = 0.9
+    epochs: int = 50
+    batch_size: int = 16
+    mixed_precision: Literal["auto", "on", "off"] = "auto"  # auto: on when training on a GPU
+    augment: AugmentParams = field(default_factory=AugmentParams)
+
+    def check(self, key: str) -> None:
+        if self.blocks < 1:
+            _fail(f"{key}.blocks", self.blocks, "must be >= 1 (the number of last backbone blocks to unfreeze)")
+        _positive(f"{key}.learning_rate", self.learning_rate)
+        if not 0 <= self.momentum < 1:
+            _fail(f"{key}.momentum", self.momentum, "must be in [0, 1)")
+        _positive(f"{key}.epochs", self.epochs)
+        _positive(f"{key}.batch_size", self.batch_size)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 32
+    threshold: float = 0.5  # two classes: probability of the second class above which it is predicted
+
+    def check(self, key: str) -> None:
+        _positive(f"{key}.batch_size", self.batch_size)
+        if not 0 < self.threshold < 1:
+            _fail(f"{key}.threshold", self.threshold, "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class FeaturizeParams:
+    batch_size: int = 32
+
+    def check(self, key: str) -> None:
+        _positive(f"{key}.batch_size", self.batch_size)
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 42
+    data: DataParams = field(default_factory=DataParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    featurize: FeaturizeParams = field(default_factory=FeaturizeParams)
+    top: TopParams = field(default_factory=TopParams)
+    finetune: FinetuneParams = field(default_factory=FinetuneParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+    def check(self, key: str) -> None:
+        if self.seed < 0:
+            _fail("seed", self.seed, "must be >= 0")
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """Convert one YAML value to the annotated type `tp`, or fail naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [t for t in options if t is not type(None)]
+        return _convert(inner, value, key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            _fail(key, value, f"one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is tuple:
+        inner = typing.get_args(tp)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value] * len(inner)  # a single size means a square
+        if not isinstance(value, (list, tuple)) or len(value) != len(inner):
+            _fail(key, value, f"a list of {len(inner)} values (or one number)")
+        return tuple(_convert(t, v, key) for t, v in zip(inner, value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(key, value, "true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(key, value, "a whole number")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                _fail(key, value, "a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            _fail(key, value, "a finite number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(key, value, "a string")
+        return value
+    raise TypeError(f"unsupported parameter type {tp!r} for {key}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        _fail(prefix or "params", data, "a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ParamsError(
+            f"{PARAMS_FILE}: unknown key '{where}'; allowed keys{' under ' + prefix if prefix else ''}: {', '.join(names)}"
+        )
+    values = {
+        name: _convert(hints[name], data[name], f"{prefix}.{name}" if prefix else name)
+        for name in names
+        if name in data
+    }
+    obj = cls(**values)
+    obj.check(prefix)
+    return obj
+
+
+def parse(data: dict[str, Any] | None) -> Params:
+    """Validate a params mapping (as read from params.yaml); keys left out take the defaults."""
+    return _build(Params, data, "")
+
+
+def load(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found: run the stages from the repository root, where params.yaml is")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from err
+    return parse(data)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """`Params` (or any part of it) as {'finetune.learning_rate': 1e-4, ...}, for logging."""
+    out: dict[str, Any] = {}
+    items = dataclasses.asdict(obj).items() if dataclasses.is_dataclass(obj) else obj.items()
+    for name, value in items:
+        key = f"{prefix}.{name}" if prefix else name
+        if isinstance(value, dict):
+            out.update(flatten(value, key))
+        else:
+            out[key] = list(value) if isinstance(value, tuple) else value
+    return out

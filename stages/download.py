@@ -1,0 +1,270 @@
+"""Fetch the data set named by `data.source` into data/raw/<class>/..., as fetched, verified.
+
+Sources: a preset (`cats_vs_dogs`), an http(s) URL of an archive, a local archive (.zip, .tar,
+.tar.gz, .tgz), a local folder with one subfolder per class, or `synthetic` (generated offline).
+Downloads stream with a progress bar into data/cache/ under a temporary name and are renamed
+when complete; data/cache/ also takes an archive downloaded by hand. Archives are extracted
+member by member: a member whose path would land outside the target, or a link, is refused.
+The source is only read, never changed. data/raw/source.json records what was read and its sha256.
+
+Run: dvc repro download   (or: python -m stages.download data/raw)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import shutil
+import tarfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+from tqdm import tqdm
+
+from stages import common, config, synthetic, tracking
+from stages.common import StageError
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = Path("data/cache")
+SOURCE_RECORD = "source.json"
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+#: Guards against archive bombs: refuse to extract more than this.
+MAX_EXTRACTED_BYTES = 64 * 2**30
+MAX_EXTRACTED_FILES = 2_000_000
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Preset:
+    url: str
+    sha256: str | None  # pinned when known
+    root: str  # folder inside the archive that holds one subfolder per class
+    classes: tuple[str, ...]
+
+
+PRESETS = {
+    "cats_vs_dogs": Preset(
+        url="https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/kagglecatsanddogs_5340.zip",
+        sha256=None,
+        root="PetImages",
+        classes=("Cat", "Dog"),
+    ),
+}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_archive(name: str) -> bool:
+    return name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def offline_hint(url: str, cached: Path) -> str:
+    return (
+        f"To work without network: download {url} by hand and save it as {cached} "
+        "(the download stage takes it from there), or set data.source in params.yaml to a local "
+        "archive or a folder with one subfolder per class, or to 'synthetic' for generated data."
+    )
+
+
+def fetch(url: str, dest: Path, timeout: float = 30.0) -> None:
+    """Stream `url` into `dest` with a progress bar; `dest` appears only once complete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    request = urllib.request.Request(url, headers={"User-Agent": "image-classifier-pipeline"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response, open(part, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name) as bar:
+                for chunk in iter(lambda: response.read(CHUNK), b""):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+            if total is not None and out.tell() != total:
+                raise StageError(f"download of {url} ended early: {out.tell()} of {total} bytes")
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+        part.unlink(missing_ok=True)
+        reason = getattr(err, "reason", err)
+        raise StageError(f"Could not download {url}: {reason}.\n{offline_hint(url, dest)}") from err
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, dest)
+
+
+def _safe_member_path(name: str) -> PurePosixPath | None:
+    """The relative path an archive member may be written to, or None if it would escape."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
+        return None
+    parts = [p for p in path.parts if p not in ("", ".")]
+    return PurePosixPath(*parts) if parts else None
+
+
+def _members(archive: Path) -> Iterator[tuple[str, str, int, object, object]]:
+    """(name, kind: file | dir | other, size, container, info) for each member of a zip or tar."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
+                kind = "dir" if info.is_dir() else "other" if is_link else "file"
+                yield info.filename, kind, info.file_size, zf, info
+        return
+    try:
+        tf = tarfile.open(archive)
+    except tarfile.TarError as err:
+        raise StageError(f"{archive} is neither a zip nor a tar archive: {err}") from err
+    with tf:
+        for info in tf:
+            kind = "file" if info.isfile() else "dir" if info.isdir() else "other"
+            yield info.name, kind, info.size, tf, info
+
+
+def extract(archive: Path, target: Path) -> dict[str, int]:
+    """Extract the regular files of `archive` under `target`; refuse escaping paths and links.
+
+    Returns counts of files extracted and members refused.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    counts = {"files": 0, "refused": 0}
+    total_bytes = 0
+    for name, kind, size, container, info in _members(archive):
+        if kind == "dir":
+            continue  # folders are made as their files need them
+        rel = _safe_member_path(name)
+        if rel is None or kind != "file":
+            counts["refused"] += 1
+            log.warning("refused archive member %r: it is a link or its path leaves the target folder", name)
+            continue
+        total_bytes += size
+        counts["files"] += 1
+        if total_bytes > MAX_EXTRACTED_BYTES or counts["files"] > MAX_EXTRACTED_FILES:
+            raise StageError(
+                f"{archive} would extract to more than {MAX_EXTRACTED_BYTES >> 30} GiB or "
+                f"{MAX_EXTRACTED_FILES} files: refused as a possible archive bomb"
+            )
+        dest = target.joinpath(*rel.parts)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        source = container.open(info) if isinstance(container, zipfile.ZipFile) else container.extractfile(info)
+        with source, open(dest, "wb") as out:
+            shutil.copyfileobj(source, out, CHUNK)
+    return counts
+
+
+def is_ignored(path: Path) -> bool:
+    """Files and folders that are not part of a data set: hidden ones, OS droppings."""
+    return path.name.startswith(".") or path.name in ("Thumbs.db", "desktop.ini", "__MACOSX")
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not is_ignored(p))
+
+
+def class_root(folder: Path) -> Path:
+    """The folder holding one subfolder per class: descend through single wrapper folders."""
+    while len(subs := _subfolders(folder)) == 1 and _subfolders(subs[0]):
+        folder = subs[0]
+    return folder
+
+
+def copy_classes(root: Path, out: Path) -> dict[str, int]:
+    """Copy each class folder of `root` (files at any depth below it) into out/<class>/."""
+    classes = _subfolders(root)
+    if len(classes) < 2:
+        raise StageError(
+            f"{root} must hold one subfolder per class (at least 2), found "
+            f"{[p.name for p in classes] or 'none'}; arrange the images as <folder>/<class>/<image files>"
+        )
+    counts = {}
+    for cls in classes:
+        n = 0
+        for path in sorted(cls.rglob("*")):
+            rel = path.relative_to(cls)
+            if path.is_file() and not any(is_ignored(Path(part)) for part in rel.parts):
+                dest = out / cls.name / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, dest)
+                n += 1
+        counts[cls.name] = n
+    return counts
+
+
+def download(params: config.DataParams, seed: int, out: Path) -> dict:
+    """Materialise the source as out/<class>/<files>; return the record written to source.json."""
+    source = params.source
+    record: dict = {"source": source}
+    if source == "synthetic":
+        record["classes"] = synthetic.generate(out, params.synthetic, seed)
+        return record
+    preset = PRESETS.get(source)
+    url = preset.url if preset else source if source.startswith(("http://", "https://")) else None
+    pinned = params.sha256 or (preset.sha256 if preset else None)
+    if url is not None:
+        archive = CACHE_DIR / Path(urllib.parse.urlparse(url).path).name
+        if not archive.is_file():
+            log.info("downloading %s", url)
+            fetch(url, archive)
+        else:
+            log.info("using %s (already downloaded)", archive)
+        record["url"] = url
+    else:
+        local = Path(source).expanduser()
+        if not local.exists():
+            raise StageError(
+                f"params.yaml: data.source = {source!r} is neither a preset ({', '.join(config.PRESETS)}), "
+                "an http(s) URL, nor an existing local archive or folder"
+            )
+        if local.is_dir():
+            record["classes"] = copy_classes(class_root(local), out)
+            record["path"] = str(local.resolve())
+            return record
+        if not is_archive(local.name):
+            raise StageError(f"data.source = {source!r}: a local file must be an archive ({', '.join(ARCHIVE_SUFFIXES)})")
+        archive = local
+        record["path"] = str(local.resolve())
+    digest = sha256_file(archive)
+    record["sha256"] = digest
+    if pinned and digest != pinned.lower():
+        raise StageError(
+            f"{archive} has sha256 {digest}, but {pinned.lower()} was expected (data.sha256 or the preset). "
+            "Delete the file and run again to download it anew, or correct data.sha256."
+        )
+    extracted = out.parent / f".{out.name}.extract"
+    shutil.rmtree(extracted, ignore_errors=True)
+    try:
+        record["archive"] = extract(archive, extracted)
+        root = extracted / preset.root if preset else class_root(extracted)
+        record["classes"] = copy_classes(root, out)
+    finally:
+        shutil.rmtree(extracted, ignore_errors=True)
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("output", type=Path, help="folder to fill with one subfolder per class")
+    args = parser.parse_args()
+    params = config.load()
+    with tracking.stage_run("download", params):
+        with common.atomic_dir(args.output) as tmp:
+            record = download(params.data, params.seed, tmp)
+            common.write_json(tmp / SOURCE_RECORD, record)
+        tracking.log_metrics({f"images.{k}": v for k, v in record["classes"].items()})
+        tracking.log_artifact(args.output / SOURCE_RECORD)
+    log.info("wrote %s: %s", args.output, record["classes"])
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,113 @@
+"""Run the pretrained backbone once over every split and keep its bottleneck features.
+
+No augmentation, BatchNorm in inference mode, the backbone's own preprocessing. Features are
+streamed to disk batch by batch (memory does not grow with the number of images) and saved with
+their labels, in manifest order, as data/features/<split>.npz; data/features/meta.json names the
+classes and the backbone. The backbone's weights are saved too (models/backbone.weights.h5), so
+fine-tuning starts from exactly the weights the features came from, even when they are random.
+
+Run: dvc repro featurize
+  (or: python -m stages.featurize data/prepared data/features models/backbone.weights.h5)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+from tqdm import tqdm
+
+from stages import backbones, common, config, images, tracking
+from stages.manifest import SPLITS
+
+log = logging.getLogger(__name__)
+
+META = "meta.json"
+
+
+def features_file(folder: Path, split: str) -> Path:
+    return Path(folder) / f"{split}.npz"
+
+
+def write_features(
+    extractor: keras.Model, split: images.Split, image_size: tuple[int, int], batch_size: int, path: Path
+) -> None:
+    """Features of every image of `split`, in order, with its labels, into one .npz file."""
+    shape = tuple(extractor.output_shape[1:])
+    buffer = path.with_suffix(".tmp.npy")
+    features = np.lib.format.open_memmap(buffer, mode="w+", dtype=np.float32, shape=(len(split), *shape))
+    try:
+        start = 0
+        batches = images.images_only(split, image_size, batch_size)
+        total = -(-len(split) // batch_size)
+        for batch in tqdm(batches, total=total, desc=f"featurize {path.stem}", unit="batch"):
+            out = np.asarray(extractor.predict_on_batch(batch), dtype=np.float32)
+            features[start : start + len(out)] = out
+            start += len(out)
+        assert start == len(split), f"read {start} images of {len(split)}"
+        features.flush()
+        np.savez(path, features=features, labels=split.labels)  # copies from the memmap in chunks
+    finally:
+        del features
+        buffer.unlink(missing_ok=True)
+
+
+def load_features(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) of one split."""
+    path = features_file(folder, split)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the featurize stage first (dvc repro featurize)")
+    with np.load(path) as data:
+        return data["features"], data["labels"]
+
+
+def featurize(prepared: Path, out: Path, params: config.Params) -> tuple[keras.Model, dict]:
+    """Write the features of every split into `out`; return the backbone used and the metadata."""
+    keras.utils.set_random_seed(params.seed)  # reproducible random init with `model.weights: null`
+    base = backbones.build_backbone(params.model.backbone, params.model.weights, params.data.image_size)
+    extractor = backbones.feature_extractor(base, params.model.backbone)
+    counts, classes = {}, None
+    for name in SPLITS:
+        split = images.load_split(prepared, name)
+        classes = split.classes
+        started = time.perf_counter()
+        write_features(extractor, split, params.data.image_size, params.featurize.batch_size, features_file(out, name))
+        counts[name] = len(split)
+        log.info("%s: %d images, %.1f images/s", name, len(split), len(split) / (time.perf_counter() - started))
+    meta = {
+        "classes": classes,
+        "backbone": params.model.backbone,
+        "weights": params.model.weights,
+        "image_size": list(params.data.image_size),
+        "feature_shape": list(extractor.output_shape[1:]),
+        "images": counts,
+    }
+    common.write_json(out / META, meta)
+    return base, meta
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("prepared", type=Path, help="the prepare stage's output")
+    parser.add_argument("output", type=Path, help="folder for <split>.npz and meta.json")
+    parser.add_argument("backbone_weights", type=Path, help="where to save the backbone's weights (.weights.h5)")
+    args = parser.parse_args()
+    params = config.load()
+    with tracking.stage_run("featurize", params):
+        started = time.perf_counter()
+        with common.atomic_dir(args.output) as tmp:
+            base, meta = featurize(args.prepared, tmp, params)
+        with common.atomic_path(args.backbone_weights) as tmp_weights:
+            base.save_weights(tmp_weights)
+        seconds = time.perf_counter() - started
+        tracking.log_metrics({"images_per_second": sum(meta["images"].values()) / seconds})
+        tracking.log_artifact(args.output / META)
+    log.info("wrote %s and %s", args.output, args.backbone_weights)
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,125 @@
+"""Fine-tune the last backbone block(s) together with the trained head, on augmented images.
+
+The classifier is rebuilt from exactly the parts the earlier stages produced: the backbone with
+the weights its features came from (models/backbone.weights.h5) and the head trained on those
+features (models/top.keras; never a fresh random head, whose large gradients would wreck the
+pretrained block). Everything is frozen except the last `finetune.blocks` block(s) and the head;
+BatchNorm stays in inference mode; the model is recompiled with SGD at a low learning rate. The
+saved model takes raw RGB images (0..255) and is always float32, whatever precision trained it.
+
+Run: dvc repro finetune   (or: python -m stages.finetune data/prepared models/backbone.weights.h5
+       models/top.keras models/model.keras models/classes.json reports/finetune)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from stages import backbones, common, config, devices, images, tracking
+from stages.train_top import final_metrics, write_history
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Finetuned:
+    model: keras.Model  # float32, with augmentation layers (inactive at inference)
+    history: dict[str, list[float]]
+    unfrozen: list[str]  # backbone layers with weights that were trained
+    classes: list[str]
+
+
+def assemble(
+    params: config.Params, backbone_weights: Path, top: keras.Model, num_classes: int
+) -> tuple[keras.Model, list[str]]:
+    """Backbone (saved weights) + head (trained weights) + augmentation, last block(s) trainable."""
+    name = params.model.backbone
+    base = backbones.build_backbone(name, None, params.data.image_size)
+    base.load_weights(backbone_weights)
+    head = backbones.build_head(tuple(base.output_shape[1:]), num_classes, params.top)
+    head.set_weights(top.get_weights())
+    unfrozen = backbones.unfreeze_last_blocks(base, name, params.finetune.blocks)
+    augment = images.augmentation(params.finetune.augment, params.seed)
+    return backbones.build_classifier(base, head, name, augment), unfrozen
+
+
+def finetune(
+    prepared: Path,
+    backbone_weights: Path,
+    top: keras.Model,
+    params: config.Params,
+    strategy: tf.distribute.Strategy,
+    policy: str = "float32",
+    callbacks: list[keras.callbacks.Callback] = (),
+) -> Finetuned:
+    """Train the unfrozen block(s) and the head on the train split, validated each epoch."""
+    p = params.finetune
+    keras.utils.set_random_seed(params.seed)
+    train = images.load_split(prepared, "train")
+    validation = images.load_split(prepared, "validation")
+    num_classes = len(train.classes)
+    devices.set_policy(policy)
+    try:
+        with strategy.scope():
+            model, unfrozen = assemble(params, backbone_weights, top, num_classes)
+            model.compile(
+                optimizer=keras.optimizers.SGD(learning_rate=p.learning_rate, momentum=p.momentum),
+                loss=backbones.head_loss(num_classes),
+                metrics=["accuracy"],
+            )
+        log.info("unfrozen: %s", ", ".join(unfrozen))
+        history = model.fit(
+            images.dataset(train, params.data.image_size, p.batch_size, shuffle=True, seed=params.seed),
+            validation_data=images.dataset(validation, params.data.image_size, p.batch_size),
+            epochs=p.epochs,
+            callbacks=list(callbacks),
+            verbose=2,
+        )
+    finally:
+        devices.set_policy("float32")
+    if policy != "float32":
+        # The saved model is plain float32, whatever precision trained it.
+        trained, model = model, assemble(params, backbone_weights, top, num_classes)[0]
+        model.set_weights(trained.get_weights())
+    return Finetuned(model, history.history, unfrozen, train.classes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("prepared", type=Path, help="the prepare stage's output")
+    parser.add_argument("backbone_weights", type=Path, help="the featurize stage's backbone weights")
+    parser.add_argument("top", type=Path, help="the train_top stage's head (.keras)")
+    parser.add_argument("output", type=Path, help="where to save the fine-tuned model (.keras)")
+    parser.add_argument("classes", type=Path, help="where to save the class names (JSON list)")
+    parser.add_argument("reports", type=Path, help="folder for history.csv and metrics.json")
+    args = parser.parse_args()
+    params = config.load()
+    with tracking.stage_run("finetune", params):
+        top = keras.models.load_model(args.top, safe_mode=True)
+        result = finetune(
+            args.prepared,
+            args.backbone_weights,
+            top,
+            params,
+            devices.strategy(),
+            devices.precision_policy(params.finetune.mixed_precision),
+            callbacks=[tracking.epoch_logger()],
+        )
+        common.save_model(result.model, args.output)
+        common.write_json(args.classes, result.classes)
+        args.reports.mkdir(parents=True, exist_ok=True)
+        write_history(result.history, args.reports / "history.csv")
+        common.write_json(args.reports / "metrics.json", final_metrics(result.history))
+        tracking.log_artifact(args.reports)
+        tracking.log_artifact(args.output, "model")
+    log.info("validation accuracy %.4f; wrote %s", result.history["val_accuracy"][-1], args.output)
+
+
+if __name__ == "__main__":
+    common.run(main)

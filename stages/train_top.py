@@ -1,0 +1,102 @@
+"""Train the dense classifier on cached bottleneck features (seconds, not hours).
+
+The head is `backbones.build_head` (the same one `finetune` continues to train): Flatten,
+Dense(units, relu), Dropout, then a sigmoid for two classes or a softmax for more. Each epoch's
+loss and accuracy, train and validation, go to reports/train_top/history.csv (a DVC plot) and MLflow.
+
+Run: dvc repro train_top
+  (or: python -m stages.train_top data/features models/top.keras reports/train_top)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from stages import backbones, common, config, tracking
+from stages.featurize import META, load_features
+
+log = logging.getLogger(__name__)
+
+
+def optimizer(params: config.TopParams) -> keras.optimizers.Optimizer:
+    if params.optimizer == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate=params.learning_rate)
+    if params.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate=params.learning_rate)
+    return keras.optimizers.SGD(learning_rate=params.learning_rate, momentum=0.9)
+
+
+def train_top(
+    train: tuple[np.ndarray, np.ndarray],
+    validation: tuple[np.ndarray, np.ndarray],
+    num_classes: int,
+    params: config.TopParams,
+    seed: int,
+    callbacks: list[keras.callbacks.Callback] = (),
+) -> tuple[keras.Model, dict[str, list[float]]]:
+    """Fit the head on (features, labels); return it and its per-epoch history."""
+    keras.utils.set_random_seed(seed)
+    head = backbones.build_head(train[0].shape[1:], num_classes, params)
+    head.compile(optimizer=optimizer(params), loss=backbones.head_loss(num_classes), metrics=["accuracy"])
+    history = head.fit(
+        train[0],
+        train[1],
+        validation_data=validation,
+        epochs=params.epochs,
+        batch_size=params.batch_size,
+        shuffle=True,
+        callbacks=list(callbacks),
+        verbose=2,
+    )
+    return head, history.history
+
+
+def write_history(history: dict[str, list[float]], path: Path) -> None:
+    """Per-epoch metrics as CSV: epoch, loss, accuracy, val_loss, val_accuracy."""
+    keys = ["loss", "accuracy", "val_loss", "val_accuracy"]
+    with common.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", *keys])
+        for epoch in range(len(history["loss"])):
+            writer.writerow([epoch + 1, *(f"{history[k][epoch]:.6f}" for k in keys)])
+
+
+def final_metrics(history: dict[str, list[float]]) -> dict[str, float]:
+    return {k: round(float(v[-1]), 6) for k, v in history.items() if k != "learning_rate"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("features", type=Path, help="the featurize stage's output")
+    parser.add_argument("output", type=Path, help="where to save the trained head (.keras)")
+    parser.add_argument("reports", type=Path, help="folder for history.csv and metrics.json")
+    args = parser.parse_args()
+    params = config.load()
+    meta = json.loads((args.features / META).read_text())
+    with tracking.stage_run("train_top", params):
+        head, history = train_top(
+            load_features(args.features, "train"),
+            load_features(args.features, "validation"),
+            len(meta["classes"]),
+            params.top,
+            params.seed,
+            callbacks=[tracking.epoch_logger()],
+        )
+        common.save_model(head, args.output)
+        args.reports.mkdir(parents=True, exist_ok=True)
+        write_history(history, args.reports / "history.csv")
+        common.write_json(args.reports / "metrics.json", final_metrics(history))
+        tracking.log_artifact(args.reports)
+        tracking.log_artifact(args.output, "model")
+    log.info("validation accuracy %.4f; wrote %s", history["val_accuracy"][-1], args.output)
+
+
+if __name__ == "__main__":
+    common.run(main)
