@@ -29,24 +29,41 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Finetuned:
-    model: keras.Model  # float32, with augmentation layers (inactive at inference)
+    model: keras.Model  # for inference: float32, no augmentation layers
     history: dict[str, list[float]]
     unfrozen: list[str]  # backbone layers with weights that were trained
     classes: list[str]
+
+
+def _parts(params: config.Params, num_classes: int) -> tuple[keras.Model, keras.Model]:
+    """A fresh backbone (random init) and head, in the current dtype policy."""
+    base = backbones.build_backbone(params.model.backbone, None, params.data.image_size)
+    head = backbones.build_head(tuple(base.output_shape[1:]), num_classes, params.top)
+    return base, head
 
 
 def assemble(
     params: config.Params, backbone_weights: Path, top: keras.Model, num_classes: int
 ) -> tuple[keras.Model, list[str]]:
     """Backbone (saved weights) + head (trained weights) + augmentation, last block(s) trainable."""
-    name = params.model.backbone
-    base = backbones.build_backbone(name, None, params.data.image_size)
+    base, head = _parts(params, num_classes)
     base.load_weights(backbone_weights)
-    head = backbones.build_head(tuple(base.output_shape[1:]), num_classes, params.top)
     head.set_weights(top.get_weights())
-    unfrozen = backbones.unfreeze_last_blocks(base, name, params.finetune.blocks)
+    unfrozen = backbones.unfreeze_last_blocks(base, params.model.backbone, params.finetune.blocks)
     augment = images.augmentation(params.finetune.augment, params.seed)
-    return backbones.build_classifier(base, head, name, augment), unfrozen
+    return backbones.build_classifier(base, head, params.model.backbone, augment), unfrozen
+
+
+def inference_model(trained: keras.Model, params: config.Params, num_classes: int) -> keras.Model:
+    """The trained backbone and head as a float32 classifier without augmentation layers.
+
+    Augmentation only acts in training, and a model that holds none reloads on any Keras
+    version; float32 makes the saved model independent of the precision that trained it.
+    """
+    base, head = _parts(params, num_classes)
+    base.set_weights(trained.get_layer(base.name).get_weights())
+    head.set_weights(trained.get_layer(head.name).get_weights())
+    return backbones.build_classifier(base, head, params.model.backbone)
 
 
 def finetune(
@@ -83,11 +100,7 @@ def finetune(
         )
     finally:
         devices.set_policy("float32")
-    if policy != "float32":
-        # The saved model is plain float32, whatever precision trained it.
-        trained, model = model, assemble(params, backbone_weights, top, num_classes)[0]
-        model.set_weights(trained.get_weights())
-    return Finetuned(model, history.history, unfrozen, train.classes)
+    return Finetuned(inference_model(model, params, num_classes), history.history, unfrozen, train.classes)
 
 
 def main() -> None:

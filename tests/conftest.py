@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny generated data sets and a parameter set small enough for a CPU in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from stages import config, prepare, synthetic  # noqa: E402
+
+#: Small images, random backbone weights, one or two epochs: the shape of the real run, in seconds.
+TINY: dict = {
+    "seed": 7,
+    "data": {
+        "source": "synthetic",
+        "image_size": [32, 32],
+        "max_side": 48,
+        "min_side": 16,
+        "split": {"train": 12, "validation": 6, "test": 6},
+        "synthetic": {"classes": 2, "images_per_class": 24, "size": 40},
+    },
+    "model": {"backbone": "vgg16", "weights": None},
+    "featurize": {"batch_size": 8},
+    "top": {"units": 16, "epochs": 2, "batch_size": 8},
+    "finetune": {"learning_rate": 0.01, "epochs": 1, "batch_size": 8},
+    "evaluate": {"batch_size": 8},
+}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_tracking(tmp_path, monkeypatch):
+    """Every test logs to its own MLflow store, never to the repository's mlflow.db."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="session")
+def tiny_params() -> config.Params:
+    return config.parse(TINY)
+
+
+@pytest.fixture(scope="session")
+def raw(tmp_path_factory, tiny_params) -> Path:
+    """raw/<class>/<jpg> as the download stage leaves it: two classes of generated patterns."""
+    out = tmp_path_factory.mktemp("raw")
+    synthetic.generate(out, tiny_params.data.synthetic, tiny_params.seed)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, raw, tiny_params) -> Path:
+    """The prepare stage's output for `raw`: split images and manifest.csv."""
+    out = tmp_path_factory.mktemp("prepared") / "prepared"
+    prepare.prepare(raw, out, tiny_params.data, tiny_params.seed, workers=1)
+    return out

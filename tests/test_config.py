@@ -1,0 +1,120 @@
+"""params.yaml is validated before any work, and a bad value names its key, value and what is allowed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from stages import config
+from stages.demo import DEMO_PARAMS, ROOT, merge
+
+
+def with_value(key: str, value) -> dict:
+    """The repository's params.yaml with one dotted key set to `value`."""
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    node = data
+    *parents, last = key.split(".")
+    for name in parents:
+        node = node.setdefault(name, {})
+    node[last] = value
+    return data
+
+
+def test_repository_params_are_the_classic_recipe():
+    params = config.load(ROOT / "params.yaml")
+    assert params.data.source == "cats_vs_dogs"
+    assert params.data.image_size == (150, 150)
+    assert (params.data.split.train, params.data.split.validation, params.data.split.test) == (1000, 400, 400)
+    assert params.model.backbone == "vgg16" and params.model.weights == "imagenet"
+    assert (params.top.units, params.top.dropout, params.top.optimizer) == (256, 0.5, "rmsprop")
+    assert (params.finetune.learning_rate, params.finetune.momentum, params.finetune.blocks) == (1e-4, 0.9, 1)
+    assert params.top.epochs == params.finetune.epochs == 50
+    augment = params.finetune.augment
+    assert augment.rotation and augment.width_shift and augment.height_shift and augment.shear and augment.zoom
+    assert augment.horizontal_flip
+
+
+def test_every_knob_in_params_yaml_has_a_comment():
+    for number, line in enumerate((ROOT / "params.yaml").read_text().splitlines(), 1):
+        if ":" in line and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
+            assert "#" in line, f"params.yaml line {number} has no comment: {line!r}"
+
+
+def test_demo_params_are_valid():
+    params = config.parse(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), DEMO_PARAMS))
+    assert params.data.source == "synthetic" and params.model.weights is None
+
+
+def test_square_size_and_yaml_exponent_strings():
+    params = config.parse({"data": {"image_size": 64}, "finetune": {"learning_rate": "5e-5"}})
+    assert params.data.image_size == (64, 64)
+    assert params.finetune.learning_rate == 5e-5
+
+
+def test_flatten_names_nested_keys():
+    flat = config.flatten(config.parse({}))
+    assert flat["finetune.learning_rate"] == 1e-4
+    assert flat["data.split.train"] == 1000
+    assert flat["data.image_size"] == [150, 150]
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("model.backbone", "vgg19", "model.backbone = 'vgg19' is not valid: one of vgg16, resnet50"),
+        ("finetune.learning_rate", -0.001, "finetune.learning_rate = -0.001 is not valid: must be > 0"),
+        ("top.learning_rate", 0, "top.learning_rate = 0.0 is not valid: must be > 0"),
+        ("top.optimizer", "adagrad", "top.optimizer = 'adagrad' is not valid: one of rmsprop, adam, sgd"),
+        ("top.dropout", 1.0, "top.dropout = 1.0 is not valid"),
+        ("top.epochs", 2.5, "top.epochs = 2.5 is not valid: a whole number"),
+        ("finetune.epochs", "many", "finetune.epochs = 'many' is not valid: a whole number"),
+        ("finetune.mixed_precision", "yes", "finetune.mixed_precision = 'yes' is not valid: one of auto, on, off"),
+        ("data.image_size", [150], "data.image_size = [150] is not valid: a list of 2 values"),
+        ("data.split.train", -5, "data.split.train = -5.0 is not valid: must be >= 0"),
+        ("data.split.test", 0, "data.split.test = 0.0 is not valid: must be > 0"),
+        ("data.split", {"train": 0.8, "validation": 0.2, "test": 0.2}, "fractions must add up to at most 1"),
+        ("data.split", {"train": 100, "validation": 0.2, "test": 0.2}, "give all three as counts per class (>= 1) or all as fractions (< 1)"),
+        ("seed", -1, "seed = -1 is not valid: must be >= 0"),
+        ("evaluate.threshold", 1.5, "evaluate.threshold = 1.5 is not valid"),
+    ],
+)
+def test_bad_value_names_key_value_and_what_is_allowed(key, value, message):
+    with pytest.raises(config.ParamsError) as err:
+        config.parse(with_value(key, value))
+    assert message in str(err.value)
+
+
+def test_unknown_key_is_named_with_the_allowed_ones():
+    with pytest.raises(config.ParamsError, match=r"unknown key 'top.learnig_rate'; allowed keys under top: units"):
+        config.parse(with_value("top.learnig_rate", 0.1))
+    with pytest.raises(config.ParamsError, match=r"unknown key 'modle'"):
+        config.parse({"modle": {}})
+
+
+def test_missing_or_broken_params_file(tmp_path):
+    with pytest.raises(config.ParamsError, match="not found: run the stages from the repository root"):
+        config.load(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("top: [unclosed")
+    with pytest.raises(config.ParamsError, match="is not valid YAML"):
+        config.load(tmp_path / "params.yaml")
+
+
+def test_a_stage_reports_a_bad_param_without_a_traceback(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from stages import common
+
+    data = copy.deepcopy(with_value("model.backbone", "vgg19"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)
+
+    def main():
+        config.load()
+
+    monkeypatch.setattr(sys, "argv", ["stage"])
+    with pytest.raises(SystemExit) as exit_info:
+        common.run(main)
+    assert exit_info.value.code == 2
+    assert "error: params.yaml: model.backbone = 'vgg19' is not valid" in capsys.readouterr().err
