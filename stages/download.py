@@ -96,7 +96,7 @@ def fetch(url: str, dest: Path, timeout: float = 30.0) -> None:
                 raise StageError(f"download of {url} ended early: {out.tell()} of {total} bytes")
     except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
         part.unlink(missing_ok=True)
-        reason = getattr(err, "reason", err)
+        reason = f"HTTP {err.code} {err.reason}" if isinstance(err, urllib.error.HTTPError) else getattr(err, "reason", err)
         raise StageError(f"Could not download {url}: {reason}.\n{offline_hint(url, dest)}") from err
     except BaseException:
         part.unlink(missing_ok=True)

@@ -95,6 +95,7 @@ def finetune(
             images.dataset(train, params.data.image_size, p.batch_size, shuffle=True, seed=params.seed),
             validation_data=images.dataset(validation, params.data.image_size, p.batch_size),
             epochs=p.epochs,
+            shuffle=False,  # the dataset shuffles itself, with the seed
             callbacks=list(callbacks),
             verbose=2,
         )

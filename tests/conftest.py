@@ -55,3 +55,27 @@ def prepared(tmp_path_factory, raw, tiny_params) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "prepared"
     prepare.prepare(raw, out, tiny_params.data, tiny_params.seed, workers=1)
     return out
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """(folder, base URL): a static HTTP server on 127.0.0.1 serving `folder`, stopped after the test."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

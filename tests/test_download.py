@@ -1,0 +1,162 @@
+"""The download stage: every kind of source becomes raw/<class>/<files>, and failures are clear and fast."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from stages import config, download
+from stages.common import StageError
+
+
+def data_params(source: str, **kwargs) -> config.DataParams:
+    return config.parse({"data": {"source": source, **kwargs}}).data
+
+
+def class_folder(root: Path) -> Path:
+    """root/pets/{cat,dog}/ with two and three small files, plus OS droppings to ignore."""
+    for cls, n in (("cat", 2), ("dog", 3)):
+        for i in range(n):
+            path = root / "pets" / cls / f"{cls}{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(f"{cls}-{i}".encode())
+    (root / "pets" / "cat" / ".DS_Store").write_bytes(b"x")
+    (root / "pets" / "dog" / "Thumbs.db").write_bytes(b"x")
+    return root / "pets"
+
+
+def zip_of(folder: Path, dest: Path) -> Path:
+    with zipfile.ZipFile(dest, "w") as zf:
+        for path in sorted(folder.rglob("*")):
+            zf.write(path, Path("archive_root") / path.relative_to(folder))
+    return dest
+
+
+def listing(folder: Path) -> dict[str, list[str]]:
+    return {p.name: sorted(f.name for f in p.iterdir()) for p in sorted(folder.iterdir()) if p.is_dir()}
+
+
+EXPECTED = {"cat": ["cat0.jpg", "cat1.jpg"], "dog": ["dog0.jpg", "dog1.jpg", "dog2.jpg"]}
+
+
+def test_local_folder_with_class_subfolders(tmp_path):
+    source = class_folder(tmp_path / "src")
+    record = download.download(data_params(str(tmp_path / "src")), 0, tmp_path / "raw")
+    assert listing(tmp_path / "raw") == EXPECTED
+    assert record["classes"] == {"cat": 2, "dog": 3}
+    assert (source / "cat" / ".DS_Store").exists(), "the source is only read"
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar", "tar.gz"])
+def test_local_archive(tmp_path, monkeypatch, kind):
+    monkeypatch.chdir(tmp_path)
+    folder = class_folder(tmp_path / "src")
+    archive = tmp_path / f"pets.{kind}"
+    if kind == "zip":
+        zip_of(folder, archive)
+    else:
+        with tarfile.open(archive, "w:gz" if kind.endswith("gz") else "w") as tf:
+            tf.add(folder, arcname="archive_root")
+    record = download.download(data_params(str(archive)), 0, tmp_path / "raw")
+    assert listing(tmp_path / "raw") == EXPECTED
+    assert record["sha256"] == download.sha256_file(archive)
+    assert not (tmp_path / ".raw.extract").exists(), "the extraction folder is cleaned up"
+
+
+def test_synthetic_source_generates_classes(tmp_path):
+    params = data_params("synthetic", synthetic={"classes": 3, "images_per_class": 4, "size": 16})
+    record = download.download(params, 0, tmp_path / "raw")
+    assert record["classes"] == {"horizontal": 4, "vertical": 4, "diagonal": 4}
+    assert all(len(files) == 4 for files in listing(tmp_path / "raw").values())
+
+
+def test_url_is_streamed_into_the_cache_and_reused(tmp_path, monkeypatch, http_root):
+    monkeypatch.chdir(tmp_path)
+    served, base = http_root
+    zip_of(class_folder(tmp_path / "src"), served / "pets.zip")
+    record = download.download(data_params(f"{base}/pets.zip"), 0, tmp_path / "raw")
+    cached = tmp_path / download.CACHE_DIR / "pets.zip"
+    assert cached.read_bytes() == (served / "pets.zip").read_bytes()
+    assert record["sha256"] == download.sha256_file(cached)
+    assert listing(tmp_path / "raw") == EXPECTED
+    (served / "pets.zip").unlink()  # a second run needs no network
+    download.download(data_params(f"{base}/pets.zip"), 0, tmp_path / "raw2")
+    assert listing(tmp_path / "raw2") == EXPECTED
+
+
+def test_missing_url_fails_fast_with_what_to_do(tmp_path, monkeypatch, http_root):
+    monkeypatch.chdir(tmp_path)
+    _, base = http_root
+    started = time.monotonic()
+    with pytest.raises(StageError) as err:
+        download.download(data_params(f"{base}/missing.zip"), 0, tmp_path / "raw")
+    assert time.monotonic() - started < 5
+    message = str(err.value)
+    assert f"Could not download {base}/missing.zip" in message and "HTTP 404" in message
+    assert "download" in message and "by hand and save it as data/cache/missing.zip" in message
+    assert "set data.source in params.yaml" in message
+    assert not list((tmp_path / download.CACHE_DIR).iterdir()), "no partial file is left behind"
+
+
+def test_unresolvable_host_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    started = time.monotonic()
+    with pytest.raises(StageError, match="Could not download http://no-such-host.invalid/x.zip"):
+        download.download(data_params("http://no-such-host.invalid/x.zip"), 0, tmp_path / "raw")
+    assert time.monotonic() - started < 10
+
+
+def test_sha256_mismatch_is_refused_with_both_hashes(tmp_path):
+    archive = zip_of(class_folder(tmp_path / "src"), tmp_path / "pets.zip")
+    actual = download.sha256_file(archive)
+    with pytest.raises(StageError) as err:
+        download.download(data_params(str(archive), sha256="ab" * 32), 0, tmp_path / "raw")
+    assert actual in str(err.value) and "ab" * 32 in str(err.value)
+
+
+def test_unknown_source_and_non_archive_file(tmp_path):
+    with pytest.raises(StageError, match=r"data.source = 'nowhere' is neither a preset \(cats_vs_dogs"):
+        download.download(data_params("nowhere"), 0, tmp_path / "raw")
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(StageError, match="a local file must be an archive"):
+        download.download(data_params(str(tmp_path / "notes.txt")), 0, tmp_path / "raw")
+
+
+def test_folder_without_class_subfolders_is_explained(tmp_path):
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(StageError, match=r"must hold one subfolder per class \(at least 2\)"):
+        download.download(data_params(str(tmp_path / "flat")), 0, tmp_path / "raw")
+
+
+def test_archive_members_never_escape_the_target(tmp_path):
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tf:
+        for name in ("data/cat/ok.jpg", "../escaped.jpg", "/tmp/absolute_escape.jpg", "data/../../up.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tf.addfile(info, io.BytesIO(b"ok"))
+        link = tarfile.TarInfo("data/cat/link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(link)
+        hard = tarfile.TarInfo("data/cat/hard.jpg")
+        hard.type, hard.linkname = tarfile.LNKTYPE, "data/cat/ok.jpg"
+        tf.addfile(hard)
+    target = tmp_path / "deep" / "target"
+    counts = download.extract(archive, target)
+    assert counts == {"files": 1, "refused": 5}
+    assert [p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()] == ["data/cat/ok.jpg"]
+    assert not (tmp_path / "deep" / "escaped.jpg").exists() and not (tmp_path / "up.jpg").exists()
+    assert not Path("/tmp/absolute_escape.jpg").exists()
+
+
+def test_archive_bomb_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(download, "MAX_EXTRACTED_FILES", 3)
+    archive = zip_of(class_folder(tmp_path / "src"), tmp_path / "pets.zip")
+    with pytest.raises(StageError, match="refused as a possible archive bomb"):
+        download.extract(archive, tmp_path / "out")
