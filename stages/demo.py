@@ -25,6 +25,8 @@ import yaml
 from stages import config
 
 ROOT = Path(__file__).resolve().parent.parent
+#: DVC from the Python environment running this, whatever is first on PATH.
+DVC = [sys.executable, "-m", "dvc"]
 
 #: What the demo changes in params.yaml: offline data and weights, small and quick.
 DEMO_PARAMS: dict[str, Any] = {
@@ -69,8 +71,8 @@ def make_workspace(dest: Path, overrides: dict, git: bool = False) -> Path:
     if git and not (dest / ".git").exists():
         subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     if not (dest / ".dvc").exists():
-        subprocess.run(["dvc", "init", "-q"] + ([] if git else ["--no-scm"]), cwd=dest, check=True)
-        subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=dest, check=True)
+        subprocess.run(DVC + ["init", "-q"] + ([] if git else ["--no-scm"]), cwd=dest, check=True)
+        subprocess.run(DVC + ["config", "core.analytics", "false"], cwd=dest, check=True)
     return dest
 
 
@@ -79,10 +81,11 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=ROOT / "demo", help="where to build and run the demo")
     args = parser.parse_args()
     workspace = make_workspace(args.dir, DEMO_PARAMS)
-    env = dict(os.environ)
+    # The stages run `python -m stages.<name>`: this environment's python must come first.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlflow.db'}")
     started = time.perf_counter()
-    result = subprocess.run(["dvc", "repro"], cwd=workspace, env=env)
+    result = subprocess.run(DVC + ["repro"], cwd=workspace, env=env)
     if result.returncode != 0:
         sys.exit(result.returncode)
     metrics = json.loads((workspace / "reports" / "metrics.json").read_text())

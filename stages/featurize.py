@@ -70,6 +70,7 @@ def featurize(prepared: Path, out: Path, params: config.Params) -> tuple[keras.M
     keras.utils.set_random_seed(params.seed)  # reproducible random init with `model.weights: null`
     base = backbones.build_backbone(params.model.backbone, params.model.weights, params.data.image_size)
     extractor = backbones.feature_extractor(base, params.model.backbone)
+    out.mkdir(parents=True, exist_ok=True)
     counts, classes = {}, None
     for name in SPLITS:
         split = images.load_split(prepared, name)

@@ -1,0 +1,186 @@
+"""Transfer-learning correctness on tiny data: features line up with labels, each stage trains only its part."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from stages import backbones, common, featurize, finetune, images, train_top
+from stages.demo import ROOT
+
+
+@pytest.fixture(scope="session")
+def features(tmp_path_factory, prepared, tiny_params) -> Path:
+    """featurize's outputs for the tiny data: <split>.npz, meta.json and the backbone's weights."""
+    out = tmp_path_factory.mktemp("features")
+    base, _ = featurize.featurize(prepared, out / "features", tiny_params)
+    base.save_weights(out / "backbone.weights.h5")
+    return out
+
+
+@pytest.fixture(scope="session")
+def top(features, tiny_params) -> keras.Model:
+    head, _ = train_top.train_top(
+        featurize.load_features(features / "features", "train"),
+        featurize.load_features(features / "features", "validation"),
+        2,
+        tiny_params.top,
+        tiny_params.seed,
+    )
+    return head
+
+
+def test_features_are_in_manifest_order_with_their_labels(features, prepared, tiny_params):
+    meta = json.loads((features / "features" / featurize.META).read_text())
+    assert meta["classes"] == ["horizontal", "vertical"]
+    assert meta["images"] == {"train": 24, "validation": 12, "test": 12}
+    base = backbones.build_backbone("vgg16", None, tiny_params.data.image_size)
+    base.load_weights(features / "backbone.weights.h5")
+    extractor = backbones.feature_extractor(base, "vgg16")
+    for name in ("train", "test"):
+        x, y = featurize.load_features(features / "features", name)
+        split = images.load_split(prepared, name)
+        np.testing.assert_array_equal(y, split.labels)
+        assert x.shape == (len(split), 1, 1, 512)
+        # each row is the features of the image in the same position, computed on its own
+        for i in (0, len(split) // 2, len(split) - 1):
+            alone = images.decode(split.paths[i], tiny_params.data.image_size)[None]
+            np.testing.assert_allclose(x[i], extractor.predict_on_batch(alone)[0], rtol=1e-4, atol=1e-4)
+        assert {split.classes[label] for label in y} == {Path(p).parent.name for p in split.paths}
+        assert all(split.classes[label] == Path(p).parent.name for p, label in zip(split.paths, y))
+
+
+def test_featurize_is_reproducible_with_random_weights(tmp_path, features, prepared, tiny_params):
+    featurize.featurize(prepared, tmp_path / "again", tiny_params)
+    for name in ("train", "validation", "test"):
+        np.testing.assert_array_equal(
+            featurize.load_features(tmp_path / "again", name)[0], featurize.load_features(features / "features", name)[0]
+        )
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_train_top_trains_the_head_only(features, tiny_params):
+    before = digest(features / "backbone.weights.h5")
+    train = featurize.load_features(features / "features", "train")
+    head, history = train_top.train_top(
+        train, featurize.load_features(features / "features", "validation"), 2, tiny_params.top, tiny_params.seed
+    )
+    assert digest(features / "backbone.weights.h5") == before
+    assert [layer.name for layer in head.layers if layer.weights] == ["dense", "prediction"]
+    assert head.output_shape == (None, 1) and head.layers[-1].activation.__name__ == "sigmoid"
+    assert len(history["loss"]) == tiny_params.top.epochs
+    assert set(history) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
+
+
+def test_head_is_softmax_for_more_than_two_classes(tiny_params):
+    head = backbones.build_head((1, 1, 512), 5, tiny_params.top)
+    assert head.output_shape == (None, 5) and head.layers[-1].activation.__name__ == "softmax"
+    assert backbones.head_loss(5) == "sparse_categorical_crossentropy"
+
+
+def test_history_csv(tmp_path):
+    history = {"loss": [0.9, 0.5], "accuracy": [0.5, 0.75], "val_loss": [1.0, 0.6], "val_accuracy": [0.4, 0.8]}
+    train_top.write_history(history, tmp_path / "history.csv")
+    assert (tmp_path / "history.csv").read_text().splitlines() == [
+        "epoch,loss,accuracy,val_loss,val_accuracy",
+        "1,0.900000,0.500000,1.000000,0.400000",
+        "2,0.500000,0.750000,0.600000,0.800000",
+    ]
+
+
+def test_finetune_starts_from_the_trained_top(features, top, tiny_params):
+    model, _ = finetune.assemble(tiny_params, features / "backbone.weights.h5", top, 2)
+    for a, b in zip(model.get_layer("top").get_weights(), top.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert model.get_layer("augmentation") is not None
+
+
+def test_finetune_changes_only_the_last_block_and_the_head(tmp_path, features, top, prepared, tiny_params):
+    import tensorflow as tf
+
+    result = finetune.finetune(prepared, features / "backbone.weights.h5", top, tiny_params, tf.distribute.get_strategy())
+    assert result.unfrozen == ["block5_conv1", "block5_conv2", "block5_conv3"]
+    assert result.classes == ["horizontal", "vertical"]
+    assert len(result.history["val_accuracy"]) == tiny_params.finetune.epochs
+
+    before = backbones.build_backbone("vgg16", None, tiny_params.data.image_size)
+    before.load_weights(features / "backbone.weights.h5")
+    after = result.model.get_layer("vgg16")
+    for old, new in zip(before.layers, after.layers):
+        for w_old, w_new in zip(old.get_weights(), new.get_weights()):
+            if old.name.startswith("block5_"):
+                assert not np.array_equal(w_old, w_new), f"{old.name} was not trained"
+            else:
+                np.testing.assert_array_equal(w_old, w_new, err_msg=f"{old.name} changed but is frozen")
+    changed = [not np.array_equal(a, b) for a, b in zip(top.get_weights(), result.model.get_layer("top").get_weights())]
+    assert all(changed), "every weight of the head is trained"
+
+    # The saved model is for inference: no augmentation, float32, reloads with safe_mode, same outputs.
+    names = [layer.name for layer in result.model.layers]
+    assert "augmentation" not in names and result.model.dtype_policy.name == "float32"
+    common.save_model(result.model, tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras", safe_mode=True)
+    batch = next(iter(images.images_only(images.load_split(prepared, "test"), tiny_params.data.image_size, 4)))
+    np.testing.assert_allclose(loaded.predict_on_batch(batch), result.model.predict_on_batch(batch), rtol=1e-5, atol=1e-6)
+
+
+def test_augmentation_layers_follow_the_params(tiny_params):
+    layers = [layer.name for layer in images.augmentation(tiny_params.finetune.augment, 0).layers]
+    assert layers == ["rotation", "shift", "shear", "zoom", "flip"]
+    off = type(tiny_params.finetune.augment)(0, 0, 0, 0, 0, False)
+    assert images.augmentation(off, 0) is None
+
+
+@pytest.mark.slow
+def test_mixed_precision_on_two_devices(features, top, prepared, tiny_params, tmp_path):
+    """The GPU code path (MirroredStrategy over several devices, mixed precision) on two logical CPUs.
+
+    Runs in a fresh process: logical devices must be configured before TensorFlow starts.
+    """
+    top.save(tmp_path / "top.keras")
+    script = textwrap.dedent(
+        f"""
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import json, keras, numpy as np
+        from pathlib import Path
+        from stages import config, devices, finetune
+        from tests.conftest import TINY
+        params = config.parse(TINY)
+        names = [d.name for d in tf.config.list_logical_devices("CPU")]
+        strategy = devices.strategy(names)
+        top = keras.models.load_model({str(tmp_path / "top.keras")!r})
+        result = finetune.finetune(Path({str(prepared)!r}), Path({str(features / "backbone.weights.h5")!r}),
+                                   top, params, strategy, devices.precision_policy("on"))
+        print(json.dumps({{
+            "replicas": strategy.num_replicas_in_sync,
+            "policy": devices.precision_policy("on"),
+            "saved_dtype": result.model.dtype_policy.name,
+            "weights_float32": all(w.dtype == np.float32 for w in result.model.get_weights()),
+            "global_policy_after": keras.mixed_precision.global_policy().name,
+            "val_accuracy": result.history["val_accuracy"],
+        }}))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["replicas"] == 2
+    assert report["policy"] == "mixed_bfloat16"  # float16 on a GPU; bfloat16 is what CPUs compute in
+    assert report["saved_dtype"] == "float32" and report["weights_float32"]
+    assert report["global_policy_after"] == "float32"
+    assert len(report["val_accuracy"]) == tiny_params.finetune.epochs
