@@ -39,7 +39,7 @@ DEMO_PARAMS: dict[str, Any] = {
     },
     "model": {"weights": None},
     "top": {"epochs": 20},
-    "finetune": {"epochs": 3},
+    "finetune": {"epochs": 5},
 }
 
 

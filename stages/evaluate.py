@@ -189,10 +189,14 @@ def write_figures(out: Path, metrics: dict, histories: list[Path]) -> None:
     plt.close(fig)
 
 
+def class_probabilities(model, paths: list[str], image_size: tuple[int, int], batch_size: int) -> np.ndarray:
+    """(N, classes) probabilities of the fine-tuned model for image files, decoded as in training."""
+    return as_class_probabilities(model.predict(images.images_only(paths, image_size, batch_size), verbose=0))
+
+
 def evaluate(model, split: images.Split, params: config.Params) -> tuple[np.ndarray, dict]:
     """(class probabilities, metrics) of `model` on `split`."""
-    batches = images.images_only(split, params.data.image_size, params.evaluate.batch_size)
-    probs = as_class_probabilities(model.predict(batches, verbose=0))
+    probs = class_probabilities(model, split.paths, params.data.image_size, params.evaluate.batch_size)
     return probs, compute_metrics(split.labels, probs, split.classes, params.evaluate.threshold)
 
 

@@ -42,7 +42,7 @@ def write_features(
     features = np.lib.format.open_memmap(buffer, mode="w+", dtype=np.float32, shape=(len(split), *shape))
     try:
         start = 0
-        batches = images.images_only(split, image_size, batch_size)
+        batches = images.images_only(split.paths, image_size, batch_size)
         total = -(-len(split) // batch_size)
         for batch in tqdm(batches, total=total, desc=f"featurize {path.stem}", unit="batch"):
             out = np.asarray(extractor.predict_on_batch(batch), dtype=np.float32)

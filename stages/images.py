@@ -70,9 +70,11 @@ def dataset(
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def images_only(split: Split, image_size: tuple[int, int], batch_size: int) -> tf.data.Dataset:
-    """Batches of images, in manifest order, for prediction."""
-    return dataset(split, image_size, batch_size).map(lambda x, y: x)
+def images_only(paths: list[str], image_size: tuple[int, int], batch_size: int) -> tf.data.Dataset:
+    """Batches of the images at `paths`, in order, for prediction."""
+    ds = tf.data.Dataset.from_tensor_slices([str(p) for p in paths])
+    ds = ds.map(lambda p: decode(p, image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def augmentation(params: AugmentParams, seed: int) -> keras.Sequential | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import keras
 import numpy as np
 import pytest
 
-from stages import backbones, common, featurize, finetune, images, train_top
+from stages import backbones, common, evaluate, featurize, finetune, images, train_top
 from stages.demo import ROOT
 
 
@@ -132,7 +133,7 @@ def test_finetune_changes_only_the_last_block_and_the_head(tmp_path, features, t
     assert "augmentation" not in names and result.model.dtype_policy.name == "float32"
     common.save_model(result.model, tmp_path / "model.keras")
     loaded = keras.models.load_model(tmp_path / "model.keras", safe_mode=True)
-    batch = next(iter(images.images_only(images.load_split(prepared, "test"), tiny_params.data.image_size, 4)))
+    batch = next(iter(images.images_only(images.load_split(prepared, "test").paths, tiny_params.data.image_size, 4)))
     np.testing.assert_allclose(loaded.predict_on_batch(batch), result.model.predict_on_batch(batch), rtol=1e-5, atol=1e-6)
 
 
@@ -184,3 +185,31 @@ def test_mixed_precision_on_two_devices(features, top, prepared, tiny_params, tm
     assert report["saved_dtype"] == "float32" and report["weights_float32"]
     assert report["global_policy_after"] == "float32"
     assert len(report["val_accuracy"]) == tiny_params.finetune.epochs
+
+
+def test_predict_prints_the_top_classes_of_image_files(tmp_path, features, top, prepared, tiny_params):
+    import tensorflow as tf
+
+    from stages import predict
+
+    probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]])
+    assert predict.top_classes(probs, ["a", "b", "c"], 2) == [[("b", 0.7), ("c", 0.2)], [("a", 0.5), ("c", 0.3)]]
+
+    model = finetune.finetune(prepared, features / "backbone.weights.h5", top, tiny_params, tf.distribute.get_strategy()).model
+    common.save_model(model, tmp_path / "model.keras")
+    common.write_json(tmp_path / "classes.json", ["horizontal", "vertical"])
+    picture = images.load_split(prepared, "test").paths[0]
+    args = ["--model", str(tmp_path / "model.keras"), "--classes", str(tmp_path / "classes.json"), "--top", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = [sys.executable, "-m", "stages.predict", *args]
+    done = subprocess.run([*run, picture], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(rf"{re.escape(picture)}: (horizontal|vertical) 0\.\d{{3}}, (horizontal|vertical) 0\.\d{{3}}", line)
+    expected = evaluate.class_probabilities(model, [picture], tiny_params.data.image_size, 1)[0]
+    assert f"{max(expected):.3f}" in line, "the same scores as evaluate"
+
+    (tmp_path / "notes.jpg").write_text("not a picture")
+    done = subprocess.run([*run, str(tmp_path / "notes.jpg")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 2
+    assert f"error: {tmp_path / 'notes.jpg'} is not an image TensorFlow can decode" in done.stderr
