@@ -23,7 +23,7 @@ PARAMS_FILE = "params.yaml"
 #: Names accepted by `model.backbone`; `backbones.REGISTRY` holds one entry for each.
 BACKBONES = ("vgg16", "resnet50", "inception_v3", "xception", "mobilenet_v2", "efficientnet_v2_b0")
 #: Named data sources; anything else must be an http(s) URL or a local path.
-PRESETS = ("cats_vs_dogs", "synthetic")
+PRESETS = ("cats_vs_dogs", "stanford_dogs", "synthetic")
 
 
 class ParamsError(ValueError):
@@ -98,6 +98,7 @@ class DataParams:
     image_size: tuple[int, int] = (150, 150)
     max_side: int = 500
     min_side: int = 32
+    max_pixels: int = 89_478_485  # Pillow's own default limit
     split: SplitParams = field(default_factory=SplitParams)
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
 
@@ -113,6 +114,8 @@ class DataParams:
                 _fail(f"{key}.image_size", list(self.image_size), "height and width must be >= 32")
         if self.min_side < 1:
             _fail(f"{key}.min_side", self.min_side, "must be >= 1 pixel")
+        if self.max_pixels < self.min_side**2:
+            _fail(f"{key}.max_pixels", self.max_pixels, f"must be >= data.min_side squared ({self.min_side**2})")
         if self.max_side < max(self.image_size):
             _fail(f"{key}.max_side", self.max_side, f"must be >= the largest of data.image_size ({max(self.image_size)})")
 

@@ -6,11 +6,13 @@ The rest is normalised (EXIF rotation applied, converted to RGB, longest side at
 `data.max_side`) and written as JPEG. Identical pictures (same decoded pixels) are kept once;
 the same picture under two classes is a label conflict and all its copies are dropped.
 
-The split is stratified per class and deterministic: each picture's place follows from a hash of
-its pixels and `seed`. With fractions (`data.split.train: 0.8` ...) a picture's split never
-changes when other files are added; with counts (1000 / 400 / 400) the pictures are taken in
-hash order. data/prepared/manifest.csv lists every kept image (path, label, split, sha256),
-data/prepared/dropped.csv every dropped file and why, reports/data.json the counts.
+The split is stratified per class, deterministic and stable: each picture's split follows from a
+hash of its pixels and `seed` (see `assign_splits`), so the same data and seed give the same
+split, adding files never moves an existing picture to another split, and no picture is in two
+splits. A source that comes split (raw/train, raw/validation, optionally raw/test) keeps its
+split; a missing test split is carved from validation (or train). data/prepared/manifest.csv
+lists every kept image (path, label, split, sha256), data/prepared/dropped.csv every dropped file
+and why, reports/data.json the counts.
 
 Run: dvc repro prepare   (or: python -m stages.prepare data/raw data/prepared reports/data.json)
 """
@@ -66,6 +68,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def clean_file(path: Path, label: str, raw: Path, staging: Path, params: config.DataParams) -> Cleaned:
     """Decode one file completely; if usable, write its normalised JPEG to staging/<sha256>.jpg."""
     source = path.relative_to(raw).as_posix()
+    Image.MAX_IMAGE_PIXELS = params.max_pixels  # beyond it Pillow warns; twice beyond, it refuses
     if path.stat().st_size == 0:
         return Cleaned(source, label, reason="empty")
     try:
@@ -98,44 +101,84 @@ def _clean_task(args: tuple) -> Cleaned:
     return clean_file(*args)
 
 
-def list_sources(raw: Path) -> list[tuple[Path, str]]:
-    """(file, class) for every file under raw/<class>/, hidden and OS files left out, sorted."""
-    files = []
-    for cls in sorted(p for p in raw.iterdir() if p.is_dir() and not is_ignored(p)):
-        for path in sorted(cls.rglob("*")):
-            if path.is_file() and not any(is_ignored(Path(part)) for part in path.relative_to(cls).parts):
-                files.append((path, cls.name))
-    if not files:
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    label: str
+    split: str | None  # as given by a pre-split source, else None
+
+
+def _files(folder: Path) -> list[Path]:
+    """Every file below `folder`, hidden and OS files left out, sorted."""
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.is_file() and not any(is_ignored(Path(part)) for part in path.relative_to(folder).parts)
+    )
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not is_ignored(p))
+
+
+def list_sources(raw: Path) -> list[Source]:
+    """Every file of raw/<class>/ or, for a pre-split source, raw/<split>/<class>/."""
+    if split_layout(raw):
+        sources = [
+            Source(path, cls.name, split)
+            for split in SPLITS
+            if (raw / split).is_dir()
+            for cls in _class_folders(raw / split)
+            for path in _files(cls)
+        ]
+    else:
+        sources = [Source(path, cls.name, None) for cls in _class_folders(raw) for path in _files(cls)]
+    if not sources:
         raise StageError(f"{raw} holds no image: expected {raw}/<class>/<image files> (run the download stage)")
-    return files
+    return sources
 
 
-def split_key(sha256: str, seed: int) -> str:
-    return hashlib.sha256(f"{seed}:{sha256}".encode()).hexdigest()
+def split_layout(raw: Path) -> bool:
+    """Whether the download stage found the source already split (raw/train, raw/validation)."""
+    return (raw / "train").is_dir() and (raw / "validation").is_dir()
 
 
-def assign_splits(shas: list[str], split: config.SplitParams, seed: int, label: str) -> dict[str, str]:
-    """sha256 -> split for the pictures of one class; pictures left out are not in the result."""
+def split_point(sha256: str, seed: int) -> float:
+    """A picture's fixed place in [0, 1), from its content and the seed alone."""
+    return int(hashlib.sha256(f"{seed}:{sha256}".encode()).hexdigest()[:16], 16) / 2**64
+
+
+def _bucket(point: float, shares: dict[str, float]) -> str | None:
+    """The split whose share of [0, 1) holds `point` (shares laid out in SPLITS order)."""
+    edge = 0.0
+    for name in SPLITS:
+        edge += shares.get(name, 0.0)
+        if point < edge:
+            return name
+    return None  # beyond the fractions' sum: not used
+
+
+def assign_splits(shas: list[str], split: config.SplitParams, seed: int, label: str) -> tuple[dict[str, str], int]:
+    """sha256 -> split for the pictures of one class, and how many had to fill a short split.
+
+    Each picture has a fixed point in [0, 1) (`split_point`), and each split a fixed share of
+    that interval (the fractions, or the counts' proportions), so a picture's split never depends
+    on which other pictures exist: adding files moves no existing file to another split. With
+    counts, each split then takes its first `count` pictures by point; only when a split's share
+    holds fewer pictures than its count (when the class barely has enough pictures) is it filled
+    from the other splits' unused pictures, which the returned number reports.
+    """
     sizes = {"train": split.train, "validation": split.validation, "test": split.test}
+    points = {sha: split_point(sha, seed) for sha in shas}
     if split.as_fractions:
-        bounds, total = [], 0.0
-        for name in SPLITS:
-            total += sizes[name]
-            bounds.append((total, name))
-        out = {}
-        for sha in shas:
-            u = int(split_key(sha, seed)[:16], 16) / 2**64
-            for bound, name in bounds:
-                if u < bound:
-                    out[sha] = name
-                    break
+        out = {sha: name for sha in shas if (name := _bucket(points[sha], sizes)) is not None}
         missing = [name for name in SPLITS if name not in out.values()]
         if missing:
             raise StageError(
                 f"class '{label}' has {len(shas)} usable images and got none in {', '.join(missing)} "
                 f"with data.split = {sizes}: use larger fractions, or more images"
             )
-        return out
+        return out, 0
     counts = {name: int(sizes[name]) for name in SPLITS}
     needed = sum(counts.values())
     if len(shas) < needed:
@@ -144,57 +187,97 @@ def assign_splits(shas: list[str], split: config.SplitParams, seed: int, label: 
             f"{counts['train']} + {counts['validation']} + {counts['test']} = {needed} per class: "
             "lower the counts in params.yaml, or give fractions (e.g. train: 0.7, validation: 0.15, test: 0.15)"
         )
-    ordered = sorted(shas, key=lambda sha: split_key(sha, seed))
-    out, start = {}, 0
+    shares = {name: counts[name] / needed for name in SPLITS}
+    by_point = sorted(shas, key=points.__getitem__)
+    chosen: dict[str, list[str]] = {name: [] for name in SPLITS}
+    spare: list[str] = []
+    for sha in by_point:
+        name = _bucket(points[sha], shares) or SPLITS[-1]
+        (chosen[name] if len(chosen[name]) < counts[name] else spare).append(sha)
+    filled = 0
     for name in SPLITS:
-        for sha in ordered[start : start + counts[name]]:
-            out[sha] = name
-        start += counts[name]
-    return out
+        while len(chosen[name]) < counts[name]:
+            chosen[name].append(spare.pop(0))
+            filled += 1
+    return {sha: name for name, picked in chosen.items() for sha in picked}, filled
+
+
+def carve_test(given: dict[str, str], split: config.SplitParams, seed: int, label: str) -> tuple[dict[str, str], str]:
+    """A pre-split source without test/: move a share of validation (else of train) to test.
+
+    The share is data.split.test relative to the split it is carved from and what test adds
+    to it (half of validation with the default 400 / 400). Returns the new splits and the split
+    carved from.
+    """
+    for origin, others in (("validation", split.validation), ("train", split.train + split.validation)):
+        pool = [sha for sha, name in given.items() if name == origin]
+        share = split.test / (others + split.test)
+        moved = {sha for sha in pool if split_point(sha, seed) < share}
+        if moved and len(moved) < len(pool):
+            return {sha: "test" if sha in moved else name for sha, name in given.items()}, origin
+    raise StageError(
+        f"class '{label}' of the pre-split source has no test/ folder and too few images in "
+        "validation/ and train/ to carve a test split from: add a test/ folder"
+    )
 
 
 def prepare(raw: Path, out: Path, params: config.DataParams, seed: int, workers: int | None = None) -> dict:
     """Fill `out` (empty) with the split images, manifest.csv and dropped.csv; return the report."""
     sources = list_sources(raw)
+    presplit = split_layout(raw)
     staging = out / ".staging"
     staging.mkdir(parents=True)
-    tasks = [(path, label, raw, staging, params) for path, label in sources]
+    tasks = [(src.path, src.label, raw, staging, params) for src in sources]
     workers = workers or os.cpu_count() or 1
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         results = list(
             tqdm(pool.imap(_clean_task, tasks, chunksize=16), total=len(tasks), desc="decoding", unit="img")
         )
 
+    given_split = {src.path.relative_to(raw).as_posix(): src.split for src in sources}
     dropped = [(r.source, r.reason) for r in results if r.reason]
     by_sha: dict[str, list[Cleaned]] = defaultdict(list)
     for r in results:
         if r.sha256:
             by_sha[r.sha256].append(r)
-    duplicates = 0
-    conflicts = 0
-    per_class: dict[str, list[str]] = defaultdict(list)
+    duplicates = conflicts = 0
+    per_class: dict[str, dict[str, str | None]] = defaultdict(dict)  # label -> sha -> given split
     for sha, copies in by_sha.items():
-        labels = {c.label for c in copies}
-        if len(labels) > 1:
+        if len({c.label for c in copies}) > 1:
             conflicts += 1
             dropped += [(c.source, "label_conflict") for c in copies]
             continue
+        # One copy is kept: in a pre-split source the one in the earliest split, so that no
+        # picture is in two splits and the training split keeps what it was given.
+        copies = sorted(copies, key=lambda c: (SPLITS.index(given_split[c.source] or "train"), c.source))
         duplicates += len(copies) - 1
-        dropped += [(c.source, "duplicate") for c in sorted(copies, key=lambda c: c.source)[1:]]
-        per_class[copies[0].label].append(sha)
+        dropped += [(c.source, "duplicate") for c in copies[1:]]
+        per_class[copies[0].label][sha] = given_split[copies[0].source]
 
-    classes = sorted({label for _, label in sources})
+    classes = sorted({src.label for src in sources})
     if len(per_class) < len(classes):
         empty = [c for c in classes if c not in per_class]
-        raise StageError(f"no usable image in class(es) {', '.join(empty)} of {raw}; see the decoding warnings above")
-    rows = []
+        raise StageError(f"no usable image in class(es) {', '.join(empty)} of {raw}; see dropped.csv and the warnings above")
+    rows, filled, carved = [], 0, set()
     for label in classes:
-        assigned = assign_splits(sorted(per_class[label]), params.split, seed, label)
+        if presplit:
+            assigned = dict(per_class[label])
+            if "test" not in assigned.values():
+                assigned, origin = carve_test(assigned, params.split, seed, label)
+                carved.add(origin)
+        else:
+            assigned, n = assign_splits(sorted(per_class[label]), params.split, seed, label)
+            filled += n
         for sha, split in sorted(assigned.items(), key=lambda item: (SPLITS.index(item[1]), item[0])):
             rel = Path(split) / label / f"{sha[:20]}.jpg"
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging / f"{sha}.jpg", out / rel)
             rows.append({"path": rel.as_posix(), "label": label, "split": split, "sha256": sha})
+    if filled:
+        log.warning(
+            "%d pictures were moved to fill splits short of their data.split count; with more images "
+            "than the counts ask for (or with fractions), every picture keeps its own split", filled
+        )
     for leftover in staging.iterdir():  # pictures beyond the requested counts
         leftover.unlink()
     staging.rmdir()
@@ -217,7 +300,12 @@ def prepare(raw: Path, out: Path, params: config.DataParams, seed: int, workers:
         "conflicts": conflicts,
         "files_read": len(sources),
         "images_kept": len(rows),
-        "source": {k: v for k, v in source.items() if k in ("source", "url", "path", "sha256")},
+        "split": {
+            "given": presplit,  # the source came split into train/validation[/test]
+            "test_carved_from": "+".join(sorted(carved)) or None,
+            "filled_short_splits": filled,
+        },
+        "source": {k: v for k, v in source.items() if k in ("source", "url", "path", "sha256", "layout")},
     }
 
 

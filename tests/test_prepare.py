@@ -104,3 +104,175 @@ def test_duplicates_kept_once_and_label_conflicts_dropped(tmp_path):
     assert report["duplicates"] == 1 and report["conflicts"] == 1
     dropped = (tmp_path / "out" / "dropped.csv").read_text()
     assert "cat/c1.jpg,label_conflict" in dropped and "dog/looks like a cat.jpg,label_conflict" in dropped
+
+
+# A corpus of odd and broken files, each kind the real data sets hold.
+
+
+def _save(image: Image.Image, path: Path, fmt: str, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, fmt, **kwargs)
+    return path
+
+
+def odd_corpus(cls: Path) -> dict[str, str | None]:
+    """Write one file of each odd kind into `cls`; return file name -> expected drop reason (None: kept)."""
+    rng = np.random.default_rng(3)
+    pixels = lambda h=30, w=40: rng.integers(0, 255, (h, w, 3), dtype=np.uint8)  # noqa: E731
+    rgb = lambda: Image.fromarray(pixels())  # noqa: E731
+    expected: dict[str, str | None] = {}
+
+    def keep(name, image, fmt, **kwargs):
+        _save(image, cls / name, fmt, **kwargs)
+        expected[name] = None
+
+    keep("png named.jpg", rgb(), "PNG")
+    keep("gif named.jpg", rgb().convert("P"), "GIF")
+    keep("bitmap.jpg", rgb(), "BMP")
+    keep("webp.jpg", rgb(), "WEBP")
+    keep("cmyk.jpg", rgb().convert("CMYK"), "JPEG")
+    keep("gray.jpg", rgb().convert("L"), "JPEG")
+    keep("chat noir é 猫.jpg", rgb(), "JPEG")
+    rgba = Image.fromarray(np.dstack([pixels(), np.full((30, 40), 255, np.uint8)]))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))  # a transparent pixel: white in the output, not black
+    keep("rgba.png", rgba, "PNG")
+    palette = rgb().convert("P")
+    palette.info["transparency"] = 0
+    keep("palette transparent.png", palette, "PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    keep("rotated.jpg", Image.fromarray(pixels(30, 50)), "JPEG", exif=exif)
+
+    (cls / "empty.jpg").write_bytes(b"")
+    expected["empty.jpg"] = "empty"
+    (cls / "readme.jpg").write_text("not a picture at all")
+    expected["readme.jpg"] = "not_an_image"
+    full = _save(Image.fromarray(pixels(40, 50)), cls.parent / "tmp.jpg", "JPEG").read_bytes()
+    (cls.parent / "tmp.jpg").unlink()
+    (cls / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    expected["truncated.jpg"] = "truncated"
+    png = bytearray(_save(rgb(), cls.parent / "tmp.png", "PNG").read_bytes())
+    (cls.parent / "tmp.png").unlink()
+    start = png.index(b"IDAT") + 30
+    png[start : start + 40] = bytes(b ^ 0xFF for b in png[start : start + 40])
+    (cls / "corrupt.png").write_bytes(bytes(png))
+    expected["corrupt.png"] = "undecodable"
+    _save(Image.fromarray(pixels(60, 60)), cls / "huge.jpg", "JPEG")  # over the test's max_pixels
+    expected["huge.jpg"] = "decompression_bomb"
+    _save(Image.fromarray(pixels(8, 8)), cls / "tiny.jpg", "JPEG")
+    expected["tiny.jpg"] = "too_small"
+    for name in (".hidden.jpg", ".DS_Store", "Thumbs.db"):
+        (cls / name).write_bytes(b"junk")  # ignored: not counted at all
+    return expected
+
+
+def test_odd_and_broken_files_each_get_their_verdict(tmp_path):
+    raw = tmp_path / "raw"
+    expected = odd_corpus(raw / "cat")
+    for i in range(12):
+        photo(raw / "dog" / f"d{i}.jpg", 200 + i)
+    params = data_params(max_pixels=3000, split={"train": 0.5, "validation": 0.25, "test": 0.25})
+    report = prepare.prepare(raw, tmp_path / "out", params, 0, workers=2)
+
+    assert report["files_read"] == len(expected) + 12, "hidden and OS files are not counted"
+    reasons = dict(line.rsplit(",", 1) for line in (tmp_path / "out" / "dropped.csv").read_text().splitlines()[1:])
+    assert reasons == {f"cat/{name}": reason for name, reason in expected.items() if reason}
+    kept = [name for name, reason in expected.items() if reason is None]
+    assert sum(report["classes"]["cat"].values()) == len(kept)
+    assert report["dropped"] == {
+        "empty": 1, "truncated": 1, "not_an_image": 1, "undecodable": 1, "decompression_bomb": 1, "too_small": 1
+    }
+
+    rows = manifest.read(tmp_path / "out")
+    for row in rows:
+        with Image.open(tmp_path / "out" / row["path"]) as image:
+            assert (image.format, image.mode) == ("JPEG", "RGB")
+    sizes = sorted(Image.open(tmp_path / "out" / r["path"]).size for r in rows if r["label"] == "cat")
+    assert (30, 50) in sizes, "the EXIF-rotated photo is stored upright (portrait)"
+    assert sizes.count((40, 30)) == len(kept) - 1
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    out = prepare._to_rgb(rgba)
+    assert out.mode == "RGB" and out.getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_source_files_are_only_read(tmp_path, raw):
+    before = {p: p.read_bytes() for p in raw.rglob("*") if p.is_file()}
+    prepare.prepare(raw, tmp_path / "out", data_params(split={"train": 5, "validation": 5, "test": 5}), 0, workers=1)
+    assert {p: p.read_bytes() for p in raw.rglob("*") if p.is_file()} == before
+
+
+# Split stability: adding files never moves an existing picture to another split.
+
+
+def _splits(prepared: Path) -> dict[str, str]:
+    rows = manifest.read(prepared)
+    by_sha = {row["sha256"]: row["split"] for row in rows}
+    assert len(by_sha) == len(rows), "no picture in two splits"
+    return by_sha
+
+
+@pytest.mark.parametrize("split", [{"train": 10, "validation": 5, "test": 5}, {"train": 0.6, "validation": 0.2, "test": 0.2}])
+def test_adding_files_moves_no_existing_picture(tmp_path, split):
+    raw = tmp_path / "raw"
+    for i in range(40):
+        photo(raw / "cat" / f"c{i:03d}.jpg", i)
+        photo(raw / "dog" / f"d{i:03d}.jpg", 1000 + i)
+    params = data_params(split=split)
+    first = prepare.prepare(raw, tmp_path / "first", params, 0, workers=1)
+    assert first["split"]["filled_short_splits"] == 0
+    for i in range(40, 70):
+        photo(raw / "cat" / f"c{i:03d}.jpg", i)
+        photo(raw / "dog" / f"d{i:03d}.jpg", 1000 + i)
+    prepare.prepare(raw, tmp_path / "second", params, 0, workers=1)
+    before, after = _splits(tmp_path / "first"), _splits(tmp_path / "second")
+    common = before.keys() & after.keys()
+    assert len(common) >= 20
+    assert {sha: before[sha] for sha in common} == {sha: after[sha] for sha in common}
+
+
+def test_exact_counts_are_met_even_when_a_share_is_short():
+    shas = [f"{i:064x}" for i in range(30)]
+    split = config.SplitParams(train=20, validation=5, test=5)
+    assigned, filled = prepare.assign_splits(shas, split, 0, "cat")
+    counts = {name: list(assigned.values()).count(name) for name in ("train", "validation", "test")}
+    assert counts == {"train": 20, "validation": 5, "test": 5}
+    # without the fill, each picture sits in its own share of [0, 1)
+    shares = {"train": 20 / 30, "validation": 5 / 30, "test": 5 / 30}
+    own = {sha: prepare._bucket(prepare.split_point(sha, 0), shares) for sha in shas}
+    assert sum(own[sha] != name for sha, name in assigned.items()) == filled
+
+
+# Sources that come already split.
+
+
+def test_given_split_is_honoured_and_test_carved_from_validation(tmp_path):
+    raw = tmp_path / "raw"
+    for cls, base in (("cat", 0), ("dog", 500)):
+        for i in range(8):
+            photo(raw / "train" / cls / f"{i}.jpg", base + i)
+        for i in range(8, 20):
+            photo(raw / "validation" / cls / f"{i}.jpg", base + i)
+    shutil.copyfile(raw / "train" / "cat" / "0.jpg", raw / "validation" / "cat" / "leak.jpg")
+    report = prepare.prepare(raw, tmp_path / "out", data_params(), 0, workers=1)
+    assert report["split"] == {"given": True, "test_carved_from": "validation", "filled_short_splits": 0}
+    assert report["duplicates"] == 1
+    assert "validation/cat/leak.jpg,duplicate" in (tmp_path / "out" / "dropped.csv").read_text()
+    for cls in ("cat", "dog"):
+        counts = report["classes"][cls]
+        assert counts["train"] == 8, "train is kept as given"
+        assert counts["validation"] + counts["test"] == 12 and counts["test"] > 0 and counts["validation"] > 0
+    _splits(tmp_path / "out")
+
+
+def test_given_test_split_is_kept(tmp_path):
+    raw = tmp_path / "raw"
+    for split, n in (("train", 6), ("validation", 3), ("test", 2)):
+        for cls in ("cat", "dog"):
+            for i in range(n):
+                photo(raw / split / cls / f"{i}.jpg", hash((split, cls, i)) % 10_000)
+    report = prepare.prepare(raw, tmp_path / "out", data_params(), 0, workers=1)
+    assert report["classes"] == {c: {"train": 6, "validation": 3, "test": 2} for c in ("cat", "dog")}
+    assert report["split"]["test_carved_from"] is None
