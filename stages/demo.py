@@ -35,7 +35,7 @@ DEMO_PARAMS: dict[str, Any] = {
         "image_size": [64, 64],
         "max_side": 64,
         "split": {"train": 120, "validation": 40, "test": 40},
-        "synthetic": {"classes": 2, "images_per_class": 200, "size": 64},
+        "synthetic": {"classes": 2, "images_per_class": 240, "size": 64},
     },
     "model": {"weights": None},
     "top": {"epochs": 20},
