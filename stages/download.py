@@ -2,9 +2,10 @@
 
 Sources: a preset (`cats_vs_dogs`), an http(s) URL of an archive, a local archive (.zip, .tar,
 .tar.gz, .tgz), a local folder with one subfolder per class, or `synthetic` (generated offline).
-Downloads stream with a progress bar into data/cache/ under a temporary name and are renamed
-when complete; data/cache/ also takes an archive downloaded by hand. Archives are extracted
-member by member: a member whose path would land outside the target, or a link, is refused.
+Downloads (stages/fetch.py) stream with a progress bar into data/cache/ under a temporary name,
+resume after an interruption, and are renamed when complete and verified; data/cache/ also takes
+an archive downloaded by hand. Archives are extracted member by member: a member whose path
+would land outside the target, or a link, is refused.
 The source is only read, never changed. data/raw/source.json records what was read and its sha256.
 
 Run: dvc repro download   (or: python -m stages.download data/raw)
@@ -13,23 +14,18 @@ Run: dvc repro download   (or: python -m stages.download data/raw)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
-import os
 import shutil
 import tarfile
-import urllib.error
 import urllib.parse
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from tqdm import tqdm
-
-from stages import common, config, synthetic, tracking
+from stages import common, config, fetch, synthetic, tracking
 from stages.common import StageError
+from stages.fetch import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +56,6 @@ PRESETS = {
 }
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def is_archive(name: str) -> bool:
     return name.lower().endswith(ARCHIVE_SUFFIXES)
 
@@ -78,30 +66,6 @@ def offline_hint(url: str, cached: Path) -> str:
         "(the download stage takes it from there), or set data.source in params.yaml to a local "
         "archive or a folder with one subfolder per class, or to 'synthetic' for generated data."
     )
-
-
-def fetch(url: str, dest: Path, timeout: float = 30.0) -> None:
-    """Stream `url` into `dest` with a progress bar; `dest` appears only once complete."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    request = urllib.request.Request(url, headers={"User-Agent": "image-classifier-pipeline"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response, open(part, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name) as bar:
-                for chunk in iter(lambda: response.read(CHUNK), b""):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-            if total is not None and out.tell() != total:
-                raise StageError(f"download of {url} ended early: {out.tell()} of {total} bytes")
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-        part.unlink(missing_ok=True)
-        reason = f"HTTP {err.code} {err.reason}" if isinstance(err, urllib.error.HTTPError) else getattr(err, "reason", err)
-        raise StageError(f"Could not download {url}: {reason}.\n{offline_hint(url, dest)}") from err
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    os.replace(part, dest)
 
 
 def _safe_member_path(name: str) -> PurePosixPath | None:
@@ -215,9 +179,17 @@ def download(params: config.DataParams, seed: int, out: Path) -> dict:
         archive = CACHE_DIR / Path(urllib.parse.urlparse(url).path).name
         if not archive.is_file():
             log.info("downloading %s", url)
-            fetch(url, archive)
+            digest = fetch.fetch(url, archive, sha256=pinned, hint=offline_hint(url, archive))
         else:
             log.info("using %s (already downloaded)", archive)
+            digest = sha256_file(archive)
+            if pinned and digest != pinned.lower():
+                # data/cache is ours: a wrong file there would block every later run.
+                archive.unlink()
+                raise StageError(
+                    f"{archive} has sha256 {digest}, but {pinned.lower()} was expected (data.sha256 or the preset). "
+                    "It was deleted: run again to download it anew, or correct data.sha256."
+                )
         record["url"] = url
     else:
         local = Path(source).expanduser()
@@ -234,13 +206,14 @@ def download(params: config.DataParams, seed: int, out: Path) -> dict:
             raise StageError(f"data.source = {source!r}: a local file must be an archive ({', '.join(ARCHIVE_SUFFIXES)})")
         archive = local
         record["path"] = str(local.resolve())
-    digest = sha256_file(archive)
+        digest = sha256_file(archive)
+        if pinned and digest != pinned.lower():
+            # The user's own file: only read, never deleted.
+            raise StageError(
+                f"{archive} has sha256 {digest}, but {pinned.lower()} was expected (data.sha256). "
+                "Check that data.source names the intended archive, or correct data.sha256."
+            )
     record["sha256"] = digest
-    if pinned and digest != pinned.lower():
-        raise StageError(
-            f"{archive} has sha256 {digest}, but {pinned.lower()} was expected (data.sha256 or the preset). "
-            "Delete the file and run again to download it anew, or correct data.sha256."
-        )
     extracted = out.parent / f".{out.name}.extract"
     shutil.rmtree(extracted, ignore_errors=True)
     try:
