@@ -1,11 +1,12 @@
-"""Fetch the data set named by `data.source` into data/raw/<class>/..., as fetched, verified.
+"""Fetch the data set named by `data.source` into data/raw/, as fetched, verified.
 
-Sources: a preset (`cats_vs_dogs`), an http(s) URL of an archive, a local archive (.zip, .tar,
-.tar.gz, .tgz), a local folder with one subfolder per class, or `synthetic` (generated offline).
-Downloads (stages/fetch.py) stream with a progress bar into data/cache/ under a temporary name,
-resume after an interruption, and are renamed when complete and verified; data/cache/ also takes
-an archive downloaded by hand. Archives are extracted member by member: a member whose path
-would land outside the target, or a link, is refused.
+Sources: a preset (`cats_vs_dogs`, `stanford_dogs`), an http(s) URL of an archive, a local archive
+(.zip, .tar, .tar.gz, .tgz), a local folder with one subfolder per class (or one already split
+into train/, validation/ or val/, and optionally test/, each with class subfolders), or
+`synthetic` (generated offline). Downloads (stages/fetch.py) stream with a progress bar into
+data/cache/ under a temporary name, resume after an interruption, and are renamed when complete
+and verified; data/cache/ also takes an archive downloaded by hand. Archives are extracted member
+by member: a member whose path would land outside the target, or a link, is refused and reported.
 The source is only read, never changed. data/raw/source.json records what was read and its sha256.
 
 Run: dvc repro download   (or: python -m stages.download data/raw)
@@ -14,6 +15,7 @@ Run: dvc repro download   (or: python -m stages.download data/raw)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import shutil
 import tarfile
@@ -21,21 +23,29 @@ import urllib.parse
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import Callable, Iterator
 
 from stages import common, config, fetch, synthetic, tracking
 from stages.common import StageError
 from stages.fetch import sha256_file
+from stages.layout import SOURCE_RECORD, files, split_folders, subfolders
 
 log = logging.getLogger(__name__)
 
 CACHE_DIR = Path("data/cache")
-SOURCE_RECORD = "source.json"
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 #: Guards against archive bombs: refuse to extract more than this.
 MAX_EXTRACTED_BYTES = 64 * 2**30
 MAX_EXTRACTED_FILES = 2_000_000
 CHUNK = 1 << 20
+#: How many refused archive members source.json lists by name (all are counted).
+LISTED_REFUSALS = 100
+
+
+def strip_wordnet_id(folder: str) -> str:
+    """'n02085620-Chihuahua' -> 'Chihuahua' (the Stanford Dogs folders are ImageNet synset ids)."""
+    synset, sep, name = folder.partition("-")
+    return name if sep and synset[:1] == "n" and synset[1:].isdigit() and name else folder
 
 
 @dataclass(frozen=True)
@@ -43,7 +53,7 @@ class Preset:
     url: str
     sha256: str | None  # pinned when known
     root: str  # folder inside the archive that holds one subfolder per class
-    classes: tuple[str, ...]
+    class_name: Callable[[str], str] = str  # class folder name -> class name
 
 
 PRESETS = {
@@ -51,9 +61,24 @@ PRESETS = {
         url="https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/kagglecatsanddogs_5340.zip",
         sha256=None,
         root="PetImages",
-        classes=("Cat", "Dog"),
+    ),
+    "stanford_dogs": Preset(
+        url="http://vision.stanford.edu/aditya86/ImageNetDogs/images.tar",
+        sha256=None,
+        root="Images",
+        class_name=strip_wordnet_id,
     ),
 }
+assert set(PRESETS) | {"synthetic"} == set(config.PRESETS), "config.PRESETS names the same presets"
+
+
+def cache_path(url: str, preset: bool) -> Path:
+    """Where the archive of `url` is kept: data/cache/<name> for a preset, else under a folder
+    named by a hash of the URL, so two URLs with the same file name never share a file."""
+    name = Path(urllib.parse.urlparse(url).path).name or "download"
+    if preset:
+        return CACHE_DIR / name
+    return CACHE_DIR / hashlib.sha256(url.encode()).hexdigest()[:12] / name
 
 
 def is_archive(name: str) -> bool:
@@ -99,10 +124,10 @@ def _members(archive: Path) -> Iterator[tuple[str, str, int, object, object]]:
 def extract(archive: Path, target: Path) -> dict[str, int]:
     """Extract the regular files of `archive` under `target`; refuse escaping paths and links.
 
-    Returns counts of files extracted and members refused.
+    Returns the counts of files extracted and of members refused, and the refused members' names.
     """
     target.mkdir(parents=True, exist_ok=True)
-    counts = {"files": 0, "refused": 0}
+    counts: dict = {"files": 0, "refused": 0, "refused_members": []}
     total_bytes = 0
     for name, kind, size, container, info in _members(archive):
         if kind == "dir":
@@ -110,6 +135,8 @@ def extract(archive: Path, target: Path) -> dict[str, int]:
         rel = _safe_member_path(name)
         if rel is None or kind != "file":
             counts["refused"] += 1
+            if len(counts["refused_members"]) < LISTED_REFUSALS:
+                counts["refused_members"].append(name)
             log.warning("refused archive member %r: it is a link or its path leaves the target folder", name)
             continue
         total_bytes += size
@@ -127,46 +154,54 @@ def extract(archive: Path, target: Path) -> dict[str, int]:
     return counts
 
 
-def is_ignored(path: Path) -> bool:
-    """Files and folders that are not part of a data set: hidden ones, OS droppings."""
-    return path.name.startswith(".") or path.name in ("Thumbs.db", "desktop.ini", "__MACOSX")
-
-
-def _subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not is_ignored(p))
-
-
 def class_root(folder: Path) -> Path:
-    """The folder holding one subfolder per class: descend through single wrapper folders."""
-    while len(subs := _subfolders(folder)) == 1 and _subfolders(subs[0]):
+    """The folder holding the class (or split) subfolders: descend through single wrapper folders."""
+    while len(subs := subfolders(folder)) == 1 and subfolders(subs[0]):
         folder = subs[0]
     return folder
 
 
-def copy_classes(root: Path, out: Path) -> dict[str, int]:
+def copy_classes(root: Path, out: Path, class_name: Callable[[str], str] = str) -> dict[str, int]:
     """Copy each class folder of `root` (files at any depth below it) into out/<class>/."""
-    classes = _subfolders(root)
+    classes = subfolders(root)
     if len(classes) < 2:
         raise StageError(
             f"{root} must hold one subfolder per class (at least 2), found "
             f"{[p.name for p in classes] or 'none'}; arrange the images as <folder>/<class>/<image files>"
         )
-    counts = {}
+    counts: dict[str, int] = {}
     for cls in classes:
-        n = 0
-        for path in sorted(cls.rglob("*")):
-            rel = path.relative_to(cls)
-            if path.is_file() and not any(is_ignored(Path(part)) for part in rel.parts):
-                dest = out / cls.name / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, dest)
-                n += 1
-        counts[cls.name] = n
+        name = class_name(cls.name)
+        if name in counts:
+            raise StageError(f"{root}: two class folders are both named '{name}'")
+        counts[name] = 0
+        for path in files(cls):
+            dest = out / name / path.relative_to(cls)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dest)
+            counts[name] += 1
     return counts
 
 
+def copy_source(root: Path, out: Path, class_name: Callable[[str], str] = str) -> dict:
+    """Copy a class-folder tree into out/<class>/, or a pre-split one into out/<split>/<class>/.
+
+    Returns the part of the record that describes it: layout, images per class (and per split).
+    """
+    splits = split_folders(root)
+    if splits is None:
+        return {"layout": "classes", "classes": copy_classes(root, out, class_name)}
+    per_split = {split: copy_classes(folder, out / split, class_name) for split, folder in splits.items()}
+    totals: dict[str, int] = {}
+    for counts in per_split.values():
+        for name, n in counts.items():
+            totals[name] = totals.get(name, 0) + n
+    return {"layout": "split", "classes": totals, "splits": per_split}
+
+
 def download(params: config.DataParams, seed: int, out: Path) -> dict:
-    """Materialise the source as out/<class>/<files>; return the record written to source.json."""
+    """Materialise the source as out/<class>/<files> (or out/<split>/<class>/<files>); return
+    the record written to source.json."""
     source = params.source
     record: dict = {"source": source}
     if source == "synthetic":
@@ -176,7 +211,7 @@ def download(params: config.DataParams, seed: int, out: Path) -> dict:
     url = preset.url if preset else source if source.startswith(("http://", "https://")) else None
     pinned = params.sha256 or (preset.sha256 if preset else None)
     if url is not None:
-        archive = CACHE_DIR / Path(urllib.parse.urlparse(url).path).name
+        archive = cache_path(url, preset is not None)
         if not archive.is_file():
             log.info("downloading %s", url)
             digest = fetch.fetch(url, archive, sha256=pinned, hint=offline_hint(url, archive))
@@ -184,11 +219,13 @@ def download(params: config.DataParams, seed: int, out: Path) -> dict:
             log.info("using %s (already downloaded)", archive)
             digest = sha256_file(archive)
             if pinned and digest != pinned.lower():
-                # data/cache is ours: a wrong file there would block every later run.
-                archive.unlink()
+                # Moved aside, not deleted (it may have been put there by hand), so that the
+                # next run downloads a fresh copy instead of failing on this one again.
+                aside = archive.with_name(archive.name + ".mismatch")
+                archive.replace(aside)
                 raise StageError(
                     f"{archive} has sha256 {digest}, but {pinned.lower()} was expected (data.sha256 or the preset). "
-                    "It was deleted: run again to download it anew, or correct data.sha256."
+                    f"It was moved to {aside}: run again to download it anew, or correct data.sha256."
                 )
         record["url"] = url
     else:
@@ -199,9 +236,8 @@ def download(params: config.DataParams, seed: int, out: Path) -> dict:
                 "an http(s) URL, nor an existing local archive or folder"
             )
         if local.is_dir():
-            record["classes"] = copy_classes(class_root(local), out)
             record["path"] = str(local.resolve())
-            return record
+            return record | copy_source(class_root(local), out)
         if not is_archive(local.name):
             raise StageError(f"data.source = {source!r}: a local file must be an archive ({', '.join(ARCHIVE_SUFFIXES)})")
         archive = local
@@ -218,8 +254,16 @@ def download(params: config.DataParams, seed: int, out: Path) -> dict:
     shutil.rmtree(extracted, ignore_errors=True)
     try:
         record["archive"] = extract(archive, extracted)
-        root = extracted / preset.root if preset else class_root(extracted)
-        record["classes"] = copy_classes(root, out)
+        if preset:
+            root = extracted / preset.root
+            if not root.is_dir():
+                raise StageError(
+                    f"{archive} does not have the layout of {source}: no {preset.root}/ folder in it. "
+                    f"Delete it and run again to download it anew."
+                )
+            record |= copy_source(root, out, preset.class_name)
+        else:
+            record |= copy_source(class_root(extracted), out)
     finally:
         shutil.rmtree(extracted, ignore_errors=True)
     return record

@@ -9,9 +9,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from stages.layout import SPLITS  # the manifest's split names
+
 MANIFEST = "manifest.csv"
 FIELDS = ("path", "label", "split", "sha256")
-SPLITS = ("train", "validation", "test")
 
 
 def write(prepared: Path, rows: list[dict[str, str]]) -> None:

@@ -36,8 +36,7 @@ from tqdm import tqdm
 
 from stages import common, config, manifest, tracking
 from stages.common import StageError
-from stages.download import SOURCE_RECORD, is_ignored
-from stages.manifest import SPLITS
+from stages.layout import SOURCE_RECORD, SPLITS, files, subfolders
 
 log = logging.getLogger(__name__)
 
@@ -108,19 +107,6 @@ class Source:
     split: str | None  # as given by a pre-split source, else None
 
 
-def _files(folder: Path) -> list[Path]:
-    """Every file below `folder`, hidden and OS files left out, sorted."""
-    return sorted(
-        path
-        for path in folder.rglob("*")
-        if path.is_file() and not any(is_ignored(Path(part)) for part in path.relative_to(folder).parts)
-    )
-
-
-def _class_folders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not is_ignored(p))
-
-
 def list_sources(raw: Path) -> list[Source]:
     """Every file of raw/<class>/ or, for a pre-split source, raw/<split>/<class>/."""
     if split_layout(raw):
@@ -128,11 +114,11 @@ def list_sources(raw: Path) -> list[Source]:
             Source(path, cls.name, split)
             for split in SPLITS
             if (raw / split).is_dir()
-            for cls in _class_folders(raw / split)
-            for path in _files(cls)
+            for cls in subfolders(raw / split)
+            for path in files(cls)
         ]
     else:
-        sources = [Source(path, cls.name, None) for cls in _class_folders(raw) for path in _files(cls)]
+        sources = [Source(path, cls.name, None) for cls in subfolders(raw) for path in files(cls)]
     if not sources:
         raise StageError(f"{raw} holds no image: expected {raw}/<class>/<image files> (run the download stage)")
     return sources

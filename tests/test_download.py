@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import tarfile
 import time
@@ -80,7 +81,8 @@ def test_url_is_streamed_into_the_cache_and_reused(tmp_path, monkeypatch, http_r
     served, base = http_root
     zip_of(class_folder(tmp_path / "src"), served / "pets.zip")
     record = download.download(data_params(f"{base}/pets.zip"), 0, tmp_path / "raw")
-    cached = tmp_path / download.CACHE_DIR / "pets.zip"
+    cached = tmp_path / download.cache_path(f"{base}/pets.zip", preset=False)
+    assert cached.parent.parent == tmp_path / download.CACHE_DIR and cached.name == "pets.zip"
     assert cached.read_bytes() == (served / "pets.zip").read_bytes()
     assert record["sha256"] == download.sha256_file(cached)
     assert listing(tmp_path / "raw") == EXPECTED
@@ -98,9 +100,10 @@ def test_missing_url_fails_fast_with_what_to_do(tmp_path, monkeypatch, http_root
     assert time.monotonic() - started < 5
     message = str(err.value)
     assert f"Could not download {base}/missing.zip" in message and "HTTP 404" in message
-    assert "download" in message and "by hand and save it as data/cache/missing.zip" in message
+    cached = download.cache_path(f"{base}/missing.zip", preset=False)
+    assert f"by hand and save it as {cached}" in message
     assert "set data.source in params.yaml" in message
-    assert not list((tmp_path / download.CACHE_DIR).iterdir()), "no partial file is left behind"
+    assert not (tmp_path / cached).exists(), "nothing that looks complete is left behind"
 
 
 def test_unresolvable_host_fails_fast(tmp_path, monkeypatch):
@@ -149,7 +152,13 @@ def test_archive_members_never_escape_the_target(tmp_path):
         tf.addfile(hard)
     target = tmp_path / "deep" / "target"
     counts = download.extract(archive, target)
-    assert counts == {"files": 1, "refused": 5}
+    assert counts == {
+        "files": 1,
+        "refused": 5,
+        "refused_members": [
+            "../escaped.jpg", "/tmp/absolute_escape.jpg", "data/../../up.jpg", "data/cat/link.jpg", "data/cat/hard.jpg"
+        ],
+    }
     assert [p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()] == ["data/cat/ok.jpg"]
     assert not (tmp_path / "deep" / "escaped.jpg").exists() and not (tmp_path / "up.jpg").exists()
     assert not Path("/tmp/absolute_escape.jpg").exists()
@@ -160,3 +169,83 @@ def test_archive_bomb_is_refused(tmp_path, monkeypatch):
     archive = zip_of(class_folder(tmp_path / "src"), tmp_path / "pets.zip")
     with pytest.raises(StageError, match="refused as a possible archive bomb"):
         download.extract(archive, tmp_path / "out")
+
+
+def test_same_file_name_at_two_urls_is_cached_apart():
+    a = download.cache_path("https://a.example/data.zip", preset=False)
+    b = download.cache_path("https://b.example/data.zip", preset=False)
+    assert a != b and a.name == b.name == "data.zip"
+    assert download.cache_path("https://a.example/", preset=False).name == "download"
+    assert download.cache_path(download.PRESETS["cats_vs_dogs"].url, preset=True) == Path(
+        "data/cache/kagglecatsanddogs_5340.zip"
+    )
+
+
+def test_cached_archive_with_the_wrong_hash_is_moved_aside(tmp_path, monkeypatch, http_root):
+    monkeypatch.chdir(tmp_path)
+    served, base = http_root
+    zip_of(class_folder(tmp_path / "src"), served / "pets.zip")
+    url = f"{base}/pets.zip"
+    download.download(data_params(url), 0, tmp_path / "raw")
+    cached = download.cache_path(url, preset=False)
+    with pytest.raises(StageError, match="It was moved to .*pets.zip.mismatch: run again to download it anew"):
+        download.download(data_params(url, sha256="cd" * 32), 0, tmp_path / "raw2")
+    assert not cached.exists() and cached.with_name("pets.zip.mismatch").is_file()
+
+
+def stanford_dogs_tar(path: Path) -> Path:
+    """A small stand-in for Stanford Dogs' images.tar: Images/<synset>-<breed>/<synset>_<n>.jpg."""
+    with tarfile.open(path, "w") as tf:
+        for folder in ("n02085620-Chihuahua", "n02085782-Japanese_spaniel", "n02086240-Shih-Tzu"):
+            for i in range(2):
+                data = f"{folder}-{i}".encode()
+                info = tarfile.TarInfo(f"Images/{folder}/{folder.split('-')[0]}_{i}.jpg")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_stanford_dogs_preset_names_breeds_by_folder(tmp_path, monkeypatch, http_root):
+    monkeypatch.chdir(tmp_path)
+    served, base = http_root
+    stanford_dogs_tar(served / "images.tar")
+    monkeypatch.setitem(
+        download.PRESETS, "stanford_dogs", dataclasses.replace(download.PRESETS["stanford_dogs"], url=f"{base}/images.tar")
+    )
+    record = download.download(data_params("stanford_dogs"), 0, tmp_path / "raw")
+    assert record["classes"] == {"Chihuahua": 2, "Japanese_spaniel": 2, "Shih-Tzu": 2}
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["Chihuahua", "Japanese_spaniel", "Shih-Tzu"]
+    assert (tmp_path / "data/cache/images.tar").is_file()
+
+
+def test_preset_archive_without_its_layout_is_explained(tmp_path, monkeypatch, http_root):
+    monkeypatch.chdir(tmp_path)
+    served, base = http_root
+    zip_of(class_folder(tmp_path / "src"), served / "wrong.zip")
+    monkeypatch.setitem(
+        download.PRESETS, "cats_vs_dogs", dataclasses.replace(download.PRESETS["cats_vs_dogs"], url=f"{base}/wrong.zip")
+    )
+    with pytest.raises(StageError, match="does not have the layout of cats_vs_dogs: no PetImages/ folder"):
+        download.download(data_params("cats_vs_dogs"), 0, tmp_path / "raw")
+
+
+def test_wordnet_ids_are_stripped_only_where_present():
+    assert download.strip_wordnet_id("n02085620-Chihuahua") == "Chihuahua"
+    assert download.strip_wordnet_id("n02086240-Shih-Tzu") == "Shih-Tzu"
+    assert download.strip_wordnet_id("golden-retriever") == "golden-retriever"
+
+
+def test_pre_split_folder_keeps_its_split_and_spells_validation_out(tmp_path):
+    src = tmp_path / "src" / "dataset"
+    for split, n in (("train", 3), ("val", 2)):
+        for cls in ("cat", "dog"):
+            for i in range(n):
+                path = src / split / cls / f"{i}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(f"{split}{cls}{i}".encode())
+    (src / "README.txt").write_text("top-level files are not data")
+    record = download.download(data_params(str(tmp_path / "src")), 0, tmp_path / "raw")
+    assert record["layout"] == "split"
+    assert record["splits"] == {"train": {"cat": 3, "dog": 3}, "validation": {"cat": 2, "dog": 2}}
+    assert record["classes"] == {"cat": 5, "dog": 5}
+    assert listing(tmp_path / "raw") == {"train": ["cat", "dog"], "validation": ["cat", "dog"]}
