@@ -194,9 +194,12 @@ class FinetuneParams:
 class EvaluateParams:
     batch_size: int = 32
     threshold: float = 0.5  # two classes: probability of the second class above which it is predicted
+    registered_model: str | None = "image-classifier"  # MLflow registry name; None: not registered
 
     def check(self, key: str) -> None:
         _positive(f"{key}.batch_size", self.batch_size)
+        if self.registered_model is not None and not self.registered_model.strip():
+            _fail(f"{key}.registered_model", self.registered_model, "a model name, or null to not register")
         if not 0 < self.threshold < 1:
             _fail(f"{key}.threshold", self.threshold, "must be in (0, 1)")
 
@@ -263,7 +266,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
                 _fail(key, value, "a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             _fail(key, value, "a finite number")
-        return float(value)
+        return value  # an int stays one: a count of 1000 is logged and shown as 1000, not 1000.0
     if tp is str:
         if not isinstance(value, str):
             _fail(key, value, "a string")

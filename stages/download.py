@@ -279,7 +279,6 @@ def main() -> None:
             record = download(params.data, params.seed, tmp)
             common.write_json(tmp / SOURCE_RECORD, record)
         tracking.log_metrics({f"images.{k}": v for k, v in record["classes"].items()})
-        tracking.log_artifact(args.output / SOURCE_RECORD)
     log.info("wrote %s: %s", args.output, record["classes"])
 
 

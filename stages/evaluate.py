@@ -211,7 +211,7 @@ def main() -> None:
     params = config.load()
     import keras
 
-    from stages import backbones  # noqa: F401  registers the custom layers before loading
+    from stages import backbones, serving  # noqa: F401  backbones registers the custom layers
 
     with tracking.stage_run("evaluate", params):
         model = keras.models.load_model(args.model, safe_mode=True)
@@ -222,10 +222,18 @@ def main() -> None:
             write_per_class(tmp / "per_class.csv", metrics)
             write_figures(tmp, metrics, args.history)
         common.write_json(args.metrics, metrics)
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
-        tracking.log_metrics({f"test_{k}" if not k.startswith("test_") else k: v for k, v in scalars.items()})
-        tracking.log_artifact(args.metrics)
-        tracking.log_artifact(args.reports)
+        try:
+            serving.log_model(
+                args.model, split.classes, params.evaluate.threshold, Path(split.paths[0]),
+                params.evaluate.registered_model, metrics["accuracy"],
+            )
+        except Exception as err:
+            raise tracking.TrackingError(
+                f"Logging the model to {tracking.tracking_uri()} failed: {err}\nThe metrics and reports are saved. "
+                "Once tracking works again, `dvc repro --force evaluate` logs it (it scores the test set again; "
+                "nothing is trained)."
+            ) from err
+    tracking.log_pipeline_version(params)
     log.info("test accuracy %.4f on %d images; wrote %s", metrics["accuracy"], len(split), args.metrics)
 
 

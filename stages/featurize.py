@@ -106,7 +106,6 @@ def main() -> None:
             base.save_weights(tmp_weights)
         seconds = time.perf_counter() - started
         tracking.log_metrics({"images_per_second": sum(meta["images"].values()) / seconds})
-        tracking.log_artifact(args.output / META)
     log.info("wrote %s and %s", args.output, args.backbone_weights)
 
 

@@ -48,7 +48,11 @@ def load_split(prepared: Path, split: str) -> Split:
 
 def decode(path: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
     """One image file -> float32 RGB tensor of `image_size`, values 0..255."""
-    data = tf.io.read_file(path)
+    return decode_bytes(tf.io.read_file(path), image_size)
+
+
+def decode_bytes(data: tf.Tensor | bytes, image_size: tuple[int, int]) -> tf.Tensor:
+    """An encoded image (JPEG, PNG, GIF, BMP, WebP) -> float32 RGB tensor of `image_size`, 0..255."""
     image = tf.io.decode_image(data, channels=3, expand_animations=False)
     image = tf.image.resize(image, image_size, method="bilinear", antialias=True)
     image.set_shape((*image_size, 3))

@@ -305,12 +305,7 @@ def main() -> None:
     with tracking.stage_run("prepare", params):
         with common.atomic_dir(args.output) as tmp:
             report = prepare(args.raw, tmp, params.data, params.seed)
-        common.write_json(args.report, report)
-        tracking.log_metrics(
-            {f"dropped.{k}": v for k, v in report["dropped"].items()}
-            | {"duplicates": report["duplicates"], "conflicts": report["conflicts"], "images_kept": report["images_kept"]}
-        )
-        tracking.log_artifact(args.report)
+        common.write_json(args.report, report)  # a DVC metric: logged with the stage's outputs
     log.info("kept %d of %d files; dropped %s", report["images_kept"], report["files_read"], report["dropped"])
 
 

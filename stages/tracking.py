@@ -1,43 +1,141 @@
-"""MLflow: the one place that opens runs, tags them, and logs params, metrics and artifacts.
+"""MLflow: the one place that opens runs, tags their lineage, and logs params, metrics and artifacts.
 
-Tracking is embedded by default (`sqlite:///mlflow.db` in the directory the stage runs in, the
-repository root under `dvc repro`); `MLFLOW_TRACKING_URI` points it elsewhere, e.g. a team server,
-and `MLFLOW_EXPERIMENT_NAME` picks the experiment. Each stage that runs opens one run named after
-itself and logs the params it depends on, as declared in dvc.yaml, so the MLflow view and DVC's
-agree on what a stage's inputs are.
+Tracking is embedded by default: `sqlite:///mlflow.db` in the project folder (also for queued DVC
+experiments, which run in a temporary copy: DVC tells the stage where the project is). Set
+`MLFLOW_TRACKING_URI` to use a team server instead, `MLFLOW_EXPERIMENT_NAME` to pick the experiment.
+
+Each stage that runs opens one run named after itself (`stage_run`), tagged with the stage, the
+git commit, and the DVC content hashes (from dvc.lock) of the data and models it reads, which it
+also logs as MLflow dataset inputs. When the stage's work is done and saved, the run logs what
+dvc.yaml declares the stage produced: its metrics files, its per-epoch histories (live, through
+`epoch_logger`), and its outputs as artifacts. Its run id is written to the stage's run record
+(`reports/runs/<stage>.json`, a DVC output), so dvc.lock points back to the run. A stage that DVC
+skips runs nothing and logs nothing.
+
+`evaluate`, the last stage, depends on every run record, so it runs whenever anything ran: it
+then opens the run of the pipeline version (`log_pipeline_version`): all params, the key metrics,
+links to the run of every stage (including unchanged ones reused from earlier versions) and, on
+those runs, the hashes of what they wrote.
+
+The sqlite store is shared by experiments running in parallel: every write takes a file lock, so
+none fails with "database is locked". A tracking server that cannot be reached fails the stage at
+its start; a logging failure after the work is saved says how to log it afterwards
+(`python -m stages.tracking log <stage>`).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import csv
+import fcntl
+import json
 import logging
 import os
 import subprocess
+import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
 
 from stages import config
+from stages.common import StageError, write_json
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "image-classifier"
-PIPELINE_FILE = "dvc.yaml"
+PIPELINE_FILE = Path("dvc.yaml")
+LOCK_FILE = Path("dvc.lock")
+PIPELINE_RUN = "pipeline"
+#: The pipeline version's headline metrics: (stage, key in its metrics file) -> metric name.
+KEY_METRICS = {
+    ("train_top", "val_accuracy"): "top.val_accuracy",
+    ("finetune", "val_accuracy"): "finetune.val_accuracy",
+    ("evaluate", "accuracy"): "test.accuracy",
+    ("evaluate", "log_loss"): "test.log_loss",
+}
+#: Outputs too large to copy into the tracking store on every run (DVC keeps them).
+NOT_ARTIFACTS = ("data/", "models/backbone.weights.h5")
+REACHABLE_TIMEOUT = 5.0
+
+
+class TrackingError(StageError):
+    """The tracking server cannot be reached, or logging failed."""
+
+
+# Where runs go ------------------------------------------------------------------------------
+
+
+def project_root() -> Path:
+    """The project folder: DVC says where it is (a queued experiment runs in a temporary copy)."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd())
 
 
 def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
-    return uri if uri else f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return uri if uri else f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
-def stage_param_keys(stage: str, pipeline: Path = Path(PIPELINE_FILE)) -> list[str]:
-    """The params a stage depends on, as dvc.yaml declares them (e.g. ['seed', 'top'])."""
+def check_reachable(uri: str) -> None:
+    """Fail within seconds, naming the URI, when a tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACHABLE_TIMEOUT):
+            pass
+    except urllib.error.HTTPError:
+        return  # it answered: a server behind a proxy may not serve /health
+    except (urllib.error.URLError, OSError) as err:
+        raise TrackingError(
+            f"The MLflow tracking server {uri} is not reachable ({getattr(err, 'reason', err)}). Start it, "
+            "correct MLFLOW_TRACKING_URI, or unset it to log to mlflow.db in the project. Nothing was run."
+        ) from err
+
+
+@contextlib.contextmanager
+def store_lock() -> Iterator[None]:
+    """Serialise writes to an sqlite store across processes (parallel experiments share it)."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri[len("sqlite:///") :] + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _client():
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri())
+
+
+# What dvc.yaml and dvc.lock say ------------------------------------------------------------
+
+
+def _stages(pipeline: Path = PIPELINE_FILE) -> dict[str, Any]:
     if not pipeline.is_file():
-        return []
-    stages = yaml.safe_load(pipeline.read_text(encoding="utf-8")).get("stages", {})
+        return {}
+    return yaml.safe_load(pipeline.read_text(encoding="utf-8")).get("stages", {})
+
+
+def _paths(entries: list) -> list[str]:
+    """Paths of dvc.yaml deps/outs/metrics entries (plain strings or {path: options})."""
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
+
+
+def stage_param_keys(stage: str) -> list[str]:
+    """The params a stage depends on, as dvc.yaml declares them (e.g. ['seed', 'top'])."""
     keys: list[str] = []
-    for entry in stages.get(stage, {}).get("params", []):
+    for entry in _stages().get(stage, {}).get("params", []):
         if isinstance(entry, str):
             keys.append(entry)
         else:  # {params-file: [keys]}
@@ -55,6 +153,28 @@ def stage_params(stage: str, params: config.Params) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in keys)}
 
 
+def run_record(stage: str) -> Path:
+    """The output of `stage` that holds its MLflow run id: reports/runs/<stage>.json in dvc.yaml."""
+    spec = _stages().get(stage, {})
+    for path in _paths(spec.get("outs")):
+        if Path(path).name == f"{stage}.json" and Path(path).parent.name == "runs":
+            return Path(path)
+    raise StageError(f"dvc.yaml: stage '{stage}' has no output runs/{stage}.json to record its MLflow run in")
+
+
+def data_deps(stage: str) -> list[str]:
+    """What a stage reads that another stage wrote (data, features, models), per dvc.yaml."""
+    return [p for p in _paths(_stages().get(stage, {}).get("deps")) if not p.startswith("stages/") and "/runs/" not in p]
+
+
+def locked_hashes(lock: Path = LOCK_FILE) -> dict[str, str]:
+    """{path: DVC md5} of every stage output recorded in dvc.lock (directories end in .dir)."""
+    if not lock.is_file():
+        return {}
+    stages = yaml.safe_load(lock.read_text(encoding="utf-8")).get("stages", {})
+    return {out["path"]: out["md5"] for spec in stages.values() for out in spec.get("outs", []) if "md5" in out}
+
+
 def git_commit() -> tuple[str, bool]:
     """(HEAD's commit, whether the work tree has uncommitted changes); ('unknown', False) outside git."""
     try:
@@ -67,44 +187,241 @@ def git_commit() -> tuple[str, bool]:
     return head, bool(dirty)
 
 
-@contextlib.contextmanager
-def stage_run(stage: str, params: config.Params) -> Iterator[Any]:
-    """Open the MLflow run of one stage, with its params and lineage tags logged."""
-    import mlflow  # imported here: it takes seconds, and only stages that run need it
-
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+def lineage_tags(stage: str) -> dict[str, str]:
     commit, dirty = git_commit()
     tags = {"pipeline.stage": stage, "git.commit": commit, "git.dirty": str(dirty).lower()}
-    with mlflow.start_run(run_name=stage, tags=tags) as run:
-        mlflow.log_params(stage_params(stage, params))
-        log.info("MLflow run %s (%s) at %s", run.info.run_id, stage, tracking_uri())
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+    hashes = locked_hashes()
+    for path in data_deps(stage):
+        if path in hashes:
+            tags[f"dvc.in.{path}"] = hashes[path]
+    return tags
+
+
+# Runs ---------------------------------------------------------------------------------------
+
+
+def _after_work(stage: str, action: str, err: Exception) -> TrackingError:
+    return TrackingError(
+        f"The {stage} stage finished its work and saved its outputs, but {action} to {tracking_uri()} "
+        f"failed: {err}\nNothing is lost. Once tracking works again, log the saved outputs with\n"
+        f"    python -m stages.tracking log {stage}\n"
+        f"and record them in dvc.lock without running the stage again with\n"
+        f"    dvc commit {stage}"
+    )
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: config.Params) -> Iterator[Any]:
+    """The MLflow run of one stage: opened (lineage tagged) before the work, completed after it.
+
+    When the body returns, the outputs dvc.yaml declares for the stage are logged and the run id
+    is written to the stage's run record.
+    """
+    import mlflow  # imported here: it takes seconds, and only stages that run need it
+
+    uri = tracking_uri()
+    check_reachable(uri)
+    record = run_record(stage)
+    mlflow.set_tracking_uri(uri)
+    try:
+        with store_lock():
+            mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+            run = mlflow.start_run(run_name=stage, tags=lineage_tags(stage))
+            mlflow.log_params(stage_params(stage, params))
+            _log_inputs(stage)
+    except Exception as err:
+        raise TrackingError(f"Could not open an MLflow run at {uri}: {err}. Nothing was run.") from err
+    log.info("MLflow run %s (%s) at %s", run.info.run_id, stage, uri)
+    try:
         yield run
+        write_json(record, {"stage": stage, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
+        try:
+            log_outputs(stage)
+        except Exception as err:
+            raise _after_work(stage, "logging its outputs", err) from err
+    except BaseException:
+        with contextlib.suppress(Exception), store_lock():
+            mlflow.end_run("FAILED")
+        raise
+    with store_lock():
+        mlflow.end_run()
+
+
+def _log_inputs(stage: str) -> None:
+    """Each data input as an MLflow dataset whose digest is its DVC content hash."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    hashes = locked_hashes()
+    for path in data_deps(stage):
+        if path in hashes:
+            source = resolve_dataset_source(str(Path(path).resolve()))
+            mlflow.log_input(MetaDataset(source, name=path, digest=hashes[path]), context=stage)
+
+
+def _numbers(data: Any, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a JSON document, keys joined with dots."""
+    if isinstance(data, dict):
+        out: dict[str, float] = {}
+        for key, value in data.items():
+            out.update(_numbers(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(data, (int, float)) and not isinstance(data, bool):
+        return {prefix: float(data)}
+    return {}
+
+
+def log_outputs(stage: str, replay_history: bool = False) -> None:
+    """Log what dvc.yaml says `stage` produced: metrics files, artifacts, and optionally the
+    per-epoch history files as step metrics (when they were not logged live)."""
+    import mlflow
+
+    spec = _stages().get(stage, {})
+    metrics: dict[str, float] = {}
+    for path in _paths(spec.get("metrics")):
+        if Path(path).is_file():
+            metrics.update(_numbers(json.loads(Path(path).read_text(encoding="utf-8"))))
+    outputs = [p for p in _paths(spec.get("outs")) + _paths(spec.get("metrics")) if not p.startswith(NOT_ARTIFACTS)]
+    with store_lock():
+        if replay_history:
+            for path in outputs:
+                if path.endswith("history.csv") and Path(path).is_file():
+                    _log_history(Path(path))
+        # A final value already logged per epoch (val_accuracy...) is not logged again at step 0.
+        logged = mlflow.get_run(mlflow.active_run().info.run_id).data.metrics
+        fresh = {k: v for k, v in metrics.items() if k not in logged}
+        if fresh:
+            mlflow.log_metrics(fresh)
+        for path in outputs:
+            if Path(path).is_dir():
+                mlflow.log_artifacts(path, path)
+            elif Path(path).is_file():
+                mlflow.log_artifact(path, str(Path(path).parent))
+
+
+def _log_history(path: Path) -> None:
+    import mlflow
+
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(row.pop("epoch")) - 1
+            mlflow.log_metrics({k: float(v) for k, v in row.items()}, step=step)
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log to the active stage run (extra metrics a stage computes beyond its metrics files)."""
     import mlflow
 
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-
-
-def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
-    import mlflow
-
-    path = Path(path)
-    if path.is_dir():
-        mlflow.log_artifacts(str(path), artifact_path)
-    else:
-        mlflow.log_artifact(str(path), artifact_path)
+    with store_lock():
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
 def epoch_logger(prefix: str = "") -> Any:
-    """A Keras callback logging each epoch's loss and accuracy (train and validation) to MLflow."""
+    """A Keras callback logging each epoch's loss and accuracy (train and validation) live.
+
+    Best effort: if the tracking store fails mid-training, training goes on (the history is
+    saved with the outputs and can be logged afterwards).
+    """
     import keras  # imported here: stages without a model need not load TensorFlow
 
     class EpochLogger(keras.callbacks.Callback):
+        failed = False
+
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            if logs:
-                log_metrics({prefix + k: v for k, v in logs.items() if k != "learning_rate"}, step=epoch)
+            if logs and not self.failed:
+                try:
+                    log_metrics({prefix + k: v for k, v in logs.items() if k != "learning_rate"}, step=epoch)
+                except Exception as err:  # noqa: BLE001  training matters more than its live curve
+                    self.failed = True
+                    log.warning("live logging to %s failed, training goes on: %s", tracking_uri(), err)
 
     return EpochLogger()
+
+
+# The pipeline version -----------------------------------------------------------------------
+
+
+def log_pipeline_version(params: config.Params, stage: str = "evaluate") -> str:
+    """Open the run of this pipeline version, linking the run of every stage; return its id.
+
+    Called by the last stage once its own run is complete. Stage runs made in this version get
+    it as their parent (they nest under it in the MLflow UI), and every stage run gets the DVC
+    hashes of what it wrote (`dvc.out.<path>`), which dvc.lock holds now that they are done.
+    """
+    import mlflow
+
+    client = _client()
+    hashes = locked_hashes()
+    runs = {}
+    for name in _stages():
+        path = run_record(name)
+        if path.is_file():
+            runs[name] = json.loads(path.read_text(encoding="utf-8"))["run_id"]
+    metrics = {}
+    for (name, key), metric in KEY_METRICS.items():
+        for path in _paths(_stages().get(name, {}).get("metrics")):
+            if Path(path).is_file() and key in (values := json.loads(Path(path).read_text(encoding="utf-8"))):
+                metrics[metric] = float(values[key])
+    tags = lineage_tags(PIPELINE_RUN) | {f"run.{name}": run_id for name, run_id in runs.items()}
+    try:
+        with store_lock():
+            experiment = client.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+            version = client.create_run(experiment.experiment_id, run_name=PIPELINE_RUN, tags=tags)
+            version_id = version.info.run_id
+            for key, value in config.flatten(params).items():
+                client.log_param(version_id, key, value)
+            for key, value in metrics.items():
+                client.log_metric(version_id, key, value)
+            for name, run_id in runs.items():
+                run = client.get_run(run_id)
+                if "mlflow.parentRunId" not in run.data.tags:
+                    client.set_tag(run_id, "mlflow.parentRunId", version_id)
+                for path in _paths(_stages()[name].get("outs")):
+                    if path in hashes:
+                        client.set_tag(run_id, f"dvc.out.{path}", hashes[path])
+            client.set_terminated(version_id)
+    except Exception as err:
+        raise _after_work(stage, "logging the pipeline version", err) from err
+    mlflow.set_tracking_uri(tracking_uri())
+    log.info("pipeline version: MLflow run %s, linking %s", version_id, ", ".join(runs))
+    return version_id
+
+
+# Logging afterwards -------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Log a stage's saved outputs to MLflow afterwards.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    relog = sub.add_parser("log", help="log the saved outputs of a stage whose logging failed")
+    relog.add_argument("stage", choices=list(_stages()))
+    args = parser.parse_args()
+    import mlflow
+
+    params = config.load()
+    uri = tracking_uri()
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    record = run_record(args.stage)
+    with store_lock():
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+        run_id = json.loads(record.read_text())["run_id"] if record.is_file() else None
+        run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=args.stage, tags=lineage_tags(args.stage))
+        if not run_id:
+            mlflow.log_params(stage_params(args.stage, params))
+    write_json(record, {"stage": args.stage, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
+    log_outputs(args.stage, replay_history=True)
+    with store_lock():
+        mlflow.end_run()
+    if args.stage == "evaluate":
+        log_pipeline_version(params)
+    print(f"logged {args.stage} to {uri} as run {run.info.run_id}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    from stages import common
+
+    common.run(main)

@@ -93,8 +93,6 @@ def main() -> None:
         args.reports.mkdir(parents=True, exist_ok=True)
         write_history(history, args.reports / "history.csv")
         common.write_json(args.reports / "metrics.json", final_metrics(history))
-        tracking.log_artifact(args.reports)
-        tracking.log_artifact(args.output, "model")
     log.info("validation accuracy %.4f; wrote %s", history["val_accuracy"][-1], args.output)
 
 

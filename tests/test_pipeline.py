@@ -1,12 +1,21 @@
-"""End to end through the real `dvc repro`, in a temporary git repository, with the tiny config."""
+"""End to end through the real `dvc repro`, in a temporary git repository, with the tiny config.
+
+The pipeline logs to a real `mlflow server` started here on 127.0.0.1 (sqlite backend, served
+artifacts). The tests run in file order on one repository: each builds on what the previous left.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,14 +24,68 @@ import yaml
 from stages import demo
 from tests.conftest import TINY
 
+pytestmark = pytest.mark.slow
+
 STAGES = ["download", "prepare", "featurize", "train_top", "finetune", "evaluate"]
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "Test",
+    "GIT_AUTHOR_EMAIL": "test@example.org",
+    "GIT_COMMITTER_NAME": "Test",
+    "GIT_COMMITTER_EMAIL": "test@example.org",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1: sqlite backend store, artifacts served by it."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination", str(root / "artifacts"),
+            "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=1):
+                    break
+            except OSError:
+                assert process.poll() is None, (root / "server.log").read_text()[-3000:]
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-3000:])
+        yield uri
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def run(args: list[str], cwd: Path, env: dict, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert done.returncode == 0, f"{args}: {done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def dvc(*args: str, cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], cwd, env, check)
 
 
 def dvc_repro(workspace: Path, env: dict) -> list[str]:
     """Run `dvc repro`; return the stages it ran, in order."""
-    done = subprocess.run(["dvc", "repro"], cwd=workspace, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return re.findall(r"Running stage '(\w+)'", done.stdout)
+    return re.findall(r"Running stage '(\w+)'", dvc("repro", cwd=workspace, env=env).stdout)
 
 
 def set_param(workspace: Path, section: str, key: str, value) -> None:
@@ -32,17 +95,39 @@ def set_param(workspace: Path, section: str, key: str, value) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.mark.slow
-def test_dvc_repro_end_to_end(tmp_path):
-    workspace = demo.make_workspace(tmp_path / "repo", TINY, git=True)
-    env = {
+def run_ids(workspace: Path) -> dict[str, str]:
+    return {s: json.loads((workspace / f"reports/runs/{s}.json").read_text())["run_id"] for s in STAGES}
+
+
+def base_env(tmp_path: Path) -> dict:
+    return {
         **os.environ,
+        **GIT_ENV,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # stages run this venv's python
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
 
-    assert dvc_repro(workspace, env) == STAGES
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, server):
+    """The tiny pipeline in a fresh git repository, reproduced once against the MLflow server."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    workspace = demo.make_workspace(tmp / "repo", TINY, git=True)
+    env = base_env(tmp) | {"MLFLOW_TRACKING_URI": server}
+    ran = dvc_repro(workspace, env)
+    return {"path": workspace, "env": env, "first_run": ran, "server": server}
+
+
+def client(uri: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(uri)
+
+
+def test_first_repro_runs_every_stage_and_writes_outputs(repo):
+    workspace = repo["path"]
+    assert repo["first_run"] == STAGES
     for output in [
         "data/raw/source.json",
         "data/prepared/manifest.csv",
@@ -60,39 +145,196 @@ def test_dvc_repro_end_to_end(tmp_path):
         assert (workspace / output).is_file(), output
     metrics = json.loads((workspace / "reports/metrics.json").read_text())
     assert metrics["test_images"] == 2 * TINY["data"]["split"]["test"]
-    for key in ("accuracy", "precision", "recall", "f1", "log_loss", "roc_auc"):
-        assert 0 <= metrics[key] <= (1 if key != "log_loss" else 100), key
+    for key in ("accuracy", "precision", "recall", "f1", "roc_auc"):
+        assert 0 <= metrics[key] <= 1, key
+    assert metrics["log_loss"] > 0
     data = json.loads((workspace / "reports/data.json").read_text())
     assert data["classes"]["horizontal"] == {"train": 12, "validation": 6, "test": 6}
     assert json.loads((workspace / "models/classes.json").read_text()) == ["horizontal", "vertical"]
 
-    # DVC sees the metrics and the plots.
-    shown = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=workspace, env=env, capture_output=True, text=True)
-    assert '"accuracy"' in shown.stdout and '"dropped"' in shown.stdout
-    plots = subprocess.run(
-        ["dvc", "plots", "show", "--json"], cwd=workspace, env=env, capture_output=True, text=True
-    )
-    assert plots.returncode == 0 and "confusion_matrix" in plots.stdout and "training_accuracy" in plots.stdout
+    shown = dvc("metrics", "show", "--json", cwd=workspace, env=repo["env"]).stdout
+    assert '"accuracy"' in shown and '"dropped"' in shown
+    plots = dvc("plots", "show", "--json", cwd=workspace, env=repo["env"]).stdout
+    assert "confusion_matrix" in plots and "training_accuracy" in plots
+    lock = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]
+    for stage in STAGES:
+        assert any(out["path"] == f"reports/runs/{stage}.json" for out in lock[stage]["outs"]), stage
 
-    # Each stage logged one MLflow run with its params.
+
+def test_mlflow_holds_one_pipeline_version_linking_every_stage_run(repo):
     import mlflow
 
-    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("image-classifier").experiment_id])
-    assert sorted(r.data.tags["pipeline.stage"] for r in runs) == sorted(STAGES)
-    finetune_run = next(r for r in runs if r.info.run_name == "finetune")
-    assert finetune_run.data.params["finetune.learning_rate"] == "0.01"
-    assert len(client.get_metric_history(finetune_run.info.run_id, "val_accuracy")) == 1
-    evaluate_run = next(r for r in runs if r.info.run_name == "evaluate")
-    assert evaluate_run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
+    workspace, c = repo["path"], client(repo["server"])
+    experiment = c.get_experiment_by_name("image-classifier")
+    runs = {r.info.run_id: r for r in c.search_runs([experiment.experiment_id])}
+    ids = run_ids(workspace)
+    versions = [r for r in runs.values() if r.data.tags["pipeline.stage"] == "pipeline"]
+    assert len(versions) == 1
+    version = versions[0]
 
-    # Nothing changed: nothing runs.
-    assert dvc_repro(workspace, env) == []
+    # the version's row: every param, flattened, and the key metrics
+    assert version.data.params["finetune.learning_rate"] == "0.01"
+    assert version.data.params["data.split.train"] == "12"
+    assert version.data.params["model.backbone"] == "vgg16"
+    metrics = json.loads((workspace / "reports/metrics.json").read_text())
+    top = json.loads((workspace / "reports/train_top/metrics.json").read_text())
+    assert version.data.metrics["test.accuracy"] == pytest.approx(metrics["accuracy"])
+    assert version.data.metrics["test.log_loss"] == pytest.approx(metrics["log_loss"])
+    assert version.data.metrics["top.val_accuracy"] == pytest.approx(top["val_accuracy"])
+    assert "finetune.val_accuracy" in version.data.metrics
 
-    # A fine-tuning knob re-runs exactly finetune and evaluate.
+    lock = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]
+    out_hash = {out["path"]: out["md5"] for spec in lock.values() for out in spec["outs"]}
+    head = run(["git", "rev-parse", "--verify", "-q", "HEAD"], workspace, repo["env"], check=False)
+    commit = head.stdout.strip() if head.returncode == 0 else "unknown"  # no commit yet at the first run
+    for stage, run_id in ids.items():
+        stage_run = runs[run_id]
+        tags = stage_run.data.tags
+        assert version.data.tags[f"run.{stage}"] == run_id
+        assert tags["pipeline.stage"] == stage and stage_run.info.run_name == stage
+        assert tags["mlflow.parentRunId"] == version.info.run_id
+        assert tags["git.commit"] == commit and tags["git.dirty"] in ("true", "false")
+        assert stage_run.info.status == "FINISHED"
+    # DVC content hashes of what each stage read and wrote, as in dvc.lock
+    featurize = runs[ids["featurize"]]
+    assert featurize.data.tags["dvc.in.data/prepared"] == out_hash["data/prepared"]
+    assert featurize.data.tags["dvc.out.data/features"] == out_hash["data/features"]
+    assert runs[ids["finetune"]].data.tags["dvc.out.models/model.keras"] == out_hash["models/model.keras"]
+    assert runs[ids["evaluate"]].data.tags["dvc.in.models/model.keras"] == out_hash["models/model.keras"]
+    inputs = {d.dataset.name: d.dataset.digest for d in c.get_run(ids["featurize"]).inputs.dataset_inputs}
+    assert inputs == {"data/prepared": out_hash["data/prepared"]}
+    # per-epoch curves and artifacts of the training stages
+    assert len(c.get_metric_history(ids["train_top"], "val_accuracy")) == TINY["top"]["epochs"]
+    assert "reports" in [a.path for a in c.list_artifacts(ids["finetune"])]
+    assert {"confusion.png", "roc.png", "training_curves.png"} <= {
+        Path(a.path).name for a in c.list_artifacts(ids["evaluate"], "reports/evaluate")
+    }
+
+    # the model: registered, aliased, loadable with pyfunc, scoring like evaluate
+    candidate = c.get_model_version_by_alias("image-classifier", "candidate")
+    champion = c.get_model_version_by_alias("image-classifier", "champion")
+    assert candidate.version == champion.version == "1"
+    assert "candidate and champion" in runs[ids["evaluate"]].data.tags["model.registry"]
+    model = mlflow.pyfunc.load_model("models:/image-classifier@candidate")
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["image"]
+    with open(workspace / "reports/evaluate/predictions.csv") as f:
+        expected = list(csv.DictReader(f))[:4]
+    pictures = [next((workspace / "data/prepared/test").rglob(row["path"])) for row in expected]
+    import pandas as pd
+
+    scored = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in pictures]}))
+    assert list(scored["label"]) == [row["predicted"] for row in expected]
+    assert list(scored["confidence"]) == pytest.approx([float(row["confidence"]) for row in expected], abs=1e-5)
+    assert list(scored.columns) == ["label", "confidence", "p.horizontal", "p.vertical"]
+
+
+def test_second_repro_runs_nothing_and_logs_nothing(repo):
+    c = client(repo["server"])
+    experiment = c.get_experiment_by_name("image-classifier")
+    before = len(c.search_runs([experiment.experiment_id]))
+    assert dvc_repro(repo["path"], repo["env"]) == []
+    assert len(c.search_runs([experiment.experiment_id])) == before
+
+
+def test_fresh_clone_pulls_everything_and_reproduces_nothing(repo, tmp_path):
+    workspace, env = repo["path"], repo["env"]
+    remote = tmp_path / "remote"
+    dvc("remote", "add", "-d", "team", str(remote), cwd=workspace, env=env)
+    dvc("push", cwd=workspace, env=env)
+    run(["git", "add", "-A"], workspace, env)
+    run(["git", "commit", "-qm", "pipeline"], workspace, env)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(workspace), str(clone)], tmp_path, env)
+    assert not (clone / "models/model.keras").exists()
+    dvc("pull", cwd=clone, env=env)
+    assert (clone / "models/model.keras").read_bytes() == (workspace / "models/model.keras").read_bytes()
+    assert (clone / "data/features/train.npz").is_file() and (clone / "data/prepared/manifest.csv").is_file()
+    assert "up to date" in dvc("status", cwd=clone, env=env).stdout
+    assert dvc_repro(clone, env) == []
+
+
+def test_finetune_change_reruns_finetune_and_evaluate_linked_to_earlier_runs(repo):
+    workspace, c = repo["path"], client(repo["server"])
+    before = run_ids(workspace)
     set_param(workspace, "finetune", "learning_rate", 0.005)
-    assert dvc_repro(workspace, env) == ["finetune", "evaluate"]
+    assert dvc_repro(workspace, repo["env"]) == ["finetune", "evaluate"]
+    after = run_ids(workspace)
+    changed = [s for s in STAGES if before[s] != after[s]]
+    assert changed == ["finetune", "evaluate"]
+    experiment = c.get_experiment_by_name("image-classifier")
+    versions = c.search_runs(
+        [experiment.experiment_id], "tags.`pipeline.stage` = 'pipeline'", order_by=["attributes.start_time DESC"]
+    )
+    assert len(versions) == 2
+    newest = versions[0]
+    assert newest.data.params["finetune.learning_rate"] == "0.005"
+    assert {s: newest.data.tags[f"run.{s}"] for s in STAGES} == after, "unchanged upstream runs are linked"
+    # the reused runs keep their first version as parent; the new ones nest under the new version
+    assert c.get_run(after["featurize"]).data.tags["mlflow.parentRunId"] == versions[1].info.run_id
+    assert c.get_run(after["finetune"]).data.tags["mlflow.parentRunId"] == newest.info.run_id
+    # registry: the new model is the candidate; champion only if it scored higher
+    candidate = c.get_model_version_by_alias("image-classifier", "candidate")
+    champion = c.get_model_version_by_alias("image-classifier", "champion")
+    assert candidate.version == "2"
+    first, second = (float(c.get_model_version("image-classifier", v).tags["test.accuracy"]) for v in ("1", "2"))
+    assert champion.version == ("2" if second > first else "1")
+    outcome = c.get_run(after["evaluate"]).data.tags["model.registry"]
+    assert ("champion" in outcome.split(":")[1].split("(")[0]) == (second > first)
 
-    # A head knob re-runs train_top and what follows, never featurize.
-    set_param(workspace, "top", "units", 8)
-    assert dvc_repro(workspace, env) == ["train_top", "finetune", "evaluate"]
+
+def test_top_change_reruns_from_train_top_not_featurize(repo):
+    set_param(repo["path"], "top", "units", 8)
+    assert dvc_repro(repo["path"], repo["env"]) == ["train_top", "finetune", "evaluate"]
+
+
+def test_unreachable_tracking_server_fails_fast_before_any_work(repo, tmp_path):
+    workspace = repo["path"]
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    done = run(
+        [sys.executable, "-m", "stages.train_top", "data/features", "models/top.keras", "reports/train_top"],
+        workspace, repo["env"] | {"MLFLOW_TRACKING_URI": uri}, check=False,
+    )
+    assert time.monotonic() - started < 30  # mostly importing TensorFlow; the check itself takes < 5 s
+    assert done.returncode == 2
+    assert f"The MLflow tracking server {uri} is not reachable" in done.stderr
+    assert "Nothing was run." in done.stderr and "Epoch 1" not in done.stdout
+
+
+def test_queued_experiments_run_in_parallel_into_the_embedded_store(repo):
+    workspace = repo["path"]
+    env = {k: v for k, v in repo["env"].items() if k != "MLFLOW_TRACKING_URI"}  # the default: mlflow.db
+    run(["git", "add", "-A"], workspace, env)
+    run(["git", "commit", "-qm", "baseline"], workspace, env)
+    for rate in ("0.02", "0.03"):
+        dvc("exp", "run", "--queue", "-S", f"finetune.learning_rate={rate}", cwd=workspace, env=env)
+    dvc("queue", "start", "-j", "2", cwd=workspace, env=env)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = dvc("queue", "status", cwd=workspace, env=env).stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(5)
+    assert status.count("Success") == 2, status
+
+    shown = json.loads(dvc("exp", "show", "--json", cwd=workspace, env=env).stdout)
+    rates = set()
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp["revs"]:
+                data = rev["data"]
+                rates.add(data["params"]["params.yaml"]["data"]["finetune"]["learning_rate"])
+                assert "accuracy" in data["metrics"]["reports/metrics.json"]["data"]
+    assert {0.02, 0.03} <= rates
+
+    c = client(f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = c.get_experiment_by_name("image-classifier")
+    runs = c.search_runs([experiment.experiment_id])
+    versions = [r for r in runs if r.data.tags["pipeline.stage"] == "pipeline"]
+    assert sorted(r.data.params["finetune.learning_rate"] for r in versions) == ["0.02", "0.03"]
+    for version in versions:
+        assert version.data.tags.get("dvc.experiment")
+        for stage in ("finetune", "evaluate"):
+            stage_run = c.get_run(version.data.tags[f"run.{stage}"])
+            assert stage_run.info.status == "FINISHED" and stage_run.data.tags["dvc.experiment"] == version.data.tags["dvc.experiment"]
+    shutil.rmtree(workspace / ".dvc" / "tmp", ignore_errors=True)

@@ -1,0 +1,174 @@
+"""MLflow tracking: runs hold what dvc.yaml declares, failures are fast and lose no work, sqlite is shared safely."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages import config, tracking
+from stages.demo import ROOT
+
+PIPELINE = {
+    "stages": {
+        "train_top": {
+            "cmd": "python -m stages.train_top",
+            "deps": ["data/features", "stages/train_top.py"],
+            "params": ["seed", "top"],
+            "outs": [
+                {"reports/runs/train_top.json": {"cache": False}},
+                "models/top.keras",
+                {"reports/train_top/history.csv": {"cache": False}},
+            ],
+            "metrics": [{"reports/train_top/metrics.json": {"cache": False}}],
+        }
+    }
+}
+LOCK = {
+    "schema": "2.0",
+    "stages": {
+        "featurize": {"outs": [{"path": "data/features", "hash": "md5", "md5": "0123456789abcdef0123456789abcdef.dir"}]}
+    },
+}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project folder with a one-stage dvc.yaml and a dvc.lock, tracking to sqlite inside it."""
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(PIPELINE))
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(LOCK))
+    (tmp_path / "data" / "features").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+def save_outputs(root: Path) -> None:
+    (root / "models").mkdir(exist_ok=True)
+    (root / "models" / "top.keras").write_bytes(b"model")
+    (root / "reports" / "train_top").mkdir(parents=True, exist_ok=True)
+    (root / "reports" / "train_top" / "history.csv").write_text(
+        "epoch,loss,accuracy,val_loss,val_accuracy\n1,0.9,0.5,1.0,0.4\n2,0.5,0.75,0.6,0.8\n"
+    )
+    (root / "reports" / "train_top" / "metrics.json").write_text(json.dumps({"val_accuracy": 0.8, "loss": 0.5}))
+
+
+def test_stage_run_logs_what_dvc_yaml_declares_and_records_its_id(project):
+    import mlflow
+
+    params = config.parse({"top": {"units": 32}})
+    with tracking.stage_run("train_top", params) as run:
+        save_outputs(project)
+    record = json.loads((project / "reports/runs/train_top.json").read_text())
+    assert record["run_id"] == run.info.run_id and record["stage"] == "train_top"
+    logged = mlflow.MlflowClient().get_run(run.info.run_id)
+    assert logged.info.status == "FINISHED" and logged.info.run_name == "train_top"
+    assert logged.data.params["top.units"] == "32" and "data.source" not in logged.data.params
+    assert logged.data.metrics == {"val_accuracy": 0.8, "loss": 0.5}
+    assert logged.data.tags["pipeline.stage"] == "train_top"
+    assert logged.data.tags["dvc.in.data/features"] == "0123456789abcdef0123456789abcdef.dir"
+    (dataset,) = logged.inputs.dataset_inputs
+    assert (dataset.dataset.name, dataset.dataset.digest) == ("data/features", "0123456789abcdef0123456789abcdef.dir")
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "reports/train_top")}
+    assert artifacts == {"reports/train_top/history.csv", "reports/train_top/metrics.json"}
+    assert [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "models")] == ["models/top.keras"]
+
+
+def test_a_failing_stage_ends_its_run_failed_and_records_nothing(project):
+    import mlflow
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracking.stage_run("train_top", config.parse({})) as run:
+            raise RuntimeError("boom")
+    assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
+    assert not (project / "reports/runs/train_top.json").exists()
+
+
+def test_logging_failure_after_the_work_keeps_outputs_and_says_how_to_log_them(project, monkeypatch):
+    import mlflow
+
+    def unavailable(*args, **kwargs):
+        raise ConnectionError("tracking store went away")
+
+    with monkeypatch.context() as patched, pytest.raises(tracking.TrackingError) as err:
+        patched.setattr(mlflow, "log_artifact", unavailable)
+        with tracking.stage_run("train_top", config.parse({})):
+            save_outputs(project)
+    message = str(err.value)
+    assert "finished its work and saved its outputs" in message and "tracking store went away" in message
+    assert "python -m stages.tracking log train_top" in message and "dvc commit train_top" in message
+    assert (project / "models/top.keras").read_bytes() == b"model", "the work is kept"
+
+    # ... and that command logs them, into the same run, with the per-epoch history
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    (project / "params.yaml").write_text("seed: 1\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.tracking", "log", "train_top"], cwd=project, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    run_id = json.loads((project / "reports/runs/train_top.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    assert f"as run {run_id}" in done.stderr
+    latest = {}
+    for m in sorted(client.get_metric_history(run_id, "val_accuracy"), key=lambda m: m.timestamp):
+        latest[m.step] = m.value
+    assert latest == {0: 0.4, 1: 0.8}, "the per-epoch history, from history.csv"
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_unreachable_server_fails_in_seconds_naming_it(project, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    worked = []
+    started = time.monotonic()
+    with pytest.raises(tracking.TrackingError, match=f"The MLflow tracking server {uri} is not reachable"):
+        with tracking.stage_run("train_top", config.parse({})):
+            worked.append(True)
+    assert time.monotonic() - started < 5 and not worked
+
+
+def test_default_store_is_in_the_project_even_from_a_queued_experiment(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "project"))
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'project' / 'mlflow.db'}"
+
+
+def _log_many(args: tuple[str, int]) -> int:
+    uri, worker = args
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    for i in range(3):
+        with tracking.store_lock():
+            mlflow.set_experiment("parallel")
+            run = mlflow.start_run(run_name=f"w{worker}-{i}")
+        for step in range(5):
+            tracking.log_metrics({"x": step}, step=step)
+        with tracking.store_lock():
+            mlflow.end_run()
+    return worker
+
+
+def test_parallel_writers_share_the_sqlite_store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        assert sorted(pool.map(_log_many, [(uri, w) for w in range(3)])) == [0, 1, 2]
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("parallel").experiment_id])
+    assert len(runs) == 9 and all(r.info.status == "FINISHED" for r in runs)
+    assert all(len(client.get_metric_history(r.info.run_id, "x")) == 5 for r in runs)
