@@ -36,6 +36,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -72,6 +73,12 @@ class TrackingError(StageError):
 def project_root() -> Path:
     """The project folder: DVC says where it is (a queued experiment runs in a temporary copy)."""
     return Path(os.environ.get("DVC_ROOT") or Path.cwd())
+
+
+def enabled() -> bool:
+    """False when PIPELINE_TRACKING=off: the stages run and log nothing (to measure, or to try
+    something without leaving a run behind)."""
+    return os.environ.get("PIPELINE_TRACKING", "on").strip().lower() not in ("off", "0", "false", "no")
 
 
 def tracking_uri() -> str:
@@ -219,11 +226,16 @@ def stage_run(stage: str, params: config.Params) -> Iterator[Any]:
     When the body returns, the outputs dvc.yaml declares for the stage are logged and the run id
     is written to the stage's run record.
     """
+    record = run_record(stage)
+    if not enabled():
+        log.info("PIPELINE_TRACKING=off: %s logs nothing", stage)
+        yield None
+        write_json(record, {"stage": stage, "run_id": None, "experiment_id": None})
+        return
     import mlflow  # imported here: it takes seconds, and only stages that run need it
 
     uri = tracking_uri()
     check_reachable(uri)
-    record = run_record(stage)
     mlflow.set_tracking_uri(uri)
     try:
         with store_lock():
@@ -258,7 +270,9 @@ def _log_inputs(stage: str) -> None:
     hashes = locked_hashes()
     for path in data_deps(stage):
         if path in hashes:
-            source = resolve_dataset_source(str(Path(path).resolve()))
+            with warnings.catch_warnings():  # "can be interpreted in multiple ways": all are local paths
+                warnings.simplefilter("ignore", UserWarning)
+                source = resolve_dataset_source(str(Path(path).resolve()))
             mlflow.log_input(MetaDataset(source, name=path, digest=hashes[path]), context=stage)
 
 
@@ -313,6 +327,8 @@ def _log_history(path: Path) -> None:
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     """Log to the active stage run (extra metrics a stage computes beyond its metrics files)."""
+    if not enabled():
+        return
     import mlflow
 
     with store_lock():
@@ -344,13 +360,16 @@ def epoch_logger(prefix: str = "") -> Any:
 # The pipeline version -----------------------------------------------------------------------
 
 
-def log_pipeline_version(params: config.Params, stage: str = "evaluate") -> str:
-    """Open the run of this pipeline version, linking the run of every stage; return its id.
+def log_pipeline_version(params: config.Params, stage: str = "evaluate") -> str | None:
+    """Open the run of this pipeline version, linking the run of every stage; return its id
+    (None when tracking is off).
 
     Called by the last stage once its own run is complete. Stage runs made in this version get
     it as their parent (they nest under it in the MLflow UI), and every stage run gets the DVC
     hashes of what it wrote (`dvc.out.<path>`), which dvc.lock holds now that they are done.
     """
+    if not enabled():
+        return None
     import mlflow
 
     client = _client()
@@ -358,8 +377,8 @@ def log_pipeline_version(params: config.Params, stage: str = "evaluate") -> str:
     runs = {}
     for name in _stages():
         path = run_record(name)
-        if path.is_file():
-            runs[name] = json.loads(path.read_text(encoding="utf-8"))["run_id"]
+        if path.is_file() and (run_id := json.loads(path.read_text(encoding="utf-8"))["run_id"]):
+            runs[name] = run_id
     metrics = {}
     for (name, key), metric in KEY_METRICS.items():
         for path in _paths(_stages().get(name, {}).get("metrics")):
@@ -376,7 +395,13 @@ def log_pipeline_version(params: config.Params, stage: str = "evaluate") -> str:
             for key, value in metrics.items():
                 client.log_metric(version_id, key, value)
             for name, run_id in runs.items():
-                run = client.get_run(run_id)
+                try:
+                    run = client.get_run(run_id)
+                except mlflow.exceptions.MlflowException:
+                    # Logged to another tracking store (MLFLOW_TRACKING_URI changed since): the
+                    # link stays, as a run id to look up there.
+                    log.warning("the %s run %s is not in %s: linked by id only", name, run_id, tracking_uri())
+                    continue
                 if "mlflow.parentRunId" not in run.data.tags:
                     client.set_tag(run_id, "mlflow.parentRunId", version_id)
                 for path in _paths(_stages()[name].get("outs")):

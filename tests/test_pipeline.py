@@ -315,7 +315,9 @@ def test_queued_experiments_run_in_parallel_into_the_embedded_store(repo):
         if not re.search(r"\b(Queued|Running)\b", status):
             break
         time.sleep(5)
-    assert status.count("Success") == 2, status
+    failed = [line.split()[1] for line in status.splitlines()[1:] if "Failed" in line]
+    logs = "".join(dvc("queue", "logs", name, cwd=workspace, env=env, check=False).stdout[-3000:] for name in failed)
+    assert status.count("Success") == 2, status + logs
 
     shown = json.loads(dvc("exp", "show", "--json", cwd=workspace, env=env).stdout)
     rates = set()

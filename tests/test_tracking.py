@@ -172,3 +172,12 @@ def test_parallel_writers_share_the_sqlite_store(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("parallel").experiment_id])
     assert len(runs) == 9 and all(r.info.status == "FINISHED" for r in runs)
     assert all(len(client.get_metric_history(r.info.run_id, "x")) == 5 for r in runs)
+
+
+def test_tracking_off_runs_the_work_and_logs_nothing(project, monkeypatch):
+    monkeypatch.setenv("PIPELINE_TRACKING", "off")
+    with tracking.stage_run("train_top", config.parse({})) as run:
+        save_outputs(project)
+    assert run is None
+    assert json.loads((project / "reports/runs/train_top.json").read_text())["run_id"] is None
+    assert not (project / "mlflow.db").exists()
