@@ -20,7 +20,7 @@ import keras
 from keras import applications
 
 from stages.common import StageError
-from stages.config import BACKBONES, TopParams
+from stages.config import BACKBONES, Params, ParamsError, TopParams
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,22 @@ class Preprocess(keras.layers.Layer):
         return {**super().get_config(), "backbone": self.backbone}
 
 
+def check(params: Params) -> None:
+    """Fail before any work on params that only the architecture can judge: the image size, and
+    how many blocks it has to unfreeze."""
+    spec = REGISTRY[params.model.backbone]
+    if min(params.data.image_size) < spec.min_size:
+        raise ParamsError(
+            f"params.yaml: data.image_size = {list(params.data.image_size)} is too small for {spec.name}: "
+            f"it needs at least {spec.min_size}x{spec.min_size}"
+        )
+    if params.finetune.blocks >= len(spec.block_ends):
+        raise ParamsError(
+            f"params.yaml: finetune.blocks = {params.finetune.blocks} is too many for {spec.name}: "
+            f"at most {len(spec.block_ends) - 1} of its blocks can be unfrozen"
+        )
+
+
 def build_backbone(name: str, weights: str | None, image_size: tuple[int, int]) -> keras.Model:
     """The convolutional base without its classifier, frozen.
 
@@ -114,7 +130,7 @@ def build_backbone(name: str, weights: str | None, image_size: tuple[int, int]) 
     """
     spec = REGISTRY[name]
     if min(image_size) < spec.min_size:
-        raise ValueError(
+        raise ParamsError(
             f"params.yaml: data.image_size = {list(image_size)} is too small for {name}: "
             f"it needs at least {spec.min_size}x{spec.min_size}"
         )
@@ -150,7 +166,7 @@ def feature_extractor(base: keras.Model, backbone: str) -> keras.Model:
 def build_head(feature_shape: tuple[int, ...], num_classes: int, params: TopParams) -> keras.Model:
     """The dense classifier: Flatten, Dense(units, relu), Dropout, then sigmoid (2 classes) or softmax."""
     if num_classes < 2:
-        raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+        raise StageError(f"a classifier needs at least 2 classes, got {num_classes}")
     inputs = keras.Input(shape=feature_shape, name="features")
     x = keras.layers.Flatten(name="flatten")(inputs)
     x = keras.layers.Dense(params.units, activation="relu", name="dense")(x)
@@ -183,7 +199,7 @@ def unfreeze_last_blocks(base: keras.Model, backbone: str, blocks: int) -> list[
     """Freeze the whole base except its last `blocks` blocks; return the unfrozen layers' names."""
     ends = REGISTRY[backbone].block_ends
     if blocks >= len(ends):
-        raise ValueError(
+        raise ParamsError(
             f"params.yaml: finetune.blocks = {blocks} is too many for {backbone}: "
             f"at most {len(ends) - 1} of its blocks can be unfrozen"
         )

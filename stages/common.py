@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+def project_root() -> Path:
+    """The project folder: DVC says where it is (a queued experiment runs in a temporary copy)."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd())
+
+
 class StageError(RuntimeError):
     """A problem the user can fix (bad input, missing data, no network); shown without a traceback."""
 

@@ -157,17 +157,19 @@ class AugmentParams:
     rotation: float = 40.0  # degrees, either way
     width_shift: float = 0.2  # fraction of the width
     height_shift: float = 0.2
-    shear: float = 0.2  # shear intensity, as a fraction
+    shear: float = 0.2  # shear angle, in radians, either way
     zoom: float = 0.2
     horizontal_flip: bool = True
 
     def check(self, key: str) -> None:
         if not 0 <= self.rotation <= 180:
             _fail(f"{key}.rotation", self.rotation, "degrees in [0, 180]")
-        for name in ("width_shift", "height_shift", "shear", "zoom"):
+        for name in ("width_shift", "height_shift", "zoom"):
             value = getattr(self, name)
             if not 0 <= value < 1:
                 _fail(f"{key}.{name}", value, "a fraction in [0, 1)")
+        if not 0 <= self.shear <= math.pi / 4:
+            _fail(f"{key}.shear", self.shear, "radians in [0, 0.785] (45 degrees)")
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,7 @@ class FinetuneParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = 32
-    threshold: float = 0.5  # two classes: probability of the second class above which it is predicted
+    threshold: float = 0.5  # two classes: the second class is predicted from this probability on
     registered_model: str | None = "image-classifier"  # MLflow registry name; None: not registered
 
     def check(self, key: str) -> None:

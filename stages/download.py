@@ -17,22 +17,24 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import shutil
 import tarfile
 import urllib.parse
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
 from stages import common, config, fetch, synthetic, tracking
-from stages.common import StageError
+from stages.common import StageError, project_root
 from stages.fetch import sha256_file
 from stages.layout import SOURCE_RECORD, files, split_folders, subfolders
 
 log = logging.getLogger(__name__)
 
-CACHE_DIR = Path("data/cache")
+CACHE_DIR = Path("data/cache")  # under the project folder (see cache_path)
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 #: Guards against archive bombs: refuse to extract more than this.
 MAX_EXTRACTED_BYTES = 64 * 2**30
@@ -76,9 +78,10 @@ def cache_path(url: str, preset: bool) -> Path:
     """Where the archive of `url` is kept: data/cache/<name> for a preset, else under a folder
     named by a hash of the URL, so two URLs with the same file name never share a file."""
     name = Path(urllib.parse.urlparse(url).path).name or "download"
+    cache = project_root() / CACHE_DIR  # shared by queued experiments, which run in temporary copies
     if preset:
-        return CACHE_DIR / name
-    return CACHE_DIR / hashlib.sha256(url.encode()).hexdigest()[:12] / name
+        return cache / name
+    return cache / hashlib.sha256(url.encode()).hexdigest()[:12] / name
 
 
 def is_archive(name: str) -> bool:
@@ -121,7 +124,18 @@ def _members(archive: Path) -> Iterator[tuple[str, str, int, object, object]]:
             yield info.name, kind, info.size, tf, info
 
 
-def extract(archive: Path, target: Path) -> dict[str, int]:
+def extract(archive: Path, target: Path) -> dict:
+    """`_extract`, with a damaged archive reported as such instead of a traceback."""
+    try:
+        return _extract(archive, target)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as err:
+        raise StageError(
+            f"{archive} is damaged or incomplete ({err}): delete it and run again to download it anew, "
+            "or replace it with a complete copy"
+        ) from err
+
+
+def _extract(archive: Path, target: Path) -> dict:
     """Extract the regular files of `archive` under `target`; refuse escaping paths and links.
 
     Returns the counts of files extracted and of members refused, and the refused members' names.
@@ -161,8 +175,11 @@ def class_root(folder: Path) -> Path:
     return folder
 
 
-def copy_classes(root: Path, out: Path, class_name: Callable[[str], str] = str) -> dict[str, int]:
-    """Copy each class folder of `root` (files at any depth below it) into out/<class>/."""
+def copy_classes(
+    root: Path, out: Path, class_name: Callable[[str], str] = str, move: bool = False
+) -> dict[str, int]:
+    """Copy (or, from our own extraction folder, move) each class folder of `root`, files at any
+    depth below it, into out/<class>/."""
     classes = subfolders(root)
     if len(classes) < 2:
         raise StageError(
@@ -178,20 +195,23 @@ def copy_classes(root: Path, out: Path, class_name: Callable[[str], str] = str) 
         for path in files(cls):
             dest = out / name / path.relative_to(cls)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, dest)
+            if move:
+                os.replace(path, dest)
+            else:
+                shutil.copyfile(path, dest)
             counts[name] += 1
     return counts
 
 
-def copy_source(root: Path, out: Path, class_name: Callable[[str], str] = str) -> dict:
+def copy_source(root: Path, out: Path, class_name: Callable[[str], str] = str, move: bool = False) -> dict:
     """Copy a class-folder tree into out/<class>/, or a pre-split one into out/<split>/<class>/.
 
     Returns the part of the record that describes it: layout, images per class (and per split).
     """
     splits = split_folders(root)
     if splits is None:
-        return {"layout": "classes", "classes": copy_classes(root, out, class_name)}
-    per_split = {split: copy_classes(folder, out / split, class_name) for split, folder in splits.items()}
+        return {"layout": "classes", "classes": copy_classes(root, out, class_name, move)}
+    per_split = {split: copy_classes(folder, out / split, class_name, move) for split, folder in splits.items()}
     totals: dict[str, int] = {}
     for counts in per_split.values():
         for name, n in counts.items():
@@ -261,9 +281,9 @@ def download(params: config.DataParams, seed: int, out: Path) -> dict:
                     f"{archive} does not have the layout of {source}: no {preset.root}/ folder in it. "
                     f"Delete it and run again to download it anew."
                 )
-            record |= copy_source(root, out, preset.class_name)
+            record |= copy_source(root, out, preset.class_name, move=True)
         else:
-            record |= copy_source(class_root(extracted), out)
+            record |= copy_source(class_root(extracted), out, move=True)
     finally:
         shutil.rmtree(extracted, ignore_errors=True)
     return record

@@ -228,11 +228,7 @@ def main() -> None:
                 params.evaluate.registered_model, metrics["accuracy"],
             )
         except Exception as err:
-            raise tracking.TrackingError(
-                f"Logging the model to {tracking.tracking_uri()} failed: {err}\nThe metrics and reports are saved. "
-                "Once tracking works again, `dvc repro --force evaluate` logs it (it scores the test set again; "
-                "nothing is trained)."
-            ) from err
+            raise tracking.logging_failed("evaluate", "logging the model", err) from err
     tracking.log_pipeline_version(params)
     log.info("test accuracy %.4f on %d images; wrote %s", metrics["accuracy"], len(split), args.metrics)
 

@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("backbone_weights", type=Path, help="where to save the backbone's weights (.weights.h5)")
     args = parser.parse_args()
     params = config.load()
+    backbones.check(params)  # finetune's block count too: fail now, not after training the head
     with tracking.stage_run("featurize", params):
         started = time.perf_counter()
         with common.atomic_dir(args.output) as tmp:

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from stages import manifest
+from stages.common import StageError
 from stages.config import AugmentParams
 
 
@@ -38,7 +39,7 @@ def load_split(prepared: Path, split: str) -> Split:
     index = {name: i for i, name in enumerate(classes)}
     chosen = [row for row in rows if row["split"] == split]
     if not chosen:
-        raise ValueError(f"{Path(prepared) / manifest.MANIFEST} lists no image in split '{split}'")
+        raise StageError(f"{Path(prepared) / manifest.MANIFEST} lists no image in split '{split}': run the prepare stage again")
     return Split(
         paths=[str(Path(prepared) / row["path"]) for row in chosen],
         labels=np.array([index[row["label"]] for row in chosen], dtype=np.int32),

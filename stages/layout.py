@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stages.common import StageError
+
 SOURCE_RECORD = "source.json"
 SPLITS = ("train", "validation", "test")
 #: Folder names of a pre-split source, and the split each stands for.
@@ -34,8 +36,15 @@ def files(folder: Path) -> list[Path]:
 
 
 def split_folders(folder: Path) -> dict[str, Path] | None:
-    """{split: folder} when `folder` holds train/ and validation/ (or val/), else None."""
+    """{split: folder} when `folder` holds train/ and validation/ (or val/), None when it holds
+    no split folder at all (a folder per class)."""
     found = {SPLIT_FOLDERS[p.name]: p for p in subfolders(folder) if p.name in SPLIT_FOLDERS}
+    if not found:
+        return None
     if "train" in found and "validation" in found:
         return found
-    return None
+    raise StageError(
+        f"{folder} looks split ({', '.join(p.name + '/' for p in found.values())}) but lacks "
+        f"{'train/' if 'train' not in found else 'validation/ (or val/)'}: a split source needs train/ and "
+        "validation/ (test/ is optional); or, for a folder per class, rename the folders that are named like splits"
+    )

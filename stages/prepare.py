@@ -248,6 +248,12 @@ def prepare(raw: Path, out: Path, params: config.DataParams, seed: int, workers:
     for label in classes:
         if presplit:
             assigned = dict(per_class[label])
+            missing = [name for name in ("train", "validation") if name not in assigned.values()]
+            if missing:
+                raise StageError(
+                    f"class '{label}' of the split source has no usable image in {' or '.join(missing)}: "
+                    "every class needs training and validation images"
+                )
             if "test" not in assigned.values():
                 assigned, origin = carve_test(assigned, params.split, seed, label)
                 carved.add(origin)

@@ -20,7 +20,7 @@ those runs, the hashes of what they wrote.
 The sqlite store is shared by experiments running in parallel: every write takes a file lock, so
 none fails with "database is locked". A tracking server that cannot be reached fails the stage at
 its start; a logging failure after the work is saved says how to log it afterwards
-(`python -m stages.tracking log <stage>`).
+(`python -m stages.tracking log <stage>`; for evaluate, `dvc repro --force evaluate`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -43,7 +44,7 @@ from typing import Any, Iterator
 import yaml
 
 from stages import config
-from stages.common import StageError, write_json
+from stages.common import StageError, project_root, write_json
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,6 @@ class TrackingError(StageError):
 # Where runs go ------------------------------------------------------------------------------
 
 
-def project_root() -> Path:
-    """The project folder: DVC says where it is (a queued experiment runs in a temporary copy)."""
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd())
-
-
 def enabled() -> bool:
     """False when PIPELINE_TRACKING=off: the stages run and log nothing (to measure, or to try
     something without leaving a run behind)."""
@@ -82,8 +78,40 @@ def enabled() -> bool:
 
 
 def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    return uri if uri else f"sqlite:///{project_root() / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI, or the project's sqlite store; a relative sqlite path is taken from the
+    project folder (not from the temporary copy a queued experiment runs in)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{project_root() / uri[len('sqlite:///'):]}"
+    return uri
+
+
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+
+
+def _use_experiment() -> None:
+    """Make the experiment current, creating it if needed. With the embedded sqlite store its
+    artifacts go to mlartifacts/ beside the database, wherever the stage runs; a server decides
+    for itself (--serve-artifacts)."""
+    import mlflow
+
+    name = experiment_name()
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
+        database = Path(uri[len("sqlite:///") :].split("?")[0])
+        mlflow.create_experiment(name, artifact_location=(database.parent / "mlartifacts").as_uri())
+    mlflow.set_experiment(name)
+
+
+def _open_run(stage: str, run_id: str | None = None):
+    """Start (or, with `run_id`, resume) the stage's run in the current experiment."""
+    import mlflow
+
+    _use_experiment()
+    if run_id:
+        return mlflow.start_run(run_id=run_id)
+    return mlflow.start_run(run_name=stage, tags=lineage_tags(stage))
 
 
 def check_reachable(uri: str) -> None:
@@ -109,7 +137,7 @@ def store_lock() -> Iterator[None]:
     if not uri.startswith("sqlite:///"):
         yield
         return
-    lock_path = Path(uri[len("sqlite:///") :] + ".lock")
+    lock_path = Path(uri[len("sqlite:///") :].split("?")[0] + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -209,13 +237,18 @@ def lineage_tags(stage: str) -> dict[str, str]:
 # Runs ---------------------------------------------------------------------------------------
 
 
-def _after_work(stage: str, action: str, err: Exception) -> TrackingError:
+def logging_failed(stage: str, action: str, err: Exception) -> TrackingError:
+    """The error for a logging failure after a stage's work is saved: what to do to log it later."""
+    if stage == "evaluate":  # it trains nothing: running it again is the simplest way
+        how = "log everything, the model included, with\n    dvc repro --force evaluate\n(it scores the test set again; nothing is trained)"
+    else:
+        how = (
+            f"log the saved outputs with\n    python -m stages.tracking log {stage}\n"
+            f"and record them in dvc.lock without running the stage again with\n    dvc commit {stage}"
+        )
     return TrackingError(
         f"The {stage} stage finished its work and saved its outputs, but {action} to {tracking_uri()} "
-        f"failed: {err}\nNothing is lost. Once tracking works again, log the saved outputs with\n"
-        f"    python -m stages.tracking log {stage}\n"
-        f"and record them in dvc.lock without running the stage again with\n"
-        f"    dvc commit {stage}"
+        f"failed: {err}\nNothing is lost. Once tracking works again, {how}"
     )
 
 
@@ -239,11 +272,13 @@ def stage_run(stage: str, params: config.Params) -> Iterator[Any]:
     mlflow.set_tracking_uri(uri)
     try:
         with store_lock():
-            mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
-            run = mlflow.start_run(run_name=stage, tags=lineage_tags(stage))
+            run = _open_run(stage)
             mlflow.log_params(stage_params(stage, params))
             _log_inputs(stage)
     except Exception as err:
+        if mlflow.active_run() is not None:
+            with contextlib.suppress(Exception), store_lock():
+                mlflow.end_run("FAILED")
         raise TrackingError(f"Could not open an MLflow run at {uri}: {err}. Nothing was run.") from err
     log.info("MLflow run %s (%s) at %s", run.info.run_id, stage, uri)
     try:
@@ -252,7 +287,7 @@ def stage_run(stage: str, params: config.Params) -> Iterator[Any]:
         try:
             log_outputs(stage)
         except Exception as err:
-            raise _after_work(stage, "logging its outputs", err) from err
+            raise logging_failed(stage, "logging its outputs", err) from err
     except BaseException:
         with contextlib.suppress(Exception), store_lock():
             mlflow.end_run("FAILED")
@@ -284,8 +319,13 @@ def _numbers(data: Any, prefix: str = "") -> dict[str, float]:
             out.update(_numbers(value, f"{prefix}.{key}" if prefix else str(key)))
         return out
     if isinstance(data, (int, float)) and not isinstance(data, bool):
-        return {prefix: float(data)}
+        return {metric_key(prefix): float(data)}
     return {}
+
+
+def metric_key(name: str) -> str:
+    """`name` with the characters MLflow refuses in metric names (class names may hold any) as _."""
+    return re.sub(r"[^\w\-. /]", "_", name)
 
 
 def log_outputs(stage: str, replay_history: bool = False) -> None:
@@ -300,10 +340,11 @@ def log_outputs(stage: str, replay_history: bool = False) -> None:
             metrics.update(_numbers(json.loads(Path(path).read_text(encoding="utf-8"))))
     outputs = [p for p in _paths(spec.get("outs")) + _paths(spec.get("metrics")) if not p.startswith(NOT_ARTIFACTS)]
     with store_lock():
+        logged = mlflow.get_run(mlflow.active_run().info.run_id).data.metrics
         if replay_history:
             for path in outputs:
                 if path.endswith("history.csv") and Path(path).is_file():
-                    _log_history(Path(path))
+                    _log_history(Path(path), skip=set(logged))
         # A final value already logged per epoch (val_accuracy...) is not logged again at step 0.
         logged = mlflow.get_run(mlflow.active_run().info.run_id).data.metrics
         fresh = {k: v for k, v in metrics.items() if k not in logged}
@@ -316,13 +357,14 @@ def log_outputs(stage: str, replay_history: bool = False) -> None:
                 mlflow.log_artifact(path, str(Path(path).parent))
 
 
-def _log_history(path: Path) -> None:
+def _log_history(path: Path, skip: set[str]) -> None:
+    """A history.csv as step metrics, except the metrics in `skip` (already logged live)."""
     import mlflow
 
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             step = int(row.pop("epoch")) - 1
-            mlflow.log_metrics({k: float(v) for k, v in row.items()}, step=step)
+            mlflow.log_metrics({k: float(v) for k, v in row.items() if k not in skip}, step=step)
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
@@ -332,7 +374,7 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     import mlflow
 
     with store_lock():
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        mlflow.log_metrics({metric_key(k): float(v) for k, v in metrics.items()}, step=step)
 
 
 def epoch_logger(prefix: str = "") -> Any:
@@ -387,7 +429,7 @@ def log_pipeline_version(params: config.Params, stage: str = "evaluate") -> str 
     tags = lineage_tags(PIPELINE_RUN) | {f"run.{name}": run_id for name, run_id in runs.items()}
     try:
         with store_lock():
-            experiment = client.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+            experiment = client.get_experiment_by_name(experiment_name())
             version = client.create_run(experiment.experiment_id, run_name=PIPELINE_RUN, tags=tags)
             version_id = version.info.run_id
             for key, value in config.flatten(params).items():
@@ -404,12 +446,12 @@ def log_pipeline_version(params: config.Params, stage: str = "evaluate") -> str 
                     continue
                 if "mlflow.parentRunId" not in run.data.tags:
                     client.set_tag(run_id, "mlflow.parentRunId", version_id)
-                for path in _paths(_stages()[name].get("outs")):
-                    if path in hashes:
+                for path in _paths(_stages()[name].get("outs")) if name != stage else ():
+                    if path in hashes:  # the running stage's own outputs are not in dvc.lock yet
                         client.set_tag(run_id, f"dvc.out.{path}", hashes[path])
             client.set_terminated(version_id)
     except Exception as err:
-        raise _after_work(stage, "logging the pipeline version", err) from err
+        raise logging_failed(stage, "logging the pipeline version", err) from err
     mlflow.set_tracking_uri(tracking_uri())
     log.info("pipeline version: MLflow run %s, linking %s", version_id, ", ".join(runs))
     return version_id
@@ -422,7 +464,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Log a stage's saved outputs to MLflow afterwards.")
     sub = parser.add_subparsers(dest="command", required=True)
     relog = sub.add_parser("log", help="log the saved outputs of a stage whose logging failed")
-    relog.add_argument("stage", choices=list(_stages()))
+    relog.add_argument("stage", choices=[name for name in _stages() if name != "evaluate"])
     args = parser.parse_args()
     import mlflow
 
@@ -431,18 +473,18 @@ def main() -> None:
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     record = run_record(args.stage)
-    with store_lock():
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
-        run_id = json.loads(record.read_text())["run_id"] if record.is_file() else None
-        run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=args.stage, tags=lineage_tags(args.stage))
-        if not run_id:
-            mlflow.log_params(stage_params(args.stage, params))
-    write_json(record, {"stage": args.stage, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
-    log_outputs(args.stage, replay_history=True)
-    with store_lock():
-        mlflow.end_run()
-    if args.stage == "evaluate":
-        log_pipeline_version(params)
+    run_id = json.loads(record.read_text())["run_id"] if record.is_file() else None
+    try:
+        with store_lock():
+            run = _open_run(args.stage, run_id)
+            if not run_id:
+                mlflow.log_params(stage_params(args.stage, params))
+        write_json(record, {"stage": args.stage, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
+        log_outputs(args.stage, replay_history=True)
+        with store_lock():
+            mlflow.end_run()
+    except mlflow.exceptions.MlflowException as err:
+        raise TrackingError(f"Could not log {args.stage} to {uri}: {err}") from err
     print(f"logged {args.stage} to {uri} as run {run.info.run_id}", file=sys.stderr)
 
 

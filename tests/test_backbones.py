@@ -53,12 +53,12 @@ def test_vgg16_last_block_is_block5():
     base = backbones.build_backbone("vgg16", None, (32, 32))
     assert backbones.unfreeze_last_blocks(base, "vgg16", 1) == ["block5_conv1", "block5_conv2", "block5_conv3"]
     assert len(backbones.unfreeze_last_blocks(base, "vgg16", 2)) == 6
-    with pytest.raises(ValueError, match="finetune.blocks = 5 is too many for vgg16: at most 4"):
+    with pytest.raises(config.ParamsError, match="finetune.blocks = 5 is too many for vgg16: at most 4"):
         backbones.unfreeze_last_blocks(base, "vgg16", 5)
 
 
 def test_image_too_small_for_the_architecture():
-    with pytest.raises(ValueError, match=r"data.image_size = \[64, 64\] is too small for inception_v3: .* 75x75"):
+    with pytest.raises(config.ParamsError, match=r"data.image_size = \[64, 64\] is too small for inception_v3: .* 75x75"):
         backbones.build_backbone("inception_v3", None, (64, 64))
 
 
@@ -91,3 +91,11 @@ def test_unreachable_imagenet_weights_fail_fast_with_what_to_do(tmp_path, monkey
     message = str(err.value)
     assert "Could not download the ImageNet weights of vgg16" in message
     assert "~/.keras/models/" in message and "model.weights" in message and "null" in message
+
+
+def test_architecture_limits_are_checked_before_any_work():
+    with pytest.raises(config.ParamsError, match="finetune.blocks = 11 is too many for inception_v3: at most 10"):
+        backbones.check(config.parse({"model": {"backbone": "inception_v3"}, "finetune": {"blocks": 11}}))
+    with pytest.raises(config.ParamsError, match=r"data.image_size = \[64, 64\] is too small for xception"):
+        backbones.check(config.parse({"model": {"backbone": "xception"}, "data": {"image_size": 64}}))
+    backbones.check(config.parse({}))  # the defaults pass

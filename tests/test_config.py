@@ -78,6 +78,7 @@ def test_flatten_names_nested_keys():
         ("data.split", {"train": 100, "validation": 0.2, "test": 0.2}, "give all three as counts per class (>= 1) or all as fractions (< 1)"),
         ("seed", -1, "seed = -1 is not valid: must be >= 0"),
         ("evaluate.threshold", 1.5, "evaluate.threshold = 1.5 is not valid"),
+        ("finetune.augment.shear", 0.9, "finetune.augment.shear = 0.9 is not valid: radians in [0, 0.785]"),
     ],
 )
 def test_bad_value_names_key_value_and_what_is_allowed(key, value, message):

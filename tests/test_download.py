@@ -176,9 +176,37 @@ def test_same_file_name_at_two_urls_is_cached_apart():
     b = download.cache_path("https://b.example/data.zip", preset=False)
     assert a != b and a.name == b.name == "data.zip"
     assert download.cache_path("https://a.example/", preset=False).name == "download"
-    assert download.cache_path(download.PRESETS["cats_vs_dogs"].url, preset=True) == Path(
+    assert download.cache_path(download.PRESETS["cats_vs_dogs"].url, preset=True) == Path.cwd() / Path(
         "data/cache/kagglecatsanddogs_5340.zip"
     )
+
+
+def test_cache_is_in_the_project_even_from_a_queued_experiment(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "project"))
+    assert download.cache_path("https://a.example/x.zip", preset=True) == tmp_path / "project/data/cache/x.zip"
+
+
+def test_damaged_archive_is_reported_with_what_to_do(tmp_path):
+    import os as _os
+
+    with tarfile.open(tmp_path / "whole.tar.gz", "w:gz") as tf:
+        for i in range(3):
+            data = _os.urandom(100_000)  # incompressible: the cut falls inside the members
+            info = tarfile.TarInfo(f"pets/cat/{i}.jpg")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    whole = (tmp_path / "whole.tar.gz").read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(whole[: len(whole) * 3 // 5])
+    with pytest.raises(StageError, match="is damaged or incomplete .*delete it and run again"):
+        download.extract(tmp_path / "cut.tar.gz", tmp_path / "out")
+
+
+def test_folder_named_like_a_split_without_validation_is_explained(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / "src" / split / "cat").mkdir(parents=True)
+        (tmp_path / "src" / split / "cat" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(StageError, match=r"looks split \(test/, train/\) but lacks validation/ \(or val/\)"):
+        download.download(data_params(str(tmp_path / "src")), 0, tmp_path / "raw")
 
 
 def test_cached_archive_with_the_wrong_hash_is_moved_aside(tmp_path, monkeypatch, http_root):

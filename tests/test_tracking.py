@@ -74,6 +74,8 @@ def test_stage_run_logs_what_dvc_yaml_declares_and_records_its_id(project):
     assert logged.data.params["top.units"] == "32" and "data.source" not in logged.data.params
     assert logged.data.metrics == {"val_accuracy": 0.8, "loss": 0.5}
     assert logged.data.tags["pipeline.stage"] == "train_top"
+    experiment = mlflow.get_experiment(logged.info.experiment_id)
+    assert experiment.artifact_location == (project / "mlartifacts").as_uri(), "beside the store, not the cwd"
     assert logged.data.tags["dvc.in.data/features"] == "0123456789abcdef0123456789abcdef.dir"
     (dataset,) = logged.inputs.dataset_inputs
     assert (dataset.dataset.name, dataset.dataset.digest) == ("data/features", "0123456789abcdef0123456789abcdef.dir")
@@ -99,7 +101,7 @@ def test_logging_failure_after_the_work_keeps_outputs_and_says_how_to_log_them(p
         raise ConnectionError("tracking store went away")
 
     with monkeypatch.context() as patched, pytest.raises(tracking.TrackingError) as err:
-        patched.setattr(mlflow, "log_artifact", unavailable)
+        patched.setattr(mlflow, "log_metrics", unavailable)
         with tracking.stage_run("train_top", config.parse({})):
             save_outputs(project)
     message = str(err.value)
