@@ -20,6 +20,7 @@ $(STAMP): requirements.txt requirements-$(DEVICE).txt constraints.txt
 	@if [ "$(DEVICE)" != cpu ] && [ "$(DEVICE)" != gpu ]; then echo "DEVICE must be cpu or gpu, not '$(DEVICE)'"; exit 2; fi
 	@# tensorflow-cpu and tensorflow cannot share a venv: switching builds starts afresh.
 	@if ls $(VENV)/.installed-* >/dev/null 2>&1 && [ ! -f $@ ]; then echo "switching to the $(DEVICE) build: recreating $(VENV)"; rm -rf $(VENV); fi
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11 or newer is needed: make PYTHON=python3.11 ..."; exit 2; }
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet -r requirements-$(DEVICE).txt -c constraints.txt
 	touch $@

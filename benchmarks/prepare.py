@@ -2,7 +2,7 @@
 
     python benchmarks/prepare.py                     # 2,000 JPEGs of 500x375, all cores
     python benchmarks/prepare.py --images 500 --workers 1
-    /usr/bin/time -v python benchmarks/prepare.py    # adds the peak memory (Maximum resident set size)
+    /usr/bin/time -v python benchmarks/prepare.py    # the system's view of the peak memory too
 
 The generated photos are smooth gradients with noise (so JPEG sizes are realistic), half of them
 landscape and half portrait, in two classes. Nothing here is a pass/fail threshold.

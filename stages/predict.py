@@ -36,7 +36,7 @@ def _decodes(path: Path) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, GIF, BMP)")
+    parser.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, GIF, BMP, WebP)")
     parser.add_argument("--top", type=int, default=3, help="how many classes to show per image (default 3)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per prediction step")
     parser.add_argument("--model", type=Path, default=Path("models/model.keras"), help="the fine-tuned model")

@@ -13,20 +13,20 @@ from stages.demo import ROOT
 def stage_imports(module: str) -> set[str]:
     """The stages/*.py files `module` imports, directly or through other stages modules."""
     seen: set[str] = set()
-    todo = [module]
-    while todo:
-        name = todo.pop()
+    pending = [module]
+    while pending:
+        name = pending.pop()
         if name in seen:
             continue
         seen.add(name)
         tree = ast.parse((ROOT / "stages" / f"{name}.py").read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module == "stages":
-                todo += [alias.name for alias in node.names]
+                pending += [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stages."):
-                todo.append(node.module.split(".")[1])
+                pending.append(node.module.split(".")[1])
             elif isinstance(node, ast.Import):
-                todo += [a.name.split(".")[1] for a in node.names if a.name.startswith("stages.")]
+                pending += [a.name.split(".")[1] for a in node.names if a.name.startswith("stages.")]
     return {f"stages/{name}.py" for name in seen}
 
 

@@ -46,6 +46,7 @@ def server(tmp_path_factory):
     """A real MLflow tracking server on 127.0.0.1: sqlite backend store, artifacts served by it."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
+    server_log = open(root / "server.log", "w")
     process = subprocess.Popen(
         [
             sys.executable, "-m", "mlflow", "server",
@@ -53,7 +54,7 @@ def server(tmp_path_factory):
             "--artifacts-destination", str(root / "artifacts"),
             "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         ],
-        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+        stdout=server_log, stderr=subprocess.STDOUT,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -70,6 +71,7 @@ def server(tmp_path_factory):
     finally:
         process.terminate()
         process.wait(timeout=30)
+        server_log.close()
 
 
 def run(args: list[str], cwd: Path, env: dict, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:

@@ -276,3 +276,14 @@ def test_given_test_split_is_kept(tmp_path):
     report = prepare.prepare(raw, tmp_path / "out", data_params(), 0, workers=1)
     assert report["classes"] == {c: {"train": 6, "validation": 3, "test": 2} for c in ("cat", "dog")}
     assert report["split"]["test_carved_from"] is None
+
+
+def test_split_source_class_without_validation_images_is_explained(tmp_path):
+    raw = tmp_path / "raw"
+    for i in range(4):
+        photo(raw / "train" / "cat" / f"{i}.jpg", i)
+        photo(raw / "train" / "dog" / f"{i}.jpg", 50 + i)
+    photo(raw / "validation" / "cat" / "v.jpg", 99)
+    (raw / "validation" / "dog").mkdir(parents=True)
+    with pytest.raises(StageError, match="class 'dog' of the split source has no usable image in validation"):
+        prepare.prepare(raw, tmp_path / "out", data_params(), 0, workers=1)
