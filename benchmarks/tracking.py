@@ -9,7 +9,6 @@ the fixed costs of logging weigh the most. Nothing here is a pass/fail threshold
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -23,13 +22,9 @@ from tests.conftest import TINY  # noqa: E402
 
 
 def repro(workspace: Path, tracking: bool) -> float:
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}",
-        "PIPELINE_TRACKING": "on" if tracking else "off",
-    }
+    env = demo.pipeline_env(
+        MLFLOW_TRACKING_URI=f"sqlite:///{workspace / 'mlflow.db'}", PIPELINE_TRACKING="on" if tracking else "off"
+    )
     started = time.perf_counter()
     subprocess.run(demo.DVC + ["repro", "-q"], cwd=workspace, env=env, check=True, capture_output=True)
     return time.perf_counter() - started

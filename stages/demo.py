@@ -57,6 +57,13 @@ def merge(base: dict, overrides: dict) -> dict:
     return out
 
 
+def pipeline_env(**extra: str) -> dict[str, str]:
+    """The environment for `dvc repro`: the stages run `python -m stages.<name>`, so this
+    environment's python comes first on PATH."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), **extra}
+
+
 def make_workspace(dest: Path, overrides: dict, git: bool = False) -> Path:
     """A runnable copy of the pipeline in `dest`, with params.yaml = ours + `overrides`.
 
@@ -84,8 +91,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=ROOT / "demo", help="where to build and run the demo")
     args = parser.parse_args()
     workspace = make_workspace(args.dir, DEMO_PARAMS)
-    # The stages run `python -m stages.<name>`: this environment's python must come first.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = pipeline_env()
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlflow.db'}")
     started = time.perf_counter()
     result = subprocess.run(DVC + ["repro"], cwd=workspace, env=env)

@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 
 from stages import common, config, fetch, synthetic, tracking
 from stages.common import StageError, project_root
-from stages.fetch import sha256_file
+from stages.fetch import CHUNK, sha256_file
 from stages.layout import SOURCE_RECORD, files, split_folders, subfolders
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,6 @@ ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 #: Guards against archive bombs: refuse to extract more than this.
 MAX_EXTRACTED_BYTES = 64 * 2**30
 MAX_EXTRACTED_FILES = 2_000_000
-CHUNK = 1 << 20
 #: How many refused archive members source.json lists by name (all are counted).
 LISTED_REFUSALS = 100
 

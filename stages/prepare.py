@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from stages import common, config, manifest, tracking
 from stages.common import StageError
-from stages.layout import SOURCE_RECORD, SPLITS, files, subfolders
+from stages.layout import SOURCE_RECORD, SPLITS, files, split_folders, subfolders
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def list_sources(raw: Path) -> list[Source]:
 
 def split_layout(raw: Path) -> bool:
     """Whether the download stage found the source already split (raw/train, raw/validation)."""
-    return (raw / "train").is_dir() and (raw / "validation").is_dir()
+    return split_folders(raw) is not None
 
 
 def split_point(sha256: str, seed: int) -> float:

@@ -101,13 +101,8 @@ def run_ids(workspace: Path) -> dict[str, str]:
     return {s: json.loads((workspace / f"reports/runs/{s}.json").read_text())["run_id"] for s in STAGES}
 
 
-def base_env(tmp_path: Path) -> dict:
-    return {
-        **os.environ,
-        **GIT_ENV,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # stages run this venv's python
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    }
+def base_env() -> dict:
+    return demo.pipeline_env(**GIT_ENV)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +110,7 @@ def repo(tmp_path_factory, server):
     """The tiny pipeline in a fresh git repository, reproduced once against the MLflow server."""
     tmp = tmp_path_factory.mktemp("pipeline")
     workspace = demo.make_workspace(tmp / "repo", TINY, git=True)
-    env = base_env(tmp) | {"MLFLOW_TRACKING_URI": server}
+    env = base_env() | {"MLFLOW_TRACKING_URI": server}
     ran = dvc_repro(workspace, env)
     return {"path": workspace, "env": env, "first_run": ran, "server": server}
 
