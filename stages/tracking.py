@@ -15,7 +15,8 @@ skips runs nothing and logs nothing.
 `evaluate`, the last stage, depends on every run record, so it runs whenever anything ran: it
 then opens the run of the pipeline version (`log_pipeline_version`): all params, the key metrics,
 links to the run of every stage (including unchanged ones reused from earlier versions) and, on
-those runs, the hashes of what they wrote.
+the runs of the stages before it, the hashes of what they wrote (dvc.lock holds evaluate's own
+outputs, its reports, only once it has ended).
 
 The sqlite store is shared by experiments running in parallel: every write takes a file lock, so
 none fails with "database is locked". A tracking server that cannot be reached fails the stage at
