@@ -109,16 +109,25 @@ class Preprocess(keras.layers.Layer):
 def check(params: Params) -> None:
     """Fail before any work on params that only the architecture can judge: the image size, and
     how many blocks it has to unfreeze."""
-    spec = REGISTRY[params.model.backbone]
-    if min(params.data.image_size) < spec.min_size:
+    _require_size(params.model.backbone, params.data.image_size)
+    _require_blocks(params.model.backbone, params.finetune.blocks)
+
+
+def _require_size(name: str, image_size: tuple[int, int]) -> None:
+    spec = REGISTRY[name]
+    if min(image_size) < spec.min_size:
         raise ParamsError(
-            f"params.yaml: data.image_size = {list(params.data.image_size)} is too small for {spec.name}: "
+            f"params.yaml: data.image_size = {list(image_size)} is too small for {name}: "
             f"it needs at least {spec.min_size}x{spec.min_size}"
         )
-    if params.finetune.blocks >= len(spec.block_ends):
+
+
+def _require_blocks(name: str, blocks: int) -> None:
+    ends = REGISTRY[name].block_ends
+    if blocks >= len(ends):
         raise ParamsError(
-            f"params.yaml: finetune.blocks = {params.finetune.blocks} is too many for {spec.name}: "
-            f"at most {len(spec.block_ends) - 1} of its blocks can be unfrozen"
+            f"params.yaml: finetune.blocks = {blocks} is too many for {name}: "
+            f"at most {len(ends) - 1} of its blocks can be unfrozen"
         )
 
 
@@ -129,11 +138,7 @@ def build_backbone(name: str, weights: str | None, image_size: tuple[int, int]) 
     or the path of a local .h5 file with the no-top weights.
     """
     spec = REGISTRY[name]
-    if min(image_size) < spec.min_size:
-        raise ParamsError(
-            f"params.yaml: data.image_size = {list(image_size)} is too small for {name}: "
-            f"it needs at least {spec.min_size}x{spec.min_size}"
-        )
+    _require_size(name, image_size)
     if weights not in (None, "imagenet") and not Path(weights).is_file():
         raise WeightsUnavailable(
             f"params.yaml: model.weights = {weights!r}: no such file. Give the path of a local .h5 "
@@ -197,12 +202,8 @@ def build_classifier(
 
 def unfreeze_last_blocks(base: keras.Model, backbone: str, blocks: int) -> list[str]:
     """Freeze the whole base except its last `blocks` blocks; return the unfrozen layers' names."""
+    _require_blocks(backbone, blocks)
     ends = REGISTRY[backbone].block_ends
-    if blocks >= len(ends):
-        raise ParamsError(
-            f"params.yaml: finetune.blocks = {blocks} is too many for {backbone}: "
-            f"at most {len(ends) - 1} of its blocks can be unfrozen"
-        )
     names = [layer.name for layer in base.layers]
     cut = names.index(ends[-(blocks + 1)])
     base.trainable = True
