@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import csv
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -157,7 +158,13 @@ def _client():
 # What dvc.yaml and dvc.lock say ------------------------------------------------------------
 
 
-def _stages(pipeline: Path = PIPELINE_FILE) -> dict[str, Any]:
+def _stages() -> dict[str, Any]:
+    """The stages of dvc.yaml in the current folder, read once per process and folder."""
+    return _read_stages(PIPELINE_FILE.resolve())
+
+
+@functools.lru_cache(maxsize=None)
+def _read_stages(pipeline: Path) -> dict[str, Any]:
     if not pipeline.is_file():
         return {}
     return yaml.safe_load(pipeline.read_text(encoding="utf-8")).get("stages", {})
@@ -238,6 +245,14 @@ def lineage_tags(stage: str) -> dict[str, str]:
 # Runs ---------------------------------------------------------------------------------------
 
 
+def _write_record(stage: str, run: Any | None) -> None:
+    """The stage's run record: which MLflow run holds it (none when tracking is off)."""
+    write_json(
+        run_record(stage),
+        {"stage": stage, "run_id": run.info.run_id if run else None, "experiment_id": run.info.experiment_id if run else None},
+    )
+
+
 def logging_failed(stage: str, action: str, err: Exception) -> TrackingError:
     """The error for a logging failure after a stage's work is saved: what to do to log it later."""
     if stage == "evaluate":  # it trains nothing: running it again is the simplest way
@@ -260,11 +275,11 @@ def stage_run(stage: str, params: config.Params) -> Iterator[Any]:
     When the body returns, the outputs dvc.yaml declares for the stage are logged and the run id
     is written to the stage's run record.
     """
-    record = run_record(stage)
+    run_record(stage)  # a stage without a run record in dvc.yaml fails here, before any work
     if not enabled():
         log.info("PIPELINE_TRACKING=off: %s logs nothing", stage)
         yield None
-        write_json(record, {"stage": stage, "run_id": None, "experiment_id": None})
+        _write_record(stage, None)
         return
     import mlflow  # imported here: it takes seconds, and only stages that run need it
 
@@ -284,7 +299,7 @@ def stage_run(stage: str, params: config.Params) -> Iterator[Any]:
     log.info("MLflow run %s (%s) at %s", run.info.run_id, stage, uri)
     try:
         yield run
-        write_json(record, {"stage": stage, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
+        _write_record(stage, run)
         try:
             log_outputs(stage)
         except Exception as err:
@@ -341,13 +356,12 @@ def log_outputs(stage: str, replay_history: bool = False) -> None:
             metrics.update(_numbers(json.loads(Path(path).read_text(encoding="utf-8"))))
     outputs = [p for p in _paths(spec.get("outs")) + _paths(spec.get("metrics")) if not p.startswith(NOT_ARTIFACTS)]
     with store_lock():
-        logged = mlflow.get_run(mlflow.active_run().info.run_id).data.metrics
+        logged = set(mlflow.get_run(mlflow.active_run().info.run_id).data.metrics)
         if replay_history:
             for path in outputs:
                 if path.endswith("history.csv") and Path(path).is_file():
-                    _log_history(Path(path), skip=set(logged))
+                    logged |= _log_history(Path(path), skip=logged)
         # A final value already logged per epoch (val_accuracy...) is not logged again at step 0.
-        logged = mlflow.get_run(mlflow.active_run().info.run_id).data.metrics
         fresh = {k: v for k, v in metrics.items() if k not in logged}
         if fresh:
             mlflow.log_metrics(fresh)
@@ -358,14 +372,19 @@ def log_outputs(stage: str, replay_history: bool = False) -> None:
                 mlflow.log_artifact(path, str(Path(path).parent))
 
 
-def _log_history(path: Path, skip: set[str]) -> None:
-    """A history.csv as step metrics, except the metrics in `skip` (already logged live)."""
+def _log_history(path: Path, skip: set[str]) -> set[str]:
+    """A history.csv as step metrics, except the metrics in `skip` (already logged live);
+    returns the names it logged."""
     import mlflow
 
+    names: set[str] = set()
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             step = int(row.pop("epoch")) - 1
-            mlflow.log_metrics({k: float(v) for k, v in row.items() if k not in skip}, step=step)
+            values = {k: float(v) for k, v in row.items() if k not in skip}
+            mlflow.log_metrics(values, step=step)
+            names |= set(values)
+    return names
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
@@ -480,7 +499,7 @@ def main() -> None:
             run = _open_run(args.stage, run_id)
             if not run_id:
                 mlflow.log_params(stage_params(args.stage, params))
-        write_json(record, {"stage": args.stage, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
+        _write_record(args.stage, run)
         log_outputs(args.stage, replay_history=True)
         with store_lock():
             mlflow.end_run()
