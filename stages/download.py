@@ -237,13 +237,13 @@ def download(params: config.DataParams, seed: int, out: Path) -> dict:
         else:
             log.info("using %s (already downloaded)", archive)
             digest = sha256_file(archive)
-            if pinned and digest != pinned.lower():
+            if wrong := fetch.mismatch(digest, pinned):
                 # Moved aside, not deleted (it may have been put there by hand), so that the
                 # next run downloads a fresh copy instead of failing on this one again.
                 aside = archive.with_name(archive.name + ".mismatch")
                 archive.replace(aside)
                 raise StageError(
-                    f"{archive} has sha256 {digest}, but {pinned.lower()} was expected (data.sha256 or the preset). "
+                    f"{archive} is {wrong} (data.sha256 or the preset). "
                     f"It was moved to {aside}: run again to download it anew, or correct data.sha256."
                 )
         record["url"] = url
@@ -262,10 +262,10 @@ def download(params: config.DataParams, seed: int, out: Path) -> dict:
         archive = local
         record["path"] = str(local.resolve())
         digest = sha256_file(archive)
-        if pinned and digest != pinned.lower():
+        if wrong := fetch.mismatch(digest, pinned):
             # The user's own file: only read, never deleted.
             raise StageError(
-                f"{archive} has sha256 {digest}, but {pinned.lower()} was expected (data.sha256). "
+                f"{archive} is {wrong} (data.sha256). "
                 "Check that data.source names the intended archive, or correct data.sha256."
             )
     record["sha256"] = digest

@@ -71,6 +71,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def mismatch(digest: str, expected: str | None) -> str | None:
+    """'with sha256 <digest>, but <expected> was expected' when a pinned hash differs, else None."""
+    if expected and digest != expected.strip().lower():
+        return f"with sha256 {digest}, but {expected.strip().lower()} was expected"
+    return None
+
+
 def fetch(
     url: str,
     dest: Path,
@@ -122,13 +129,12 @@ def fetch(
         )
 
     digest = sha256_file(part)
-    if sha256 and digest != sha256.strip().lower():
+    if wrong := mismatch(digest, sha256):
         # A complete file with the wrong content: resuming it could never fix it.
         part.unlink(missing_ok=True)
         meta.unlink(missing_ok=True)
         raise StageError(
-            f"{url} downloaded with sha256 {digest}, but {sha256.strip().lower()} was expected; "
-            f"the download was discarded. Check the URL and the expected hash.{suffix}"
+            f"{url} downloaded {wrong}; the download was discarded. Check the URL and the expected hash.{suffix}"
         )
     os.replace(part, dest)
     meta.unlink(missing_ok=True)
