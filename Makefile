@@ -1,6 +1,7 @@
 # make repro   install (into .venv) and run the whole pipeline on the real data set
 # make test    install and run the test suite
 # make demo    the same pipeline offline, on generated images, in a few minutes on a CPU
+# make lint    lint, format and type checks alone (make test runs them first); make format fixes
 # DEVICE=cpu|gpu picks the TensorFlow build; by default gpu when `nvidia-smi` sees a GPU.
 
 PYTHON ?= python3
@@ -12,7 +13,7 @@ STAMP := $(VENV)/.installed-$(DEVICE)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install repro test demo clean-venv
+.PHONY: install repro test lint format demo clean-venv
 
 install: $(STAMP)
 
@@ -28,8 +29,18 @@ $(STAMP): requirements.txt requirements-$(DEVICE).txt constraints.txt
 repro: $(STAMP)
 	dvc repro
 
-test: $(STAMP)
+test: lint
 	python -m pytest
+
+# What the checks cover and why is in pyproject.toml ([tool.ruff], [tool.mypy]).
+lint: $(STAMP)
+	ruff check .
+	ruff format --check .
+	mypy
+
+format: $(STAMP)
+	ruff check --fix .
+	ruff format .
 
 demo: $(STAMP)
 	python -m stages.demo

@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stages import config, prepare  # noqa: E402
+from stages import config, prepare
 
 
 def generate(folder: Path, images: int, size: tuple[int, int], seed: int = 0) -> None:
@@ -32,7 +32,9 @@ def generate(folder: Path, images: int, size: tuple[int, int], seed: int = 0) ->
     y, x = np.mgrid[0:h, 0:w]
     for i in range(images):
         cls = ("cat", "dog")[i % 2]
-        base = rng.uniform(0, 255, 3) + 0.2 * (x[..., None] * rng.uniform(-1, 1, 3) + y[..., None] * rng.uniform(-1, 1, 3))
+        base = rng.uniform(0, 255, 3) + 0.2 * (
+            x[..., None] * rng.uniform(-1, 1, 3) + y[..., None] * rng.uniform(-1, 1, 3)
+        )
         pixels = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
         if i % 4 >= 2:
             pixels = pixels.transpose(1, 0, 2)  # portrait

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stages import demo  # noqa: E402
-from tests.conftest import TINY  # noqa: E402
+from stages import demo
+from tests.conftest import TINY
 
 
 def repro(workspace: Path, tracking: bool) -> float:
@@ -40,7 +40,10 @@ def main() -> None:
     print(f"\n{'tracking':<10}{'dvc repro (s)':>15}")
     for name, seconds in rows:
         print(f"{name:<10}{seconds:>15.1f}")
-    print(f"{'added':<10}{on - off:>15.1f}   ({(on - off) / off:+.0%}, six stage runs, a pipeline run, a registered model)")
+    print(
+        f"{'added':<10}{on - off:>15.1f}   ({(on - off) / off:+.0%}, "
+        "six stage runs, a pipeline run, a registered model)"
+    )
 
 
 if __name__ == "__main__":

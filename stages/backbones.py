@@ -12,9 +12,9 @@ last blocks, so `finetune.blocks: n` unfreezes everything after the end of block
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import keras
 from keras import applications

@@ -117,7 +117,9 @@ class DataParams:
         if self.max_pixels < self.min_side**2:
             _fail(f"{key}.max_pixels", self.max_pixels, f"must be >= data.min_side squared ({self.min_side**2})")
         if self.max_side < max(self.image_size):
-            _fail(f"{key}.max_side", self.max_side, f"must be >= the largest of data.image_size ({max(self.image_size)})")
+            _fail(
+                f"{key}.max_side", self.max_side, f"must be >= the largest of data.image_size ({max(self.image_size)})"
+            )
 
 
 @dataclass(frozen=True)
@@ -249,7 +251,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             value = [value] * len(inner)  # a single size means a square
         if not isinstance(value, (list, tuple)) or len(value) != len(inner):
             _fail(key, value, f"a list of {len(inner)} values (or one number)")
-        return tuple(_convert(t, v, key) for t, v in zip(inner, value))
+        return tuple(_convert(t, v, key) for t, v in zip(inner, value, strict=True))
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is bool:
@@ -276,7 +278,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     raise TypeError(f"unsupported parameter type {tp!r} for {key}")
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def _build(cls: Any, data: Any, prefix: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -286,9 +288,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     unknown = sorted(set(data) - set(names))
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise ParamsError(
-            f"{PARAMS_FILE}: unknown key '{where}'; allowed keys{' under ' + prefix if prefix else ''}: {', '.join(names)}"
-        )
+        under = f" under {prefix}" if prefix else ""
+        raise ParamsError(f"{PARAMS_FILE}: unknown key '{where}'; allowed keys{under}: {', '.join(names)}")
     values = {
         name: _convert(hints[name], data[name], f"{prefix}.{name}" if prefix else name)
         for name in names
@@ -319,7 +320,8 @@ def load(path: str | Path = PARAMS_FILE) -> Params:
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     """`Params` (or any part of it) as {'finetune.learning_rate': 1e-4, ...}, for logging."""
     out: dict[str, Any] = {}
-    items = dataclasses.asdict(obj).items() if dataclasses.is_dataclass(obj) else obj.items()
+    is_instance = dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+    items = dataclasses.asdict(obj).items() if is_instance else obj.items()
     for name, value in items:
         key = f"{prefix}.{name}" if prefix else name
         if isinstance(value, dict):

@@ -15,6 +15,7 @@ Run: dvc repro download   (or: python -m stages.download data/raw)
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import logging
 import os
@@ -23,9 +24,10 @@ import tarfile
 import urllib.parse
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator
+from typing import IO
 
 from stages import common, config, fetch, synthetic, tracking
 from stages.common import StageError, project_root
@@ -104,23 +106,34 @@ def _safe_member_path(name: str) -> PurePosixPath | None:
     return PurePosixPath(*parts) if parts else None
 
 
-def _members(archive: Path) -> Iterator[tuple[str, str, int, object, object]]:
-    """(name, kind: file | dir | other, size, container, info) for each member of a zip or tar."""
+#: Opens an archive member's data for reading.
+Opener = Callable[[], IO[bytes]]
+
+
+def _members(archive: Path) -> Iterator[tuple[str, str, int, Opener]]:
+    """(name, kind: file | dir | other, size, opener) for each member of a zip or tar."""
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():
                 is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
                 kind = "dir" if info.is_dir() else "other" if is_link else "file"
-                yield info.filename, kind, info.file_size, zf, info
+                yield info.filename, kind, info.file_size, functools.partial(zf.open, info)
         return
     try:
-        tf = tarfile.open(archive)
+        tf = tarfile.open(archive)  # noqa: SIM115  closed by `with tf` below; opening may fail first
     except tarfile.TarError as err:
         raise StageError(f"{archive} is neither a zip nor a tar archive: {err}") from err
     with tf:
-        for info in tf:
-            kind = "file" if info.isfile() else "dir" if info.isdir() else "other"
-            yield info.name, kind, info.size, tf, info
+        for member in tf:
+            kind = "file" if member.isfile() else "dir" if member.isdir() else "other"
+            yield member.name, kind, member.size, functools.partial(_tar_data, tf, member)
+
+
+def _tar_data(tf: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    data = tf.extractfile(member)
+    if data is None:  # not a regular file: _extract opens only those
+        raise StageError(f"archive member {member.name!r} has no data to extract")
+    return data
 
 
 def extract(archive: Path, target: Path) -> dict:
@@ -142,7 +155,7 @@ def _extract(archive: Path, target: Path) -> dict:
     target.mkdir(parents=True, exist_ok=True)
     counts: dict = {"files": 0, "refused": 0, "refused_members": []}
     total_bytes = 0
-    for name, kind, size, container, info in _members(archive):
+    for name, kind, size, open_member in _members(archive):
         if kind == "dir":
             continue  # folders are made as their files need them
         rel = _safe_member_path(name)
@@ -161,8 +174,7 @@ def _extract(archive: Path, target: Path) -> dict:
             )
         dest = target.joinpath(*rel.parts)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        source = container.open(info) if isinstance(container, zipfile.ZipFile) else container.extractfile(info)
-        with source, open(dest, "wb") as out:
+        with open_member() as source, open(dest, "wb") as out:
             shutil.copyfileobj(source, out, CHUNK)
     return counts
 
@@ -174,9 +186,7 @@ def class_root(folder: Path) -> Path:
     return folder
 
 
-def copy_classes(
-    root: Path, out: Path, class_name: Callable[[str], str] = str, move: bool = False
-) -> dict[str, int]:
+def copy_classes(root: Path, out: Path, class_name: Callable[[str], str] = str, move: bool = False) -> dict[str, int]:
     """Copy (or, from our own extraction folder, move) each class folder of `root`, files at any
     depth below it, into out/<class>/."""
     classes = subfolders(root)
@@ -258,7 +268,9 @@ def download(params: config.DataParams, seed: int, out: Path) -> dict:
             record["path"] = str(local.resolve())
             return record | copy_source(class_root(local), out)
         if not is_archive(local.name):
-            raise StageError(f"data.source = {source!r}: a local file must be an archive ({', '.join(ARCHIVE_SUFFIXES)})")
+            raise StageError(
+                f"data.source = {source!r}: a local file must be an archive ({', '.join(ARCHIVE_SUFFIXES)})"
+            )
         archive = local
         record["path"] = str(local.resolve())
         digest = sha256_file(archive)

@@ -88,7 +88,7 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str], t
         f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
     picked = np.clip(probs[np.arange(len(labels)), labels], EPS, 1.0)
     metrics = {
-        "test_images": int(len(labels)),
+        "test_images": len(labels),
         "accuracy": float(true_pos.sum() / len(labels)),
         "log_loss": float(-np.mean(np.log(picked))),
         "per_class": {
@@ -112,7 +112,7 @@ def write_plot_data(out: Path, split: images.Split, probs: np.ndarray, threshold
     with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "actual", "predicted", "confidence"])
-        for path, y, p, row in zip(split.paths, split.labels, predicted, probs):
+        for path, y, p, row in zip(split.paths, split.labels, predicted, probs, strict=True):
             writer.writerow([Path(path).name, split.classes[y], split.classes[p], f"{row[p]:.6f}"])
     if probs.shape[1] == 2:
         fpr, tpr, thresholds = roc_curve(split.labels, probs[:, 1])
@@ -122,7 +122,7 @@ def write_plot_data(out: Path, split: images.Split, probs: np.ndarray, threshold
     with open(out / "roc.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["fpr", "tpr", "threshold"])
-        for row in zip(fpr, tpr, np.minimum(thresholds, 1.0)):
+        for row in zip(fpr, tpr, np.minimum(thresholds, 1.0), strict=True):
             writer.writerow([f"{v:.6f}" for v in row])
 
 
@@ -177,10 +177,10 @@ def write_figures(out: Path, metrics: dict, histories: list[Path]) -> None:
             continue
         h = np.genfromtxt(path, delimiter=",", names=True, ndmin=1)
         stage = path.parent.name
-        for ax, key in zip(axes, ("loss", "accuracy")):
+        for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
             ax.plot(h["epoch"], h[key], label=f"{stage} train")
             ax.plot(h["epoch"], h[f"val_{key}"], "--", label=f"{stage} validation")
-    for ax, key in zip(axes, ("loss", "accuracy")):
+    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
         ax.set_xlabel("epoch")
         ax.set_title(key)
         ax.legend()
@@ -224,8 +224,12 @@ def main() -> None:
         common.write_json(args.metrics, metrics)
         try:
             serving.log_model(
-                args.model, split.classes, params.evaluate.threshold, Path(split.paths[0]),
-                params.evaluate.registered_model, metrics["accuracy"],
+                args.model,
+                split.classes,
+                params.evaluate.threshold,
+                Path(split.paths[0]),
+                params.evaluate.registered_model,
+                metrics["accuracy"],
             )
         except Exception as err:
             raise tracking.logging_failed("evaluate", "logging the model", err) from err

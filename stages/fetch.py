@@ -156,9 +156,10 @@ def _attempt(url: str, part: Path, meta: Path, timeout: float, label: str) -> No
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
             offset, total = _where_body_starts(response, offset, url, part, meta)
-            with open(part, "r+b" if offset else "wb") as out, tqdm(
-                total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=label
-            ) as bar:
+            with (
+                open(part, "r+b" if offset else "wb") as out,
+                tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=label) as bar,
+            ):
                 out.seek(offset)
                 out.truncate()
                 if not offset:

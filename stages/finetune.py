@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def finetune(
     params: config.Params,
     strategy: tf.distribute.Strategy,
     policy: str = "float32",
-    callbacks: list[keras.callbacks.Callback] = (),
+    callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> Finetuned:
     """Train the unfrozen block(s) and the head on the train split, validated each epoch."""
     p = params.finetune

@@ -39,7 +39,9 @@ def load_split(prepared: Path, split: str) -> Split:
     index = {name: i for i, name in enumerate(classes)}
     chosen = [row for row in rows if row["split"] == split]
     if not chosen:
-        raise StageError(f"{Path(prepared) / manifest.MANIFEST} lists no image in split '{split}': run the prepare stage again")
+        raise StageError(
+            f"{Path(prepared) / manifest.MANIFEST} lists no image in split '{split}': run the prepare stage again"
+        )
     return Split(
         paths=[str(Path(prepared) / row["path"]) for row in chosen],
         labels=np.array([index[row["label"]] for row in chosen], dtype=np.int32),
@@ -93,9 +95,7 @@ def augmentation(params: AugmentParams, seed: int) -> keras.Sequential | None:
         layers.append(keras.layers.RandomRotation(params.rotation / 360.0, seed=seed, name="rotation", **fill))
     if params.width_shift or params.height_shift:
         layers.append(
-            keras.layers.RandomTranslation(
-                params.height_shift, params.width_shift, seed=seed + 1, name="shift", **fill
-            )
+            keras.layers.RandomTranslation(params.height_shift, params.width_shift, seed=seed + 1, name="shift", **fill)
         )
     if params.shear:
         # Keras's shear factor is the tangent's range; an intensity of s radians shears by tan(s).

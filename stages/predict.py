@@ -21,7 +21,7 @@ from stages.common import StageError
 def top_classes(probs: np.ndarray, classes: list[str], k: int) -> list[list[tuple[str, float]]]:
     """For each row of class probabilities, the `k` most likely (class, probability), best first."""
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return [[(classes[i], float(row[i])) for i in idx] for row, idx in zip(probs, order)]
+    return [[(classes[i], float(row[i])) for i in idx] for row, idx in zip(probs, order, strict=True)]
 
 
 def _decodes(path: Path) -> bool:
@@ -60,7 +60,7 @@ def main() -> None:
     except tf.errors.InvalidArgumentError as err:
         bad = next((p for p in args.images if not _decodes(p)), "one of the files")
         raise StageError(f"{bad} is not an image TensorFlow can decode (JPEG, PNG, GIF, BMP, WebP)") from err
-    for path, best in zip(args.images, top_classes(probs, classes, args.top)):
+    for path, best in zip(args.images, top_classes(probs, classes, args.top), strict=True):
         print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in best))
 
 

@@ -73,16 +73,16 @@ def clean_file(path: Path, label: str, raw: Path, staging: Path, params: config.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()  # decodes every pixel: truncation shows here, not in the header
-                image = _to_rgb(ImageOps.exif_transpose(image))
+            with Image.open(path) as opened:
+                opened.load()  # decodes every pixel: truncation shows here, not in the header
+                image = _to_rgb(ImageOps.exif_transpose(opened))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return Cleaned(source, label, reason="decompression_bomb")
     except UnidentifiedImageError:
         return Cleaned(source, label, reason="not_an_image")
     except OSError as err:
         return Cleaned(source, label, reason="truncated" if "truncated" in str(err) else "undecodable")
-    except Exception:  # a corrupt file can make any decoder raise anything
+    except Exception:  # noqa: BLE001  a corrupt file can make any decoder raise anything
         return Cleaned(source, label, reason="undecodable")
     if min(image.size) < params.min_side:
         return Cleaned(source, label, reason="too_small")
@@ -216,9 +216,7 @@ def prepare(raw: Path, out: Path, params: config.DataParams, seed: int, workers:
     tasks = [(src.path, src.label, raw, staging, params) for src in sources]
     workers = workers or os.cpu_count() or 1
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        results = list(
-            tqdm(pool.imap(_clean_task, tasks, chunksize=16), total=len(tasks), desc="decoding", unit="img")
-        )
+        results = list(tqdm(pool.imap(_clean_task, tasks, chunksize=16), total=len(tasks), desc="decoding", unit="img"))
 
     given_split = {src.path.relative_to(raw).as_posix(): src.split for src in sources}
     dropped = [(r.source, r.reason) for r in results if r.reason]
@@ -243,11 +241,15 @@ def prepare(raw: Path, out: Path, params: config.DataParams, seed: int, workers:
     classes = sorted({src.label for src in sources})
     if len(per_class) < len(classes):
         empty = [c for c in classes if c not in per_class]
-        raise StageError(f"no usable image in class(es) {', '.join(empty)} of {raw}; see dropped.csv and the warnings above")
-    rows, filled, carved = [], 0, set()
+        raise StageError(
+            f"no usable image in class(es) {', '.join(empty)} of {raw}; see dropped.csv and the warnings above"
+        )
+    rows: list[dict[str, str]] = []
+    filled, carved = 0, set()
+    assigned: dict[str, str]
     for label in classes:
-        if presplit:
-            assigned = dict(per_class[label])
+        if presplit:  # a pre-split source names the split of every picture
+            assigned = {sha: split for sha, split in per_class[label].items() if split is not None}
             missing = [name for name in ("train", "validation") if name not in assigned.values()]
             if missing:
                 raise StageError(
@@ -268,7 +270,8 @@ def prepare(raw: Path, out: Path, params: config.DataParams, seed: int, workers:
     if filled:
         log.warning(
             "%d pictures were moved to fill splits short of their data.split count; with more images "
-            "than the counts ask for (or with fractions), every picture keeps its own split", filled
+            "than the counts ask for (or with fractions), every picture keeps its own split",
+            filled,
         )
     for leftover in staging.iterdir():  # pictures beyond the requested counts
         leftover.unlink()

@@ -20,13 +20,14 @@ import mlflow.models
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc.model import PythonModel
 
 from stages import tracking
 
 log = logging.getLogger(__name__)
 
 
-class ImageClassifier(mlflow.pyfunc.PythonModel):
+class ImageClassifier(PythonModel):
     """Loads models/model.keras and its class names; see the module docstring for the data."""
 
     def load_context(self, context) -> None:
@@ -46,7 +47,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         batch = np.stack([images.decode_bytes(data, self.image_size).numpy() for data in model_input["image"]])
         probs = evaluate.as_class_probabilities(self.model.predict(batch, verbose=0))
         chosen = evaluate.predicted_classes(probs, self.threshold)
-        out = pd.DataFrame({"label": [self.classes[i] for i in chosen], "confidence": probs[np.arange(len(chosen)), chosen]})
+        out = pd.DataFrame(
+            {"label": [self.classes[i] for i in chosen], "confidence": probs[np.arange(len(chosen)), chosen]}
+        )
         for i, name in enumerate(self.classes):
             out[f"p.{name}"] = probs[:, i]
         return out
@@ -77,14 +80,12 @@ def log_model(
     import mlflow
     import pandas as pd
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
-    signature = ModelSignature(
-        inputs=Schema([ColSpec("binary", "image")]),
-        outputs=Schema(
-            [ColSpec("string", "label"), ColSpec("double", "confidence")] + [ColSpec("double", f"p.{c}") for c in classes]
-        ),
-    )
+    inputs: list[ColSpec | TensorSpec] = [ColSpec("binary", "image")]
+    outputs: list[ColSpec | TensorSpec] = [ColSpec("string", "label"), ColSpec("double", "confidence")]
+    outputs += [ColSpec("double", f"p.{c}") for c in classes]
+    signature = ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
     with tempfile.TemporaryDirectory() as tmp, tracking.store_lock():
         spec = Path(tmp) / "spec.json"
         spec.write_text(json.dumps({"classes": classes, "threshold": threshold}), encoding="utf-8")
@@ -104,13 +105,13 @@ def log_model(
         version = mlflow.register_model(info.model_uri, registered_model).version
         client = mlflow.MlflowClient(tracking.tracking_uri())
         client.set_model_version_tag(registered_model, version, "test.accuracy", str(accuracy))
-        client.set_model_version_tag(registered_model, version, "run_id", mlflow.active_run().info.run_id)
+        client.set_model_version_tag(registered_model, version, "run_id", tracking.active_run_id())
         client.set_registered_model_alias(registered_model, "candidate", version)
         try:
             champion = client.get_model_version_by_alias(registered_model, "champion")
         except mlflow.exceptions.MlflowException:
             champion = None
-        best = float(champion.tags.get("test.accuracy", "-inf")) if champion else None
+        best = float(champion.tags.get("test.accuracy", "-inf")) if champion else float("-inf")
         if champion is None or accuracy > best:
             client.set_registered_model_alias(registered_model, "champion", version)
             before = f"beats v{champion.version}'s {best:.4f}" if champion else "the first champion"

@@ -40,8 +40,9 @@ import sys
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -84,7 +85,7 @@ def tracking_uri() -> str:
     project folder (not from the temporary copy a queued experiment runs in)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{project_root() / uri[len('sqlite:///'):]}"
+        uri = f"sqlite:///{project_root() / uri[len('sqlite:///') :]}"
     return uri
 
 
@@ -163,7 +164,7 @@ def _stages() -> dict[str, Any]:
     return _read_stages(PIPELINE_FILE.resolve())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _read_stages(pipeline: Path) -> dict[str, Any]:
     if not pipeline.is_file():
         return {}
@@ -207,7 +208,9 @@ def run_record(stage: str) -> Path:
 
 def data_deps(stage: str) -> list[str]:
     """What a stage reads that another stage wrote (data, features, models), per dvc.yaml."""
-    return [p for p in _paths(_stages().get(stage, {}).get("deps")) if not p.startswith("stages/") and "/runs/" not in p]
+    return [
+        p for p in _paths(_stages().get(stage, {}).get("deps")) if not p.startswith("stages/") and "/runs/" not in p
+    ]
 
 
 def locked_hashes(lock: Path = LOCK_FILE) -> dict[str, str]:
@@ -249,14 +252,21 @@ def _write_record(stage: str, run: Any | None) -> None:
     """The stage's run record: which MLflow run holds it (none when tracking is off)."""
     write_json(
         run_record(stage),
-        {"stage": stage, "run_id": run.info.run_id if run else None, "experiment_id": run.info.experiment_id if run else None},
+        {
+            "stage": stage,
+            "run_id": run.info.run_id if run else None,
+            "experiment_id": run.info.experiment_id if run else None,
+        },
     )
 
 
 def logging_failed(stage: str, action: str, err: Exception) -> TrackingError:
     """The error for a logging failure after a stage's work is saved: what to do to log it later."""
     if stage == "evaluate":  # it trains nothing: running it again is the simplest way
-        how = "log everything, the model included, with\n    dvc repro --force evaluate\n(it scores the test set again; nothing is trained)"
+        how = (
+            "log everything, the model included, with\n    dvc repro --force evaluate\n"
+            "(it scores the test set again; nothing is trained)"
+        )
     else:
         how = (
             f"log the saved outputs with\n    python -m stages.tracking log {stage}\n"
@@ -324,7 +334,8 @@ def _log_inputs(stage: str) -> None:
             with warnings.catch_warnings():  # "can be interpreted in multiple ways": all are local paths
                 warnings.simplefilter("ignore", UserWarning)
                 source = resolve_dataset_source(str(Path(path).resolve()))
-            mlflow.log_input(MetaDataset(source, name=path, digest=hashes[path]), context=stage)
+            dataset = MetaDataset(source, name=path, digest=hashes[path])  # type: ignore[abstract]  # concrete at run time
+            mlflow.log_input(dataset, context=stage)
 
 
 def _numbers(data: Any, prefix: str = "") -> dict[str, float]:
@@ -356,7 +367,7 @@ def log_outputs(stage: str, replay_history: bool = False) -> None:
             metrics.update(_numbers(json.loads(Path(path).read_text(encoding="utf-8"))))
     outputs = [p for p in _paths(spec.get("outs")) + _paths(spec.get("metrics")) if not p.startswith(NOT_ARTIFACTS)]
     with store_lock():
-        logged = set(mlflow.get_run(mlflow.active_run().info.run_id).data.metrics)
+        logged = set(mlflow.get_run(active_run_id()).data.metrics)
         if replay_history:
             for path in outputs:
                 if path.endswith("history.csv") and Path(path).is_file():
@@ -385,6 +396,16 @@ def _log_history(path: Path, skip: set[str]) -> set[str]:
             mlflow.log_metrics(values, step=step)
             names |= set(values)
     return names
+
+
+def active_run_id() -> str:
+    """The id of the MLflow run the current stage opened."""
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        raise TrackingError("no MLflow run is open: log from inside tracking.stage_run")
+    return run.info.run_id
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
@@ -438,8 +459,8 @@ def log_pipeline_version(params: config.Params, stage: str = "evaluate") -> str 
     hashes = locked_hashes()
     runs = {}
     for name in _stages():
-        path = run_record(name)
-        if path.is_file() and (run_id := json.loads(path.read_text(encoding="utf-8"))["run_id"]):
+        record = run_record(name)
+        if record.is_file() and (run_id := json.loads(record.read_text(encoding="utf-8"))["run_id"]):
             runs[name] = run_id
     metrics = {}
     for (name, key), metric in KEY_METRICS.items():

@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import keras
@@ -39,7 +40,7 @@ def train_top(
     num_classes: int,
     params: config.TopParams,
     seed: int,
-    callbacks: list[keras.callbacks.Callback] = (),
+    callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Fit the head on (features, labels); return it and its per-epoch history."""
     keras.utils.set_random_seed(seed)

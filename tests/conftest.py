@@ -9,7 +9,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from stages import config, prepare, synthetic  # noqa: E402
+from stages import config, prepare, synthetic
 
 #: Small images, random backbone weights, one or two epochs: the shape of the real run, in seconds.
 TINY: dict = {

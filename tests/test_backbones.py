@@ -58,7 +58,9 @@ def test_vgg16_last_block_is_block5():
 
 
 def test_image_too_small_for_the_architecture():
-    with pytest.raises(config.ParamsError, match=r"data.image_size = \[64, 64\] is too small for inception_v3: .* 75x75"):
+    with pytest.raises(
+        config.ParamsError, match=r"data.image_size = \[64, 64\] is too small for inception_v3: .* 75x75"
+    ):
         backbones.build_backbone("inception_v3", None, (64, 64))
 
 
@@ -68,7 +70,7 @@ def test_local_weights_file_is_loaded(tmp_path):
     original.save_weights(tmp_path / "vgg16.weights.h5")
     keras.utils.set_random_seed(2)
     loaded = backbones.build_backbone("vgg16", str(tmp_path / "vgg16.weights.h5"), (32, 32))
-    for a, b in zip(original.get_weights(), loaded.get_weights()):
+    for a, b in zip(original.get_weights(), loaded.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert not loaded.trainable
 

@@ -61,7 +61,7 @@ def test_flatten_names_nested_keys():
 
 
 @pytest.mark.parametrize(
-    "key, value, message",
+    ("key", "value", "message"),
     [
         ("model.backbone", "vgg19", "model.backbone = 'vgg19' is not valid: one of vgg16, resnet50"),
         ("finetune.learning_rate", -0.001, "finetune.learning_rate = -0.001 is not valid: must be > 0"),
@@ -75,7 +75,11 @@ def test_flatten_names_nested_keys():
         ("data.split.train", -5, "data.split.train = -5 is not valid: must be >= 0"),
         ("data.split.test", 0, "data.split.test = 0 is not valid: must be > 0"),
         ("data.split", {"train": 0.8, "validation": 0.2, "test": 0.2}, "fractions must add up to at most 1"),
-        ("data.split", {"train": 100, "validation": 0.2, "test": 0.2}, "give all three as counts per class (>= 1) or all as fractions (< 1)"),
+        (
+            "data.split",
+            {"train": 100, "validation": 0.2, "test": 0.2},
+            "give all three as counts per class (>= 1) or all as fractions (< 1)",
+        ),
         ("seed", -1, "seed = -1 is not valid: must be >= 0"),
         ("evaluate.threshold", 1.5, "evaluate.threshold = 1.5 is not valid"),
         ("finetune.augment.shear", 0.9, "finetune.augment.shear = 0.9 is not valid: radians in [0, 0.785]"),

@@ -156,7 +156,11 @@ def test_archive_members_never_escape_the_target(tmp_path):
         "files": 1,
         "refused": 5,
         "refused_members": [
-            "../escaped.jpg", "/tmp/absolute_escape.jpg", "data/../../up.jpg", "data/cat/link.jpg", "data/cat/hard.jpg"
+            "../escaped.jpg",
+            "/tmp/absolute_escape.jpg",
+            "data/../../up.jpg",
+            "data/cat/link.jpg",
+            "data/cat/hard.jpg",
         ],
     }
     assert [p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()] == ["data/cat/ok.jpg"]
@@ -238,7 +242,9 @@ def test_stanford_dogs_preset_names_breeds_by_folder(tmp_path, monkeypatch, http
     served, base = http_root
     stanford_dogs_tar(served / "images.tar")
     monkeypatch.setitem(
-        download.PRESETS, "stanford_dogs", dataclasses.replace(download.PRESETS["stanford_dogs"], url=f"{base}/images.tar")
+        download.PRESETS,
+        "stanford_dogs",
+        dataclasses.replace(download.PRESETS["stanford_dogs"], url=f"{base}/images.tar"),
     )
     record = download.download(data_params("stanford_dogs"), 0, tmp_path / "raw")
     assert record["classes"] == {"Chihuahua": 2, "Japanese_spaniel": 2, "Shih-Tzu": 2}

@@ -52,7 +52,7 @@ def test_roc_curve_and_auc_agree():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 200)
     scores = np.round(labels * 0.3 + rng.uniform(size=200), 2)  # with ties
-    fpr, tpr, thresholds = evaluate.roc_curve(labels, scores)
+    fpr, tpr, _ = evaluate.roc_curve(labels, scores)
     assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
     trapezoid = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
@@ -61,5 +61,7 @@ def test_roc_curve_and_auc_agree():
 
 def test_auc_is_undefined_with_one_class():
     assert math.isnan(evaluate.roc_auc(np.array([1, 1]), np.array([0.2, 0.9])))
-    m = evaluate.compute_metrics(np.array([1, 1]), evaluate.as_class_probabilities(np.array([[0.2], [0.9]])), ["a", "b"], 0.5)
+    m = evaluate.compute_metrics(
+        np.array([1, 1]), evaluate.as_class_probabilities(np.array([[0.2], [0.9]])), ["a", "b"], 0.5
+    )
     assert m["roc_auc"] is None

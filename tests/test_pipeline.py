@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import shutil
 import socket
@@ -46,15 +45,27 @@ def server(tmp_path_factory):
     """A real MLflow tracking server on 127.0.0.1: sqlite backend store, artifacts served by it."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    server_log = open(root / "server.log", "w")
+    server_log = open(root / "server.log", "w")  # noqa: SIM115  closed in the finally below, once the server stops
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination", str(root / "artifacts"),
-            "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--serve-artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
         ],
-        stdout=server_log, stderr=subprocess.STDOUT,
+        stdout=server_log,
+        stderr=subprocess.STDOUT,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -75,7 +86,7 @@ def server(tmp_path_factory):
 
 
 def run(args: list[str], cwd: Path, env: dict, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if check:
         assert done.returncode == 0, f"{args}: {done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
@@ -290,7 +301,9 @@ def test_unreachable_tracking_server_fails_fast_before_any_work(repo, tmp_path):
     started = time.monotonic()
     done = run(
         [sys.executable, "-m", "stages.train_top", "data/features", "models/top.keras", "reports/train_top"],
-        workspace, repo["env"] | {"MLFLOW_TRACKING_URI": uri}, check=False,
+        workspace,
+        repo["env"] | {"MLFLOW_TRACKING_URI": uri},
+        check=False,
     )
     assert time.monotonic() - started < 30  # mostly importing TensorFlow; the check itself takes < 5 s
     assert done.returncode == 2
@@ -335,5 +348,8 @@ def test_queued_experiments_run_in_parallel_into_the_embedded_store(repo):
         assert version.data.tags.get("dvc.experiment")
         for stage in ("finetune", "evaluate"):
             stage_run = c.get_run(version.data.tags[f"run.{stage}"])
-            assert stage_run.info.status == "FINISHED" and stage_run.data.tags["dvc.experiment"] == version.data.tags["dvc.experiment"]
+            assert (
+                stage_run.info.status == "FINISHED"
+                and stage_run.data.tags["dvc.experiment"] == version.data.tags["dvc.experiment"]
+            )
     shutil.rmtree(workspace / ".dvc" / "tmp", ignore_errors=True)

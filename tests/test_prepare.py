@@ -34,7 +34,9 @@ def test_broken_files_are_dropped_and_counted(tmp_path):
     full = photo(tmp_path / "full.jpg", 999, size=(60, 60)).read_bytes()
     (raw / "dog" / "cut.jpg").write_bytes(full[: len(full) // 2])
     photo(raw / "dog" / "tiny.jpg", 5, size=(8, 8))
-    report = prepare.prepare(raw, tmp_path / "out", data_params(split={"train": 2, "validation": 2, "test": 2}), 0, workers=1)
+    report = prepare.prepare(
+        raw, tmp_path / "out", data_params(split={"train": 2, "validation": 2, "test": 2}), 0, workers=1
+    )
     assert report["dropped"] == {
         "empty": 1,
         "not_an_image": 1,
@@ -82,7 +84,9 @@ def test_fractions_split_every_class(tmp_path, raw):
 
 def test_too_few_images_for_the_requested_counts(tmp_path, raw):
     params = data_params(split={"train": 20, "validation": 5, "test": 5})
-    with pytest.raises(StageError, match=r"class '\w+' has 24 usable images, but data.split asks for 20 \+ 5 \+ 5 = 30"):
+    with pytest.raises(
+        StageError, match=r"class '\w+' has 24 usable images, but data.split asks for 20 \+ 5 \+ 5 = 30"
+    ):
         prepare.prepare(raw, tmp_path / "out", params, 0, workers=1)
 
 
@@ -180,7 +184,12 @@ def test_odd_and_broken_files_each_get_their_verdict(tmp_path):
     kept = [name for name, reason in expected.items() if reason is None]
     assert sum(report["classes"]["cat"].values()) == len(kept)
     assert report["dropped"] == {
-        "empty": 1, "truncated": 1, "not_an_image": 1, "undecodable": 1, "decompression_bomb": 1, "too_small": 1
+        "empty": 1,
+        "truncated": 1,
+        "not_an_image": 1,
+        "undecodable": 1,
+        "decompression_bomb": 1,
+        "too_small": 1,
     }
 
     rows = manifest.read(tmp_path / "out")
@@ -214,7 +223,9 @@ def _splits(prepared: Path) -> dict[str, str]:
     return by_sha
 
 
-@pytest.mark.parametrize("split", [{"train": 10, "validation": 5, "test": 5}, {"train": 0.6, "validation": 0.2, "test": 0.2}])
+@pytest.mark.parametrize(
+    "split", [{"train": 10, "validation": 5, "test": 5}, {"train": 0.6, "validation": 0.2, "test": 0.2}]
+)
 def test_adding_files_moves_no_existing_picture(tmp_path, split):
     raw = tmp_path / "raw"
     for i in range(40):

@@ -87,9 +87,8 @@ def test_stage_run_logs_what_dvc_yaml_declares_and_records_its_id(project):
 def test_a_failing_stage_ends_its_run_failed_and_records_nothing(project):
     import mlflow
 
-    with pytest.raises(RuntimeError, match="boom"):
-        with tracking.stage_run("train_top", config.parse({})) as run:
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), tracking.stage_run("train_top", config.parse({})) as run:
+        raise RuntimeError("boom")
     assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
     assert not (project / "reports/runs/train_top.json").exists()
 
@@ -100,9 +99,10 @@ def test_logging_failure_after_the_work_keeps_outputs_and_says_how_to_log_them(p
     def unavailable(*args, **kwargs):
         raise ConnectionError("tracking store went away")
 
-    with monkeypatch.context() as patched, pytest.raises(tracking.TrackingError) as err:
+    with monkeypatch.context() as patched:
         patched.setattr(mlflow, "log_metrics", unavailable)
-        with tracking.stage_run("train_top", config.parse({})):
+        stage = tracking.stage_run("train_top", config.parse({}))
+        with pytest.raises(tracking.TrackingError) as err, stage:
             save_outputs(project)
     message = str(err.value)
     assert "finished its work and saved its outputs" in message and "tracking store went away" in message
@@ -113,7 +113,12 @@ def test_logging_failure_after_the_work_keeps_outputs_and_says_how_to_log_them(p
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     (project / "params.yaml").write_text("seed: 1\n")
     done = subprocess.run(
-        [sys.executable, "-m", "stages.tracking", "log", "train_top"], cwd=project, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "stages.tracking", "log", "train_top"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     run_id = json.loads((project / "reports/runs/train_top.json").read_text())["run_id"]
@@ -134,9 +139,9 @@ def test_unreachable_server_fails_in_seconds_naming_it(project, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     worked = []
     started = time.monotonic()
-    with pytest.raises(tracking.TrackingError, match=f"The MLflow tracking server {uri} is not reachable"):
-        with tracking.stage_run("train_top", config.parse({})):
-            worked.append(True)
+    stage = tracking.stage_run("train_top", config.parse({}))
+    with pytest.raises(tracking.TrackingError, match=f"The MLflow tracking server {uri} is not reachable"), stage:
+        worked.append(True)
     assert time.monotonic() - started < 5 and not worked
 
 
@@ -156,7 +161,7 @@ def _log_many(args: tuple[str, int]) -> int:
     for i in range(3):
         with tracking.store_lock():
             mlflow.set_experiment("parallel")
-            run = mlflow.start_run(run_name=f"w{worker}-{i}")
+            mlflow.start_run(run_name=f"w{worker}-{i}")
         for step in range(5):
             tracking.log_metrics({"x": step}, step=step)
         with tracking.store_lock():

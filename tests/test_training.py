@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -57,14 +57,15 @@ def test_features_are_in_manifest_order_with_their_labels(features, prepared, ti
             alone = images.decode(split.paths[i], tiny_params.data.image_size)[None]
             np.testing.assert_allclose(x[i], extractor.predict_on_batch(alone)[0], rtol=1e-4, atol=1e-4)
         assert {split.classes[label] for label in y} == {Path(p).parent.name for p in split.paths}
-        assert all(split.classes[label] == Path(p).parent.name for p, label in zip(split.paths, y))
+        assert all(split.classes[label] == Path(p).parent.name for p, label in zip(split.paths, y, strict=True))
 
 
 def test_featurize_is_reproducible_with_random_weights(tmp_path, features, prepared, tiny_params):
     featurize.featurize(prepared, tmp_path / "again", tiny_params)
     for name in ("train", "validation", "test"):
         np.testing.assert_array_equal(
-            featurize.load_features(tmp_path / "again", name)[0], featurize.load_features(features / "features", name)[0]
+            featurize.load_features(tmp_path / "again", name)[0],
+            featurize.load_features(features / "features", name)[0],
         )
 
 
@@ -103,7 +104,7 @@ def test_history_csv(tmp_path):
 
 def test_finetune_starts_from_the_trained_top(features, top, tiny_params):
     model, _ = finetune.assemble(tiny_params, features / "backbone.weights.h5", top, 2)
-    for a, b in zip(model.get_layer("top").get_weights(), top.get_weights()):
+    for a, b in zip(model.get_layer("top").get_weights(), top.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert model.get_layer("augmentation") is not None
 
@@ -111,7 +112,9 @@ def test_finetune_starts_from_the_trained_top(features, top, tiny_params):
 def test_finetune_changes_only_the_last_block_and_the_head(tmp_path, features, top, prepared, tiny_params):
     import tensorflow as tf
 
-    result = finetune.finetune(prepared, features / "backbone.weights.h5", top, tiny_params, tf.distribute.get_strategy())
+    result = finetune.finetune(
+        prepared, features / "backbone.weights.h5", top, tiny_params, tf.distribute.get_strategy()
+    )
     assert result.unfrozen == ["block5_conv1", "block5_conv2", "block5_conv3"]
     assert result.classes == ["horizontal", "vertical"]
     assert len(result.history["val_accuracy"]) == tiny_params.finetune.epochs
@@ -119,13 +122,16 @@ def test_finetune_changes_only_the_last_block_and_the_head(tmp_path, features, t
     before = backbones.build_backbone("vgg16", None, tiny_params.data.image_size)
     before.load_weights(features / "backbone.weights.h5")
     after = result.model.get_layer("vgg16")
-    for old, new in zip(before.layers, after.layers):
-        for w_old, w_new in zip(old.get_weights(), new.get_weights()):
+    for old, new in zip(before.layers, after.layers, strict=True):
+        for w_old, w_new in zip(old.get_weights(), new.get_weights(), strict=True):
             if old.name.startswith("block5_"):
                 assert not np.array_equal(w_old, w_new), f"{old.name} was not trained"
             else:
                 np.testing.assert_array_equal(w_old, w_new, err_msg=f"{old.name} changed but is frozen")
-    changed = [not np.array_equal(a, b) for a, b in zip(top.get_weights(), result.model.get_layer("top").get_weights())]
+    changed = [
+        not np.array_equal(a, b)
+        for a, b in zip(top.get_weights(), result.model.get_layer("top").get_weights(), strict=True)
+    ]
     assert all(changed), "every weight of the head is trained"
 
     # The saved model is for inference: no augmentation, float32, reloads with safe_mode, same outputs.
@@ -134,7 +140,9 @@ def test_finetune_changes_only_the_last_block_and_the_head(tmp_path, features, t
     common.save_model(result.model, tmp_path / "model.keras")
     loaded = keras.models.load_model(tmp_path / "model.keras", safe_mode=True)
     batch = next(iter(images.images_only(images.load_split(prepared, "test").paths, tiny_params.data.image_size, 4)))
-    np.testing.assert_allclose(loaded.predict_on_batch(batch), result.model.predict_on_batch(batch), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict_on_batch(batch), result.model.predict_on_batch(batch), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_augmentation_layers_follow_the_params(tiny_params):
@@ -177,7 +185,9 @@ def test_mixed_precision_on_two_devices(features, top, prepared, tiny_params, tm
         """
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["replicas"] == 2
@@ -195,21 +205,29 @@ def test_predict_prints_the_top_classes_of_image_files(tmp_path, features, top, 
     probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]])
     assert predict.top_classes(probs, ["a", "b", "c"], 2) == [[("b", 0.7), ("c", 0.2)], [("a", 0.5), ("c", 0.3)]]
 
-    model = finetune.finetune(prepared, features / "backbone.weights.h5", top, tiny_params, tf.distribute.get_strategy()).model
+    model = finetune.finetune(
+        prepared, features / "backbone.weights.h5", top, tiny_params, tf.distribute.get_strategy()
+    ).model
     common.save_model(model, tmp_path / "model.keras")
     common.write_json(tmp_path / "classes.json", ["horizontal", "vertical"])
     picture = images.load_split(prepared, "test").paths[0]
     args = ["--model", str(tmp_path / "model.keras"), "--classes", str(tmp_path / "classes.json"), "--top", "2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = [sys.executable, "-m", "stages.predict", *args]
-    done = subprocess.run([*run, picture], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    done = subprocess.run(
+        [*run, picture], check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     line = done.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(rf"{re.escape(picture)}: (horizontal|vertical) 0\.\d{{3}}, (horizontal|vertical) 0\.\d{{3}}", line)
+    assert re.fullmatch(
+        rf"{re.escape(picture)}: (horizontal|vertical) 0\.\d{{3}}, (horizontal|vertical) 0\.\d{{3}}", line
+    )
     expected = evaluate.class_probabilities(model, [picture], tiny_params.data.image_size, 1)[0]
     assert f"{max(expected):.3f}" in line, "the same scores as evaluate"
 
     (tmp_path / "notes.jpg").write_text("not a picture")
-    done = subprocess.run([*run, str(tmp_path / "notes.jpg")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    done = subprocess.run(
+        [*run, str(tmp_path / "notes.jpg")], check=False, capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert done.returncode == 2
     assert f"error: {tmp_path / 'notes.jpg'} is not an image TensorFlow can decode" in done.stderr

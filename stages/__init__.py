@@ -1,0 +1,1 @@
+"""The pipeline's stages and the modules they share (see README.md)."""
