@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -72,12 +73,57 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+def _number_shared_objects(config: Any, numbers: dict[Any, int]) -> Any:
+    """`config` with each `shared_object_id` replaced by its order of first appearance (the same
+    object keeps the same number, so sharing survives)."""
+    if isinstance(config, dict):
+        return {
+            key: numbers.setdefault(value, len(numbers))
+            if key == "shared_object_id"
+            else _number_shared_objects(value, numbers)
+            for key, value in config.items()
+        }
+    if isinstance(config, list):
+        return [_number_shared_objects(item, numbers) for item in config]
+    return config
+
+
 def write_json(path: str | Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+#: The timestamp every member of a saved model gets: the earliest a zip file can hold.
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
 def save_model(model: Any, path: str | Path) -> None:
-    """`model.save` to a temporary .keras file, then rename into place."""
+    """`model.save` to a temporary .keras file, made byte-stable, then renamed into place.
+
+    Keras writes the time of saving into a .keras file (`date_saved` in metadata.json and the
+    zip members' timestamps) and the memory addresses of shared objects into its config
+    (`shared_object_id`): the same weights would get a new content hash on every save, and DVC
+    would run everything downstream again. The file is rewritten without them.
+    """
     with atomic_path(path) as tmp:
         model.save(tmp)
+        with atomic_path(tmp) as stable:
+            reproducible_keras_file(tmp, stable)
+
+
+def reproducible_keras_file(source: Path, dest: Path) -> None:
+    """Copy the .keras archive `source` to `dest` without the time it was saved, and with shared
+    objects numbered in order of appearance instead of by memory address."""
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(dest, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename == "metadata.json":
+                metadata = json.loads(data)
+                metadata.pop("date_saved", None)
+                data = json.dumps(metadata).encode()
+            elif info.filename == "config.json":
+                data = json.dumps(_number_shared_objects(json.loads(data), {})).encode()
+            member = zipfile.ZipInfo(info.filename, date_time=ZIP_EPOCH)
+            member.compress_type = info.compress_type
+            member.external_attr = info.external_attr
+            zout.writestr(member, data)

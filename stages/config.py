@@ -95,6 +95,7 @@ class SyntheticParams:
 class DataParams:
     source: str = "cats_vs_dogs"
     sha256: str | None = None
+    seed: int = 42  # the split (and the generated images): its own, so training seeds never move the test set
     image_size: tuple[int, int] = (150, 150)
     max_side: int = 500
     min_side: int = 32
@@ -103,6 +104,8 @@ class DataParams:
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
 
     def check(self, key: str) -> None:
+        if self.seed < 0:
+            _fail(f"{key}.seed", self.seed, "must be >= 0")
         if not self.source:
             _fail(f"{key}.source", self.source, f"one of {', '.join(PRESETS)}, an http(s) URL, or a local path")
         if self.sha256 is not None and (
@@ -218,7 +221,8 @@ class FeaturizeParams:
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = 42
+    seed: int = 42  # training: weight initialisation, shuffling, dropout, augmentation
+    deterministic: bool = True  # TensorFlow op determinism: the same bytes on a GPU too
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
     featurize: FeaturizeParams = field(default_factory=FeaturizeParams)

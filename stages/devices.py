@@ -34,6 +34,15 @@ def strategy(devices: list[str] | None = None) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
+def set_determinism(on: bool) -> None:
+    """TensorFlow's op determinism (`deterministic` in params.yaml): every op takes a deterministic
+    implementation (an op without one fails rather than vary), so that a GPU, like the CPU, gives
+    the same bytes for the same inputs, params and seeds. It stays on for the rest of the process."""
+    if on:
+        tf.config.experimental.enable_op_determinism()
+        log.info("TensorFlow op determinism: on")
+
+
 def set_policy(policy: str) -> None:
     keras.mixed_precision.set_global_policy(policy)
     log.info("dtype policy: %s", policy)

@@ -264,15 +264,15 @@ def download(params: config.DataParams, seed: int, out: Path) -> dict:
                 f"params.yaml: data.source = {source!r} is neither a preset ({', '.join(config.PRESETS)}), "
                 "an http(s) URL, nor an existing local archive or folder"
             )
+        # `source` records the path as given: the absolute path would differ between machines and
+        # clones, and make data/raw (a DVC output) differ with it.
         if local.is_dir():
-            record["path"] = str(local.resolve())
             return record | copy_source(class_root(local), out)
         if not is_archive(local.name):
             raise StageError(
                 f"data.source = {source!r}: a local file must be an archive ({', '.join(ARCHIVE_SUFFIXES)})"
             )
         archive = local
-        record["path"] = str(local.resolve())
         digest = sha256_file(archive)
         if wrong := fetch.mismatch(digest, pinned):
             # The user's own file: only read, never deleted.
@@ -307,7 +307,7 @@ def main() -> None:
     params = config.load()
     with tracking.stage_run("download", params):
         with common.atomic_dir(args.output) as tmp:
-            record = download(params.data, params.seed, tmp)
+            record = download(params.data, params.data.seed, tmp)
             common.write_json(tmp / SOURCE_RECORD, record)
         tracking.log_metrics({f"images.{k}": v for k, v in record["classes"].items()})
     log.info("wrote %s: %s", args.output, record["classes"])

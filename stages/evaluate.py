@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import common, config, images, tracking
+from stages import common, config, devices, images, tracking
 
 log = logging.getLogger(__name__)
 
@@ -209,11 +209,12 @@ def main() -> None:
     parser.add_argument("--history", type=Path, action="append", default=[], help="a history.csv to plot")
     args = parser.parse_args()
     params = config.load()
+    devices.set_determinism(params.deterministic)
     import keras
 
     from stages import backbones, serving  # noqa: F401  backbones registers the custom layers
 
-    with tracking.stage_run("evaluate", params):
+    with tracking.stage_run("evaluate", params) as run:
         model = keras.models.load_model(args.model, safe_mode=True)
         split = images.load_split(args.prepared, "test")
         probs, metrics = evaluate(model, split, params)
@@ -230,10 +231,11 @@ def main() -> None:
                 Path(split.paths[0]),
                 params.evaluate.registered_model,
                 metrics["accuracy"],
+                test_set=tracking.locked_hashes().get(args.prepared.as_posix()),
             )
         except Exception as err:
             raise tracking.logging_failed("evaluate", "logging the model", err) from err
-    tracking.log_pipeline_version(params)
+    tracking.log_pipeline_version(params, run)
     log.info("test accuracy %.4f on %d images; wrote %s", metrics["accuracy"], len(split), args.metrics)
 
 

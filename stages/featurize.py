@@ -21,7 +21,7 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
-from stages import backbones, common, config, images, tracking
+from stages import backbones, common, config, devices, images, tracking
 from stages.manifest import SPLITS
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("backbone_weights", type=Path, help="where to save the backbone's weights (.weights.h5)")
     args = parser.parse_args()
     params = config.load()
+    devices.set_determinism(params.deterministic)
     backbones.check(params)  # finetune's block count too: fail now, not after training the head
     with tracking.stage_run("featurize", params):
         started = time.perf_counter()

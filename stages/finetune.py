@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("reports", type=Path, help="folder for history.csv and metrics.json")
     args = parser.parse_args()
     params = config.load()
+    devices.set_determinism(params.deterministic)
     with tracking.stage_run("finetune", params):
         top = keras.models.load_model(args.top, safe_mode=True)
         result = finetune(

@@ -300,7 +300,7 @@ def prepare(raw: Path, out: Path, params: config.DataParams, seed: int, workers:
             "test_carved_from": "+".join(sorted(carved)) or None,
             "filled_short_splits": filled,
         },
-        "source": {k: v for k, v in source.items() if k in ("source", "url", "path", "sha256", "layout")},
+        "source": {k: v for k, v in source.items() if k in ("source", "url", "sha256", "layout")},
     }
 
 
@@ -313,7 +313,7 @@ def main() -> None:
     params = config.load()
     with tracking.stage_run("prepare", params):
         with common.atomic_dir(args.output) as tmp:
-            report = prepare(args.raw, tmp, params.data, params.seed)
+            report = prepare(args.raw, tmp, params.data, params.data.seed)
         common.write_json(args.report, report)  # a DVC metric: logged with the stage's outputs
     log.info("kept %d of %d files; dropped %s", report["images_kept"], report["files_read"], report["dropped"])
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import mlflow.models
 import mlflow.pyfunc
@@ -25,6 +26,9 @@ from mlflow.pyfunc.model import PythonModel
 from stages import tracking
 
 log = logging.getLogger(__name__)
+
+#: The model version tag holding the DVC hash of the prepared data its test accuracy was measured on.
+TEST_SET = "test_set"
 
 
 class ImageClassifier(PythonModel):
@@ -68,11 +72,18 @@ def _requirements() -> list[str]:
 
 
 def log_model(
-    model_path: Path, classes: list[str], threshold: float, example: Path, registered_model: str | None, accuracy: float
+    model_path: Path,
+    classes: list[str],
+    threshold: float,
+    example: Path,
+    registered_model: str | None,
+    accuracy: float,
+    test_set: str | None,
 ) -> str:
     """Log the fine-tuned model to the active run as a pyfunc model (`ImageClassifier`), with its
     signature and an input example; register it with the alias `candidate`, and `champion` too
-    when its test accuracy beats the current champion's. Returns what happened, for the run's tags."""
+    when its test accuracy beats the current champion's on the same test set (`test_set`: the DVC
+    hash of the prepared data it was scored on). Returns what happened, for the run's tags."""
     if not tracking.enabled():
         return "not logged (PIPELINE_TRACKING=off)"
     import tempfile
@@ -102,28 +113,49 @@ def log_model(
             outcome = "not registered (evaluate.registered_model is null)"
             mlflow.set_tag("model.registry", outcome)
             return outcome
-        version = mlflow.register_model(info.model_uri, registered_model).version
-        client = mlflow.MlflowClient(tracking.tracking_uri())
-        client.set_model_version_tag(registered_model, version, "test.accuracy", str(accuracy))
-        client.set_model_version_tag(registered_model, version, "run_id", tracking.active_run_id())
-        client.set_registered_model_alias(registered_model, "candidate", version)
-        try:
-            champion = client.get_model_version_by_alias(registered_model, "champion")
-        except mlflow.exceptions.MlflowException:
-            champion = None
-        best = float(champion.tags.get("test.accuracy", "-inf")) if champion else float("-inf")
-        if champion is None or accuracy > best:
-            client.set_registered_model_alias(registered_model, "champion", version)
-            before = f"beats v{champion.version}'s {best:.4f}" if champion else "the first champion"
-            outcome = f"{registered_model} v{version}: candidate and champion (test accuracy {accuracy:.4f}, {before})"
-        else:
-            outcome = (
-                f"{registered_model} v{version}: candidate only (test accuracy {accuracy:.4f} does not beat "
-                f"champion v{champion.version}'s {best:.4f})"
-            )
+        version, outcome = register(info.model_uri, registered_model, accuracy, test_set, tracking.active_run_id())
         mlflow.set_tags({"model.registry": outcome, "model.version": str(version)})
     log.info("%s", outcome)
     return outcome
+
+
+def register(model_uri: str, name: str, accuracy: float, test_set: str | None, run_id: str) -> tuple[str, str]:
+    """Register the model at `model_uri` as a new version of `name`, tagged with its test accuracy,
+    its test set and its run; give it the alias `candidate`, and `champion` when it earns it.
+    Returns the version and what was decided."""
+    import mlflow
+
+    version = mlflow.register_model(model_uri, name).version
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    client.set_model_version_tag(name, version, "test.accuracy", str(accuracy))
+    client.set_model_version_tag(name, version, TEST_SET, test_set or "unknown")
+    client.set_model_version_tag(name, version, "run_id", run_id)
+    client.set_registered_model_alias(name, "candidate", version)
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+    except mlflow.exceptions.MlflowException:
+        champion = None
+    return version, f"{name} v{version}: {_promote(client, name, version, accuracy, test_set, champion)}"
+
+
+def _promote(client: Any, name: str, version: str, accuracy: float, test_set: str | None, champion: Any) -> str:
+    """Move `champion` to `version` when it is the first, or beats the champion on the same test set;
+    return what was decided and why."""
+    if champion is None:
+        client.set_registered_model_alias(name, "champion", version)
+        return f"candidate and champion (test accuracy {accuracy:.4f}, the first champion)"
+    best = float(champion.tags.get("test.accuracy", "-inf"))
+    theirs = champion.tags.get(TEST_SET, "unknown")
+    if test_set is None or theirs != test_set:
+        return (
+            f"candidate only (test accuracy {accuracy:.4f} on test set {(test_set or 'unknown')[:12]}; champion "
+            f"v{champion.version} was scored on test set {theirs[:12]}: accuracies on different test sets "
+            "are not compared. To make this version the champion, set its alias by hand)"
+        )
+    if accuracy > best:
+        client.set_registered_model_alias(name, "champion", version)
+        return f"candidate and champion (test accuracy {accuracy:.4f} beats v{champion.version}'s {best:.4f})"
+    return f"candidate only (test accuracy {accuracy:.4f} does not beat champion v{champion.version}'s {best:.4f})"
 
 
 # MLflow loads the model by running this file ("models from code"): no pickled object is stored.

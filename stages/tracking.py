@@ -4,24 +4,25 @@ Tracking is embedded by default: `sqlite:///mlflow.db` in the project folder (al
 experiments, which run in a temporary copy: DVC tells the stage where the project is). Set
 `MLFLOW_TRACKING_URI` to use a team server instead, `MLFLOW_EXPERIMENT_NAME` to pick the experiment.
 
-Each stage that runs opens one run named after itself (`stage_run`), tagged with the stage, the
-git commit, and the DVC content hashes (from dvc.lock) of the data and models it reads, which it
-also logs as MLflow dataset inputs. When the stage's work is done and saved, the run logs what
-dvc.yaml declares the stage produced: its metrics files, its per-epoch histories (live, through
-`epoch_logger`), and its outputs as artifacts. Its run id is written to the stage's run record
-(`reports/runs/<stage>.json`, a DVC output), so dvc.lock points back to the run. A stage that DVC
-skips runs nothing and logs nothing.
+Lineage points from MLflow to DVC, never back: nothing here writes a DVC output, and no stage
+depends on this module, so DVC never re-runs a stage for tracking's sake and its run-cache works.
 
-`evaluate`, the last stage, depends on every run record, so it runs whenever anything ran: it
-then opens the run of the pipeline version (`log_pipeline_version`): all params, the key metrics,
-links to the run of every stage (including unchanged ones reused from earlier versions) and, on
-the runs of the stages before it, the hashes of what they wrote (dvc.lock holds evaluate's own
-outputs, its reports, only once it has ended).
+Each stage that runs opens one run named after itself (`stage_run`), tagged with the stage, the
+git commit, and the DVC content hashes of the data and models it reads (`dvc.in.<path>`, from
+dvc.lock), which it also logs as MLflow dataset inputs. When the stage's work is saved, the run
+gets the DVC content hashes of what it wrote (`dvc.out.<path>`, computed as DVC does), its
+metrics files, its per-epoch histories (live, through `epoch_logger`) and its outputs as
+artifacts. A stage that DVC skips (unchanged, or restored from its run-cache) logs nothing.
+
+`evaluate`, the last stage, then opens the run of the pipeline version (`log_pipeline_version`):
+all params, the key metrics, and a link to the run of every stage, found by the hashes of the
+outputs dvc.lock records for it, so unchanged stages reused from earlier versions are linked too.
+`python -m stages.tracking find <path>` finds the run that wrote an output.
 
 The sqlite store is shared by experiments running in parallel: every write takes a file lock, so
 none fails with "database is locked". A tracking server that cannot be reached fails the stage at
 its start; a logging failure after the work is saved says how to log it afterwards
-(`python -m stages.tracking log <stage>`; for evaluate, `dvc repro --force evaluate`).
+(`python -m stages.tracking log <stage> --run-id <id>`; for evaluate, `dvc repro --force evaluate`).
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ import contextlib
 import csv
 import fcntl
 import functools
+import hashlib
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -47,7 +50,7 @@ from typing import Any
 import yaml
 
 from stages import config
-from stages.common import StageError, project_root, write_json
+from stages.common import StageError, project_root
 
 log = logging.getLogger(__name__)
 
@@ -197,20 +200,15 @@ def stage_params(stage: str, params: config.Params) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in keys)}
 
 
-def run_record(stage: str) -> Path:
-    """The output of `stage` that holds its MLflow run id: reports/runs/<stage>.json in dvc.yaml."""
+def stage_outputs(stage: str) -> list[str]:
+    """Everything dvc.yaml says `stage` writes: its outs, then its metrics."""
     spec = _stages().get(stage, {})
-    for path in _paths(spec.get("outs")):
-        if Path(path).name == f"{stage}.json" and Path(path).parent.name == "runs":
-            return Path(path)
-    raise StageError(f"dvc.yaml: stage '{stage}' has no output runs/{stage}.json to record its MLflow run in")
+    return _paths(spec.get("outs")) + _paths(spec.get("metrics"))
 
 
 def data_deps(stage: str) -> list[str]:
     """What a stage reads that another stage wrote (data, features, models), per dvc.yaml."""
-    return [
-        p for p in _paths(_stages().get(stage, {}).get("deps")) if not p.startswith("stages/") and "/runs/" not in p
-    ]
+    return [p for p in _paths(_stages().get(stage, {}).get("deps")) if not p.startswith("stages/")]
 
 
 def locked_hashes(lock: Path = LOCK_FILE) -> dict[str, str]:
@@ -219,6 +217,27 @@ def locked_hashes(lock: Path = LOCK_FILE) -> dict[str, str]:
         return {}
     stages = yaml.safe_load(lock.read_text(encoding="utf-8")).get("stages", {})
     return {out["path"]: out["md5"] for spec in stages.values() for out in spec.get("outs", []) if "md5" in out}
+
+
+def dvc_hash(path: Path) -> str:
+    """The content hash DVC records in dvc.lock for a file or a folder: the md5 of a file; for a
+    folder, the md5 of its listing (each file's md5 and path, sorted, as JSON) followed by `.dir`."""
+    if not path.is_dir():
+        return _md5(path)
+    files = sorted(file for file in path.rglob("*") if file.is_file())
+    listing = sorted(
+        ({"md5": _md5(file), "relpath": file.relative_to(path).as_posix()} for file in files),
+        key=lambda entry: entry["relpath"],
+    )
+    return hashlib.md5(json.dumps(listing, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def git_commit() -> tuple[str, bool]:
@@ -248,19 +267,7 @@ def lineage_tags(stage: str) -> dict[str, str]:
 # Runs ---------------------------------------------------------------------------------------
 
 
-def _write_record(stage: str, run: Any | None) -> None:
-    """The stage's run record: which MLflow run holds it (none when tracking is off)."""
-    write_json(
-        run_record(stage),
-        {
-            "stage": stage,
-            "run_id": run.info.run_id if run else None,
-            "experiment_id": run.info.experiment_id if run else None,
-        },
-    )
-
-
-def logging_failed(stage: str, action: str, err: Exception) -> TrackingError:
+def logging_failed(stage: str, action: str, err: Exception, run_id: str | None = None) -> TrackingError:
     """The error for a logging failure after a stage's work is saved: what to do to log it later."""
     if stage == "evaluate":  # it trains nothing: running it again is the simplest way
         how = (
@@ -268,8 +275,9 @@ def logging_failed(stage: str, action: str, err: Exception) -> TrackingError:
             "(it scores the test set again; nothing is trained)"
         )
     else:
+        into = f" --run-id {run_id}" if run_id else ""
         how = (
-            f"log the saved outputs with\n    python -m stages.tracking log {stage}\n"
+            f"log the saved outputs with\n    python -m stages.tracking log {stage}{into}\n"
             f"and record them in dvc.lock without running the stage again with\n    dvc commit {stage}"
         )
     return TrackingError(
@@ -282,14 +290,12 @@ def logging_failed(stage: str, action: str, err: Exception) -> TrackingError:
 def stage_run(stage: str, params: config.Params) -> Iterator[Any]:
     """The MLflow run of one stage: opened (lineage tagged) before the work, completed after it.
 
-    When the body returns, the outputs dvc.yaml declares for the stage are logged and the run id
-    is written to the stage's run record.
+    When the body returns, the run gets the DVC hashes of the outputs dvc.yaml declares for the
+    stage, and logs them (`log_outputs`). Yields the run (None when tracking is off).
     """
-    run_record(stage)  # a stage without a run record in dvc.yaml fails here, before any work
     if not enabled():
         log.info("PIPELINE_TRACKING=off: %s logs nothing", stage)
         yield None
-        _write_record(stage, None)
         return
     import mlflow  # imported here: it takes seconds, and only stages that run need it
 
@@ -309,11 +315,10 @@ def stage_run(stage: str, params: config.Params) -> Iterator[Any]:
     log.info("MLflow run %s (%s) at %s", run.info.run_id, stage, uri)
     try:
         yield run
-        _write_record(stage, run)
         try:
             log_outputs(stage)
         except Exception as err:
-            raise logging_failed(stage, "logging its outputs", err) from err
+            raise logging_failed(stage, "logging its outputs", err, run.info.run_id) from err
     except BaseException:
         with contextlib.suppress(Exception), store_lock():
             mlflow.end_run("FAILED")
@@ -356,8 +361,9 @@ def metric_key(name: str) -> str:
 
 
 def log_outputs(stage: str, replay_history: bool = False) -> None:
-    """Log what dvc.yaml says `stage` produced: metrics files, artifacts, and optionally the
-    per-epoch history files as step metrics (when they were not logged live)."""
+    """Log what dvc.yaml says `stage` produced: the DVC hash of each output (`dvc.out.<path>`),
+    metrics files, artifacts, and optionally the per-epoch history files as step metrics (when
+    they were not logged live)."""
     import mlflow
 
     spec = _stages().get(stage, {})
@@ -365,8 +371,10 @@ def log_outputs(stage: str, replay_history: bool = False) -> None:
     for path in _paths(spec.get("metrics")):
         if Path(path).is_file():
             metrics.update(_numbers(json.loads(Path(path).read_text(encoding="utf-8"))))
-    outputs = [p for p in _paths(spec.get("outs")) + _paths(spec.get("metrics")) if not p.startswith(NOT_ARTIFACTS)]
+    written = {f"dvc.out.{path}": dvc_hash(Path(path)) for path in stage_outputs(stage) if Path(path).exists()}
+    outputs = [p for p in stage_outputs(stage) if not p.startswith(NOT_ARTIFACTS)]
     with store_lock():
+        mlflow.set_tags(written)
         logged = set(mlflow.get_run(active_run_id()).data.metrics)
         if replay_history:
             for path in outputs:
@@ -443,25 +451,47 @@ def epoch_logger(prefix: str = "") -> Any:
 # The pipeline version -----------------------------------------------------------------------
 
 
-def log_pipeline_version(params: config.Params, stage: str = "evaluate") -> str | None:
+def runs_that_wrote(outputs: dict[str, str], stage: str | None = None, max_results: int = 100) -> list[Any]:
+    """The finished runs, newest first, that wrote every output in `outputs` ({path: DVC hash})."""
+    client = _client()
+    experiment = client.get_experiment_by_name(experiment_name())
+    if experiment is None or not outputs:
+        return []
+    conditions = [f"tags.`dvc.out.{path}` = '{md5}'" for path, md5 in outputs.items()]
+    if stage:
+        conditions.append(f"tags.`pipeline.stage` = '{stage}'")
+    conditions.append("attributes.status = 'FINISHED'")
+    return client.search_runs(
+        [experiment.experiment_id],
+        " and ".join(conditions),
+        order_by=["attributes.start_time DESC"],
+        max_results=max_results,
+    )
+
+
+def log_pipeline_version(params: config.Params, run: Any, stage: str = "evaluate") -> str | None:
     """Open the run of this pipeline version, linking the run of every stage; return its id
     (None when tracking is off).
 
-    Called by the last stage once its own run is complete. Stage runs made in this version get
-    it as their parent (they nest under it in the MLflow UI), and every stage run gets the DVC
-    hashes of what it wrote (`dvc.out.<path>`), which dvc.lock holds now that they are done.
+    Called by the last stage, `stage`, once its own `run` is complete. Every other stage's run is
+    the newest that wrote the outputs dvc.lock records for it, so a stage reused unchanged (or
+    restored from DVC's run-cache) links the run that first wrote its outputs. Runs made in this
+    version get it as their parent: they nest under it in the MLflow UI.
     """
-    if not enabled():
+    if not enabled() or run is None:
         return None
     import mlflow
 
     client = _client()
     hashes = locked_hashes()
-    runs = {}
+    runs: dict[str, str] = {}
     for name in _stages():
-        record = run_record(name)
-        if record.is_file() and (run_id := json.loads(record.read_text(encoding="utf-8"))["run_id"]):
-            runs[name] = run_id
+        if name == stage:
+            runs[name] = run.info.run_id
+        elif found := runs_that_wrote({p: hashes[p] for p in stage_outputs(name) if p in hashes}, name, 1):
+            runs[name] = found[0].info.run_id
+        else:
+            log.warning("no run in %s wrote the %s outputs dvc.lock records: not linked", tracking_uri(), name)
     metrics = {}
     for (name, key), metric in KEY_METRICS.items():
         for path in _paths(_stages().get(name, {}).get("metrics")):
@@ -477,19 +507,9 @@ def log_pipeline_version(params: config.Params, stage: str = "evaluate") -> str 
                 client.log_param(version_id, key, value)
             for key, value in metrics.items():
                 client.log_metric(version_id, key, value)
-            for name, run_id in runs.items():
-                try:
-                    run = client.get_run(run_id)
-                except mlflow.exceptions.MlflowException:
-                    # Logged to another tracking store (MLFLOW_TRACKING_URI changed since): the
-                    # link stays, as a run id to look up there.
-                    log.warning("the %s run %s is not in %s: linked by id only", name, run_id, tracking_uri())
-                    continue
-                if "mlflow.parentRunId" not in run.data.tags:
+            for run_id in runs.values():
+                if "mlflow.parentRunId" not in client.get_run(run_id).data.tags:
                     client.set_tag(run_id, "mlflow.parentRunId", version_id)
-                for path in _paths(_stages()[name].get("outs")) if name != stage else ():
-                    if path in hashes:  # the running stage's own outputs are not in dvc.lock yet
-                        client.set_tag(run_id, f"dvc.out.{path}", hashes[path])
             client.set_terminated(version_id)
     except Exception as err:
         raise logging_failed(stage, "logging the pipeline version", err) from err
@@ -498,35 +518,69 @@ def log_pipeline_version(params: config.Params, stage: str = "evaluate") -> str 
     return version_id
 
 
-# Logging afterwards -------------------------------------------------------------------------
+# Logging afterwards, finding runs -----------------------------------------------------------
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Log a stage's saved outputs to MLflow afterwards.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    relog = sub.add_parser("log", help="log the saved outputs of a stage whose logging failed")
-    relog.add_argument("stage", choices=[name for name in _stages() if name != "evaluate"])
-    args = parser.parse_args()
+def relog(stage: str, run_id: str | None) -> str:
+    """Log the saved outputs of `stage` into the run `run_id` (or a new run); return its id."""
     import mlflow
 
     params = config.load()
     uri = tracking_uri()
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    record = run_record(args.stage)
-    run_id = json.loads(record.read_text())["run_id"] if record.is_file() else None
     try:
         with store_lock():
-            run = _open_run(args.stage, run_id)
+            run = _open_run(stage, run_id)
             if not run_id:
-                mlflow.log_params(stage_params(args.stage, params))
-        _write_record(args.stage, run)
-        log_outputs(args.stage, replay_history=True)
+                mlflow.log_params(stage_params(stage, params))
+        log_outputs(stage, replay_history=True)
         with store_lock():
             mlflow.end_run()
     except mlflow.exceptions.MlflowException as err:
-        raise TrackingError(f"Could not log {args.stage} to {uri}: {err}") from err
-    print(f"logged {args.stage} to {uri} as run {run.info.run_id}", file=sys.stderr)
+        raise TrackingError(f"Could not log {stage} to {uri}: {err}") from err
+    return run.info.run_id
+
+
+def find(path: str, md5: str | None) -> list[str]:
+    """Lines describing the runs that wrote `path` with the DVC hash `md5` (default: dvc.lock's)."""
+    import mlflow
+
+    md5 = md5 or locked_hashes().get(path)
+    if md5 is None:
+        raise StageError(f"dvc.lock records no output {path!r}: give its hash with --md5, or run `dvc repro` first")
+    mlflow.set_tracking_uri(tracking_uri())
+    runs = runs_that_wrote({path: md5})
+    if not runs:
+        raise StageError(
+            f"no finished run in {tracking_uri()} (experiment {experiment_name()}) wrote {path} {md5}: "
+            "it was made with PIPELINE_TRACKING=off, logged to another store, or restored by `dvc pull`"
+        )
+    return [
+        f"{r.info.run_id}  {r.data.tags.get('pipeline.stage', '?'):<10} "
+        f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(r.info.start_time / 1000))}  "
+        f"git {r.data.tags.get('git.commit', 'unknown')[:10]}  {r.data.tags.get('dvc.experiment', '')}".rstrip()
+        for r in runs
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description="Log a stage's saved outputs afterwards, or find the run of an output."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    log_cmd = sub.add_parser("log", help="log the saved outputs of a stage whose logging failed")
+    log_cmd.add_argument("stage", choices=[name for name in _stages() if name != "evaluate"])
+    log_cmd.add_argument("--run-id", help="the stage's run, as its error message names it (default: a new run)")
+    find_cmd = sub.add_parser("find", help="the MLflow runs that wrote an output, found by its DVC hash")
+    find_cmd.add_argument("path", help="an output named in dvc.yaml, e.g. models/model.keras")
+    find_cmd.add_argument("--md5", help="the output's DVC hash (default: the one dvc.lock records)")
+    args = parser.parse_args()
+    if args.command == "log":
+        run_id = relog(args.stage, args.run_id)
+        print(f"logged {args.stage} to {tracking_uri()} as run {run_id}", file=sys.stderr)
+    else:
+        print("\n".join(find(args.path, args.md5)))
 
 
 if __name__ == "__main__":

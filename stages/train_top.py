@@ -20,7 +20,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from stages import backbones, common, config, tracking
+from stages import backbones, common, config, devices, tracking
 from stages.featurize import META, load_features
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("reports", type=Path, help="folder for history.csv and metrics.json")
     args = parser.parse_args()
     params = config.load()
+    devices.set_determinism(params.deterministic)
     meta = json.loads((args.features / META).read_text())
     with tracking.stage_run("train_top", params):
         head, history = train_top(

@@ -16,6 +16,7 @@ TINY: dict = {
     "seed": 7,
     "data": {
         "source": "synthetic",
+        "seed": 7,
         "image_size": [32, 32],
         "max_side": 48,
         "min_side": 16,
@@ -45,7 +46,7 @@ def tiny_params() -> config.Params:
 def raw(tmp_path_factory, tiny_params) -> Path:
     """raw/<class>/<jpg> as the download stage leaves it: two classes of generated patterns."""
     out = tmp_path_factory.mktemp("raw")
-    synthetic.generate(out, tiny_params.data.synthetic, tiny_params.seed)
+    synthetic.generate(out, tiny_params.data.synthetic, tiny_params.data.seed)
     return out
 
 
@@ -53,7 +54,7 @@ def raw(tmp_path_factory, tiny_params) -> Path:
 def prepared(tmp_path_factory, raw, tiny_params) -> Path:
     """The prepare stage's output for `raw`: split images and manifest.csv."""
     out = tmp_path_factory.mktemp("prepared") / "prepared"
-    prepare.prepare(raw, out, tiny_params.data, tiny_params.seed, workers=1)
+    prepare.prepare(raw, out, tiny_params.data, tiny_params.data.seed, workers=1)
     return out
 
 

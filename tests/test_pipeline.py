@@ -10,7 +10,6 @@ import csv
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,22 +21,9 @@ import yaml
 
 from stages import demo
 from tests.conftest import TINY
+from tests.workspace import STAGES, base_env, dvc, dvc_repro, free_port, locked_hashes, run, set_param
 
 pytestmark = pytest.mark.slow
-
-STAGES = ["download", "prepare", "featurize", "train_top", "finetune", "evaluate"]
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "Test",
-    "GIT_AUTHOR_EMAIL": "test@example.org",
-    "GIT_COMMITTER_NAME": "Test",
-    "GIT_COMMITTER_EMAIL": "test@example.org",
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -85,35 +71,18 @@ def server(tmp_path_factory):
         server_log.close()
 
 
-def run(args: list[str], cwd: Path, env: dict, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    if check:
-        assert done.returncode == 0, f"{args}: {done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done
+def run_ids(uri: str, version: int = 0) -> dict[str, str]:
+    """The run of each stage that the pipeline version made `version`-th latest links."""
+    return {s: pipeline_versions(uri)[version].data.tags[f"run.{s}"] for s in STAGES}
 
 
-def dvc(*args: str, cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "dvc", *args], cwd, env, check)
-
-
-def dvc_repro(workspace: Path, env: dict) -> list[str]:
-    """Run `dvc repro`; return the stages it ran, in order."""
-    return re.findall(r"Running stage '(\w+)'", dvc("repro", cwd=workspace, env=env).stdout)
-
-
-def set_param(workspace: Path, section: str, key: str, value) -> None:
-    path = workspace / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    params[section][key] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def run_ids(workspace: Path) -> dict[str, str]:
-    return {s: json.loads((workspace / f"reports/runs/{s}.json").read_text())["run_id"] for s in STAGES}
-
-
-def base_env() -> dict:
-    return demo.pipeline_env(**GIT_ENV)
+def pipeline_versions(uri: str) -> list:
+    """The pipeline-version runs, newest first."""
+    c = client(uri)
+    experiment = c.get_experiment_by_name("image-classifier")
+    return c.search_runs(
+        [experiment.experiment_id], "tags.`pipeline.stage` = 'pipeline'", order_by=["attributes.start_time DESC"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +133,7 @@ def test_first_repro_runs_every_stage_and_writes_outputs(repo):
     assert '"accuracy"' in shown and '"dropped"' in shown
     plots = dvc("plots", "show", "--json", cwd=workspace, env=repo["env"]).stdout
     assert "confusion_matrix" in plots and "training_accuracy" in plots
-    lock = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]
-    for stage in STAGES:
-        assert any(out["path"] == f"reports/runs/{stage}.json" for out in lock[stage]["outs"]), stage
+    assert not (workspace / "reports" / "runs").exists(), "tracking writes nothing into the pipeline's outputs"
 
 
 def test_mlflow_holds_one_pipeline_version_linking_every_stage_run(repo):
@@ -175,7 +142,7 @@ def test_mlflow_holds_one_pipeline_version_linking_every_stage_run(repo):
     workspace, c = repo["path"], client(repo["server"])
     experiment = c.get_experiment_by_name("image-classifier")
     runs = {r.info.run_id: r for r in c.search_runs([experiment.experiment_id])}
-    ids = run_ids(workspace)
+    ids = run_ids(repo["server"])
     versions = [r for r in runs.values() if r.data.tags["pipeline.stage"] == "pipeline"]
     assert len(versions) == 1
     version = versions[0]
@@ -192,7 +159,7 @@ def test_mlflow_holds_one_pipeline_version_linking_every_stage_run(repo):
     assert "finetune.val_accuracy" in version.data.metrics
 
     lock = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]
-    out_hash = {out["path"]: out["md5"] for spec in lock.values() for out in spec["outs"]}
+    out_hash = locked_hashes(workspace)
     head = run(["git", "rev-parse", "--verify", "-q", "HEAD"], workspace, repo["env"], check=False)
     commit = head.stdout.strip() if head.returncode == 0 else "unknown"  # no commit yet at the first run
     for stage, run_id in ids.items():
@@ -203,6 +170,10 @@ def test_mlflow_holds_one_pipeline_version_linking_every_stage_run(repo):
         assert tags["mlflow.parentRunId"] == version.info.run_id
         assert tags["git.commit"] == commit and tags["git.dirty"] in ("true", "false")
         assert stage_run.info.status == "FINISHED"
+        # the DVC hash of everything it wrote, as dvc.lock records it
+        assert {k[len("dvc.out.") :]: v for k, v in tags.items() if k.startswith("dvc.out.")} == {
+            out["path"]: out["md5"] for out in lock[stage]["outs"]
+        }
     # DVC content hashes of what each stage read and wrote, as in dvc.lock
     featurize = runs[ids["featurize"]]
     assert featurize.data.tags["dvc.in.data/prepared"] == out_hash["data/prepared"]
@@ -235,6 +206,10 @@ def test_mlflow_holds_one_pipeline_version_linking_every_stage_run(repo):
     assert list(scored["confidence"]) == pytest.approx([float(row["confidence"]) for row in expected], abs=1e-5)
     assert list(scored.columns) == ["label", "confidence", "p.horizontal", "p.vertical"]
 
+    # the run that wrote an output, from its DVC hash: one command
+    found = run([sys.executable, "-m", "stages.tracking", "find", "models/model.keras"], workspace, repo["env"])
+    assert found.stdout.split()[:2] == [ids["finetune"], "finetune"]
+
 
 def test_second_repro_runs_nothing_and_logs_nothing(repo):
     c = client(repo["server"])
@@ -263,16 +238,13 @@ def test_fresh_clone_pulls_everything_and_reproduces_nothing(repo, tmp_path):
 
 def test_finetune_change_reruns_finetune_and_evaluate_linked_to_earlier_runs(repo):
     workspace, c = repo["path"], client(repo["server"])
-    before = run_ids(workspace)
+    before = run_ids(repo["server"])
     set_param(workspace, "finetune", "learning_rate", 0.005)
     assert dvc_repro(workspace, repo["env"]) == ["finetune", "evaluate"]
-    after = run_ids(workspace)
+    after = run_ids(repo["server"])
     changed = [s for s in STAGES if before[s] != after[s]]
     assert changed == ["finetune", "evaluate"]
-    experiment = c.get_experiment_by_name("image-classifier")
-    versions = c.search_runs(
-        [experiment.experiment_id], "tags.`pipeline.stage` = 'pipeline'", order_by=["attributes.start_time DESC"]
-    )
+    versions = pipeline_versions(repo["server"])
     assert len(versions) == 2
     newest = versions[0]
     assert newest.data.params["finetune.learning_rate"] == "0.005"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -24,9 +25,8 @@ PIPELINE = {
             "deps": ["data/features", "stages/train_top.py"],
             "params": ["seed", "top"],
             "outs": [
-                {"reports/runs/train_top.json": {"cache": False}},
                 "models/top.keras",
-                {"reports/train_top/history.csv": {"cache": False}},
+                "reports/train_top/history.csv",
             ],
             "metrics": [{"reports/train_top/metrics.json": {"cache": False}}],
         }
@@ -61,14 +61,13 @@ def save_outputs(root: Path) -> None:
     (root / "reports" / "train_top" / "metrics.json").write_text(json.dumps({"val_accuracy": 0.8, "loss": 0.5}))
 
 
-def test_stage_run_logs_what_dvc_yaml_declares_and_records_its_id(project):
+def test_stage_run_logs_what_dvc_yaml_declares_and_writes_no_file(project):
     import mlflow
 
     params = config.parse({"top": {"units": 32}})
     with tracking.stage_run("train_top", params) as run:
         save_outputs(project)
-    record = json.loads((project / "reports/runs/train_top.json").read_text())
-    assert record["run_id"] == run.info.run_id and record["stage"] == "train_top"
+    assert not (project / "reports" / "runs").exists()
     logged = mlflow.MlflowClient().get_run(run.info.run_id)
     assert logged.info.status == "FINISHED" and logged.info.run_name == "train_top"
     assert logged.data.params["top.units"] == "32" and "data.source" not in logged.data.params
@@ -82,15 +81,39 @@ def test_stage_run_logs_what_dvc_yaml_declares_and_records_its_id(project):
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "reports/train_top")}
     assert artifacts == {"reports/train_top/history.csv", "reports/train_top/metrics.json"}
     assert [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "models")] == ["models/top.keras"]
+    # the DVC hashes of what it wrote, and the one query that finds the run from them
+    assert logged.data.tags["dvc.out.models/top.keras"] == hashlib.md5(b"model").hexdigest()
+    assert logged.data.tags["dvc.out.reports/train_top/metrics.json"] == tracking.dvc_hash(
+        project / "reports/train_top/metrics.json"
+    )
+    found = tracking.runs_that_wrote({"models/top.keras": hashlib.md5(b"model").hexdigest()})
+    assert [r.info.run_id for r in found] == [run.info.run_id]
+    assert tracking.runs_that_wrote({"models/top.keras": "0" * 32}) == []
 
 
-def test_a_failing_stage_ends_its_run_failed_and_records_nothing(project):
+def test_dvc_hash_is_the_hash_dvc_records(tmp_path):
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    folder = tmp_path / "out"
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    (folder / "a.txt").write_text("text\n")
+    (folder / "sub" / "b.csv").write_bytes(b"x,y\r\n1,2\r\n")  # DVC 3 hashes bytes as they are
+    (folder / "sub" / "deeper" / "c.bin").write_bytes(bytes(range(256)) * 5000)
+    fs = LocalFileSystem()
+    odb = HashFileDB(fs, str(tmp_path / "odb"))
+    for path in (folder, folder / "sub" / "b.csv"):
+        _, _, obj = build(odb, str(path), fs, "md5")
+        assert tracking.dvc_hash(path) == obj.hash_info.value
+
+
+def test_a_failing_stage_ends_its_run_failed(project):
     import mlflow
 
     with pytest.raises(RuntimeError, match="boom"), tracking.stage_run("train_top", config.parse({})) as run:
         raise RuntimeError("boom")
     assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
-    assert not (project / "reports/runs/train_top.json").exists()
 
 
 def test_logging_failure_after_the_work_keeps_outputs_and_says_how_to_log_them(project, monkeypatch):
@@ -102,18 +125,20 @@ def test_logging_failure_after_the_work_keeps_outputs_and_says_how_to_log_them(p
     with monkeypatch.context() as patched:
         patched.setattr(mlflow, "log_metrics", unavailable)
         stage = tracking.stage_run("train_top", config.parse({}))
-        with pytest.raises(tracking.TrackingError) as err, stage:
+        with pytest.raises(tracking.TrackingError) as err, stage as run:
             save_outputs(project)
+    run_id = run.info.run_id
     message = str(err.value)
     assert "finished its work and saved its outputs" in message and "tracking store went away" in message
-    assert "python -m stages.tracking log train_top" in message and "dvc commit train_top" in message
+    assert f"python -m stages.tracking log train_top --run-id {run_id}" in message
+    assert "dvc commit train_top" in message
     assert (project / "models/top.keras").read_bytes() == b"model", "the work is kept"
 
     # ... and that command logs them, into the same run, with the per-epoch history
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     (project / "params.yaml").write_text("seed: 1\n")
     done = subprocess.run(
-        [sys.executable, "-m", "stages.tracking", "log", "train_top"],
+        [sys.executable, "-m", "stages.tracking", "log", "train_top", "--run-id", run_id],
         cwd=project,
         env=env,
         capture_output=True,
@@ -121,7 +146,6 @@ def test_logging_failure_after_the_work_keeps_outputs_and_says_how_to_log_them(p
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    run_id = json.loads((project / "reports/runs/train_top.json").read_text())["run_id"]
     client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     assert f"as run {run_id}" in done.stderr
     latest = {}
@@ -186,5 +210,32 @@ def test_tracking_off_runs_the_work_and_logs_nothing(project, monkeypatch):
     with tracking.stage_run("train_top", config.parse({})) as run:
         save_outputs(project)
     assert run is None
-    assert json.loads((project / "reports/runs/train_top.json").read_text())["run_id"] is None
-    assert not (project / "mlflow.db").exists()
+    assert not (project / "mlflow.db").exists() and not (project / "reports" / "runs").exists()
+
+
+def test_champion_is_only_compared_on_the_same_test_set(tmp_path):
+    import mlflow
+
+    from stages import serving
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    source = (tmp_path / "model").as_uri()
+
+    def new_version(accuracy: float, test_set: str | None) -> str:
+        return serving.register(source, "clf", accuracy, test_set, run_id="r")[1]
+
+    def champion() -> str:
+        return str(client.get_model_version_by_alias("clf", "champion").version)
+
+    assert new_version(0.80, "aaa.dir") == "clf v1: candidate and champion (test accuracy 0.8000, the first champion)"
+    assert "does not beat champion v1's 0.8000" in new_version(0.75, "aaa.dir") and champion() == "1"
+    assert "beats v1's 0.8000" in new_version(0.90, "aaa.dir") and champion() == "3"
+    # a higher accuracy on another test set is not comparable: the champion stays, and says why
+    outcome = new_version(0.99, "bbb.dir")
+    assert "candidate only" in outcome and "test set bbb.dir" in outcome
+    assert "v3 was scored on test set aaa.dir" in outcome
+    assert champion() == "3"
+    assert str(client.get_model_version_by_alias("clf", "candidate").version) == "4"
+    assert client.get_model_version("clf", "4").tags[serving.TEST_SET] == "bbb.dir"
+    assert "candidate only" in new_version(0.99, None) and champion() == "3", "an unknown test set is not compared"

@@ -231,3 +231,22 @@ def test_predict_prints_the_top_classes_of_image_files(tmp_path, features, top, 
     )
     assert done.returncode == 2
     assert f"error: {tmp_path / 'notes.jpg'} is not an image TensorFlow can decode" in done.stderr
+
+
+def test_a_saved_model_is_byte_stable(tmp_path, tiny_params):
+    """Two instances of the same model save to the same bytes: no time, no memory address."""
+    import zipfile
+
+    saved = []
+    for name in ("a", "b"):
+        keras.utils.set_random_seed(3)
+        head = backbones.build_head((2, 2, 8), 3, tiny_params.top)
+        common.save_model(head, tmp_path / f"{name}.keras")
+        saved.append((tmp_path / f"{name}.keras").read_bytes())
+    assert saved[0] == saved[1]
+    with zipfile.ZipFile(tmp_path / "a.keras") as archive:
+        assert {info.date_time for info in archive.infolist()} == {common.ZIP_EPOCH}
+        assert "date_saved" not in json.loads(archive.read("metadata.json"))
+        assert '"shared_object_id": 0' in archive.read("config.json").decode()
+    loaded = keras.models.load_model(tmp_path / "a.keras", safe_mode=True)
+    assert loaded.layers[-1].dtype_policy.name == "float32"

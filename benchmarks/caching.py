@@ -1,0 +1,103 @@
+"""What `dvc repro` runs, and how long it takes, when little or nothing changed.
+
+    python benchmarks/caching.py              # the demo's config (a few minutes for the first run)
+    python benchmarks/caching.py --tiny       # the test suite's tiny config (about a minute)
+
+Builds the pipeline in a temporary git repository (tracking to an sqlite store there), runs it
+once, commits, then times, each from the state the previous one left:
+
+- a no-op `dvc repro`;
+- `dvc repro` after a comment is added to the MLflow module (stages/tracking.py);
+- `dvc exp run` with another finetune.learning_rate, then back to the committed one;
+- `dvc repro --force --single-item train_top` (a retrain with identical params), then `dvc repro`.
+
+Prints a table of the stages each command ran and restored from the run-cache, and its wall
+time. Nothing here is a pass/fail threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from stages import demo
+from tests.conftest import TINY
+
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "Benchmark",
+    "GIT_AUTHOR_EMAIL": "benchmark@example.org",
+    "GIT_COMMITTER_NAME": "Benchmark",
+    "GIT_COMMITTER_EMAIL": "benchmark@example.org",
+}
+
+
+def timed(args: list[str], cwd: Path, env: dict) -> tuple[float, str]:
+    started = time.perf_counter()
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return seconds, done.stdout
+
+
+def summary(output: str) -> tuple[str, str]:
+    ran = re.findall(r"Running stage '(\w+)'", output)
+    restored = re.findall(r"Stage '(\w+)' is cached - skipping run", output)
+    return ", ".join(ran) or "none", ", ".join(restored) or "none"
+
+
+def git(args: list[str], cwd: Path, env: dict) -> None:
+    subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="the test suite's tiny config instead of the demo's")
+    args = parser.parse_args()
+    overrides = TINY if args.tiny else demo.DEMO_PARAMS
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workspace = demo.make_workspace(Path(tmp) / "repo", overrides, git=True)
+        env = demo.pipeline_env(**GIT_ENV, MLFLOW_TRACKING_URI=f"sqlite:///{Path(tmp) / 'mlflow.db'}")
+        git(["add", "-A"], workspace, env)
+        git(["commit", "-qm", "pipeline"], workspace, env)
+        rate = yaml.safe_load((workspace / "params.yaml").read_text())["finetune"]["learning_rate"]
+
+        def measure(what: str, command: list[str]) -> None:
+            seconds, output = timed(command, workspace, env)
+            rows.append((what, *summary(output), seconds))
+            print(f"{what}: {seconds:.1f} s", file=sys.stderr)
+
+        measure("first dvc repro", demo.DVC + ["repro"])
+        git(["add", "-A"], workspace, env)
+        git(["commit", "-qm", "reproduced"], workspace, env)
+        measure("no-op dvc repro", demo.DVC + ["repro"])
+        tracking = workspace / "stages" / "tracking.py"
+        tracking.write_text(tracking.read_text() + "\n# a comment\n")
+        measure("comment in stages/tracking.py", demo.DVC + ["repro"])
+        git(["checkout", "stages/tracking.py"], workspace, env)
+        measure(
+            f"exp run finetune.learning_rate={rate * 2:g}",
+            demo.DVC + ["exp", "run", "-S", f"finetune.learning_rate={rate * 2:g}"],
+        )
+        measure(f"exp run back to {rate:g}", demo.DVC + ["exp", "run", "-S", f"finetune.learning_rate={rate:g}"])
+        measure("repro --force --single-item train_top", demo.DVC + ["repro", "--force", "--single-item", "train_top"])
+        measure("dvc repro after it", demo.DVC + ["repro"])
+
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'command':<{width}}  {'ran':<45}  {'restored from run-cache':<24}  {'wall (s)':>8}")
+    for what, ran, restored, seconds in rows:
+        print(f"{what:<{width}}  {ran:<45}  {restored:<24}  {seconds:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""DVC re-runs exactly what changed, and restores from its cache what it has run before.
+
+Real `dvc repro` and `dvc exp run` on the tiny config, in git repositories. The tests run in file
+order on one clone (`clone`): each builds on what the previous left.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.workspace import (
+    STAGES,
+    base_env,
+    commit,
+    dvc,
+    dvc_repro,
+    git_repo,
+    locked_hashes,
+    ran_stages,
+    run,
+    set_param,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory):
+    """A git repository holding the tiny pipeline, never run."""
+    return git_repo(tmp_path_factory.mktemp("origin") / "repo", base_env())
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory, origin):
+    """A clone of `origin`, reproduced once with tracking on, its results committed."""
+    path = tmp_path_factory.mktemp("clone-a") / "repo"
+    env = base_env(MLFLOW_TRACKING_URI=f"sqlite:///{path.parent / 'mlflow.db'}")
+    run(["git", "clone", "-q", str(origin), str(path)], path.parent, env)
+    ran = dvc_repro(path, env)
+    commit(path, env, "reproduced")
+    return {"path": path, "env": env, "ran": ran}
+
+
+def exp_run(clone: dict, *sets: str) -> str:
+    """`dvc exp run -S ...` in the clone; its output."""
+    args = [a for s in sets for a in ("-S", s)]
+    return dvc("exp", "run", *args, cwd=clone["path"], env=clone["env"]).stdout
+
+
+def test_two_clean_runs_in_two_clones_write_identical_outputs(tmp_path, origin, clone):
+    assert clone["ran"] == STAGES
+    other = tmp_path / "clone-b"
+    env = base_env(PIPELINE_TRACKING="off")  # and tracking makes no difference to any output
+    run(["git", "clone", "-q", str(origin), str(other)], tmp_path, env)
+    assert dvc_repro(other, env) == STAGES
+    ours, theirs = locked_hashes(clone["path"]), locked_hashes(other)
+    assert len(ours) == 14
+    assert ours == theirs
+
+
+def test_a_comment_in_the_tracking_module_changes_nothing(clone):
+    workspace, env = clone["path"], clone["env"]
+    tracking = workspace / "stages" / "tracking.py"
+    tracking.write_text(tracking.read_text() + "\n# a comment\n")
+    try:
+        assert dvc("status", cwd=workspace, env=env).stdout.strip() == "Data and pipelines are up to date."
+        assert dvc_repro(workspace, env) == []
+    finally:
+        run(["git", "checkout", "stages/tracking.py"], workspace, env)
+
+
+def test_a_param_changed_and_back_restores_every_stage_from_the_cache(clone):
+    before = locked_hashes(clone["path"])
+    changed = exp_run(clone, "finetune.learning_rate=0.02")
+    assert ran_stages(changed) == ["finetune", "evaluate"]
+    assert locked_hashes(clone["path"])["models/model.keras"] != before["models/model.keras"]
+
+    back = exp_run(clone, "finetune.learning_rate=0.01")  # the committed value
+    assert ran_stages(back) == []
+    assert re.findall(r"Stage '(\w+)' is cached - skipping run", back) == ["finetune", "evaluate"]
+    assert locked_hashes(clone["path"]) == before
+    assert json.loads((clone["path"] / "reports/metrics.json").read_text())["test_images"] == 12
+
+
+def test_a_forced_retrain_with_the_same_params_runs_nothing_after_it(clone):
+    workspace, env = clone["path"], clone["env"]
+    before = locked_hashes(workspace)
+    assert dvc_repro(workspace, env, "--force", "--single-item", "train_top") == ["train_top"]
+    assert locked_hashes(workspace) == before, "the same bytes"
+    assert dvc_repro(workspace, env) == []
+
+
+def test_a_new_training_seed_keeps_the_split(clone):
+    workspace, env = clone["path"], clone["env"]
+    manifest = (workspace / "data/prepared/manifest.csv").read_bytes()
+    params = workspace / "params.yaml"
+    params.write_text(params.read_text().replace("seed: 7\n", "seed: 8\n", 1))
+    assert "seed: 8\ndeterministic" in params.read_text(), "the training seed changed, not data.seed"
+    try:
+        status = dvc("status", cwd=workspace, env=env).stdout
+        assert [s for s in STAGES if re.search(rf"^{s}:", status, re.MULTILINE)] == [
+            "featurize",
+            "train_top",
+            "finetune",
+        ]
+        assert dvc_repro(workspace, env, "prepare") == []
+        assert (workspace / "data/prepared/manifest.csv").read_bytes() == manifest
+    finally:
+        run(["git", "checkout", "params.yaml"], workspace, env)
+
+
+def test_checking_out_an_earlier_commit_restores_its_outputs_from_the_cache(clone):
+    workspace, env = clone["path"], clone["env"]
+    earlier = run(["git", "rev-parse", "HEAD"], workspace, env).stdout.strip()
+    before = locked_hashes(workspace)
+    set_param(workspace, "finetune", "learning_rate", 0.03)
+    assert dvc_repro(workspace, env) == ["finetune", "evaluate"]
+    commit(workspace, env, "learning rate 0.03")
+
+    run(["git", "checkout", "-q", earlier], workspace, env)
+    done = dvc("repro", cwd=workspace, env=env).stdout
+    assert ran_stages(done) == []
+    assert re.findall(r"Stage '(\w+)' is cached - skipping run", done) == ["finetune", "evaluate"]
+    assert locked_hashes(workspace) == before
+    assert dvc("status", cwd=workspace, env=env).stdout.strip() == "Data and pipelines are up to date."

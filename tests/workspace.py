@@ -1,0 +1,78 @@
+"""Running the real pipeline in tests: a git repository with the tiny config, `dvc` and `git` in it."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from stages import demo
+from tests.conftest import TINY
+
+STAGES = ["download", "prepare", "featurize", "train_top", "finetune", "evaluate"]
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "Test",
+    "GIT_AUTHOR_EMAIL": "test@example.org",
+    "GIT_COMMITTER_NAME": "Test",
+    "GIT_COMMITTER_EMAIL": "test@example.org",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(**extra: str) -> dict:
+    return demo.pipeline_env(**GIT_ENV, **extra)
+
+
+def run(args: list[str], cwd: Path, env: dict, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    if check:
+        assert done.returncode == 0, f"{args}: {done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def dvc(*args: str, cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], cwd, env, check)
+
+
+def ran_stages(output: str) -> list[str]:
+    """The stages a `dvc repro` or `dvc exp run` ran (not skipped, not restored), in order."""
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+def dvc_repro(workspace: Path, env: dict, *args: str) -> list[str]:
+    """Run `dvc repro`; return the stages it ran, in order."""
+    return ran_stages(dvc("repro", *args, cwd=workspace, env=env).stdout)
+
+
+def set_param(workspace: Path, section: str, key: str, value) -> None:
+    path = workspace / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def git_repo(path: Path, env: dict) -> Path:
+    """The tiny pipeline in a new git repository at `path`, committed, nothing run yet."""
+    workspace = demo.make_workspace(path, TINY, git=True)
+    commit(workspace, env, "pipeline")
+    return workspace
+
+
+def commit(workspace: Path, env: dict, message: str) -> None:
+    run(["git", "add", "-A"], workspace, env)
+    run(["git", "commit", "-qm", message], workspace, env)
+
+
+def locked_hashes(workspace: Path) -> dict[str, str]:
+    """{output path: md5} of every stage output in the workspace's dvc.lock."""
+    lock = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]
+    return {out["path"]: out["md5"] for spec in lock.values() for out in spec["outs"]}
