@@ -93,10 +93,10 @@ def main() -> None:
         measure("repro --force --single-item train_top", demo.DVC + ["repro", "--force", "--single-item", "train_top"])
         measure("dvc repro after it", demo.DVC + ["repro"])
 
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{'command':<{width}}  {'ran':<45}  {'restored from run-cache':<24}  {'wall (s)':>8}")
+    width, ran_width = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    print(f"\n{'command':<{width}}  {'ran':<{ran_width}}  {'restored from run-cache':<24}  {'wall (s)':>8}")
     for what, ran, restored, seconds in rows:
-        print(f"{what:<{width}}  {ran:<45}  {restored:<24}  {seconds:>8.1f}")
+        print(f"{what:<{width}}  {ran:<{ran_width}}  {restored:<24}  {seconds:>8.1f}")
 
 
 if __name__ == "__main__":

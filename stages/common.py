@@ -1,16 +1,19 @@
 """What every stage's `main()` shares: logging, clear errors instead of tracebacks, atomic writes.
 
-An output is first written under a temporary name next to its final place and then renamed, so
-an interrupted stage never leaves a file that looks complete.
+An output is first written under a temporary name next to its final place (`.tmp-<name>.*`,
+git-ignored) and then renamed, so an interrupted stage never leaves a file that looks complete;
+the next write of the same output removes what an interrupted one left (after `kill -9`, say).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import zipfile
@@ -28,16 +31,57 @@ class StageError(RuntimeError):
     """A problem the user can fix (bad input, missing data, no network); shown without a traceback."""
 
 
+#: Temporary files and folders of unfinished writes start with this (.gitignore ignores them).
+TMP_PREFIX = ".tmp-"
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: raised in the main thread so that unfinished writes are cleaned up."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def run(main: Callable[[], None]) -> None:
-    """Run a stage's main() with logging set up; known problems exit 2 with their message only."""
+    """Run a stage's main() with logging set up; known problems exit 2 with their message only.
+
+    Ctrl-C and SIGTERM stop it with one line (exit 130 and 143): nothing unfinished is kept, since
+    outputs get their names only when complete. A full disk is reported as such.
+    """
     from stages.config import ParamsError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    signal.signal(signal.SIGTERM, _terminate)
+    name = Path(sys.argv[0]).stem
     try:
         main()
     except (StageError, ParamsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except (KeyboardInterrupt, Terminated) as err:
+        how = "interrupted (Ctrl-C)" if isinstance(err, KeyboardInterrupt) else "stopped (SIGTERM)"
+        print(f"{name}: {how}; nothing unfinished was kept: run it again to redo it", file=sys.stderr)
+        sys.exit(130 if isinstance(err, KeyboardInterrupt) else 143)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(
+            f"error: no space left on the disk{where}. Free some space (`df -h` shows where), "
+            "then run again; nothing unfinished was kept.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
+def clear_stale(path: Path) -> None:
+    """Remove what an interrupted earlier write of `path` left beside it."""
+    for stale in path.parent.glob(f"{TMP_PREFIX}{path.name}.*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -45,7 +89,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` (same suffix); on success rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix="".join(path.suffixes), dir=path.parent)
+    clear_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", suffix="".join(path.suffixes), dir=path.parent)
     os.close(fd)
     os.unlink(tmp)  # writers such as Keras want to create the file themselves
     tmp_path = Path(tmp)
@@ -62,7 +107,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside `path`; on success it replaces `path` whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    clear_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent))
     try:
         yield tmp
         if path.exists():

@@ -3,13 +3,14 @@
 Every knob of the pipeline lives in `params.yaml`; this module turns it into frozen dataclasses
 so the stages get typed values and never index raw dicts. Validation happens before any work:
 an unknown key, a wrong type or a value out of range raises `ParamsError` naming the key, the
-value and what is allowed.
+value and what is allowed; a file that is not UTF-8, gives a key twice or is empty is refused the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ PRESETS = ("cats_vs_dogs", "stanford_dogs", "synthetic")
 
 
 class ParamsError(ValueError):
-    """A value in params.yaml is missing, unknown, of the wrong type or out of range."""
+    """A value in params.yaml is missing, unknown, of the wrong type or out of range, or the file is unusable."""
 
 
 def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
@@ -289,11 +290,14 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
         _fail(prefix or "params", data, "a mapping of keys to values")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    # In file order, and without sorting: YAML keys may be numbers, booleans (`on:`, `yes:`) or null.
+    unknown = [key for key in data if not isinstance(key, str) or key not in names]
     if unknown:
-        where = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        key = unknown[0]
+        where = f"{prefix}.{key}" if prefix else str(key)
+        kind = "" if isinstance(key, str) else f" (read as {type(key).__name__} {key!r}, not a name)"
         under = f" under {prefix}" if prefix else ""
-        raise ParamsError(f"{PARAMS_FILE}: unknown key '{where}'; allowed keys{under}: {', '.join(names)}")
+        raise ParamsError(f"{PARAMS_FILE}: unknown key '{where}'{kind}; allowed keys{under}: {', '.join(names)}")
     values = {
         name: _convert(hints[name], data[name], f"{prefix}.{name}" if prefix else name)
         for name in names
@@ -309,15 +313,118 @@ def parse(data: dict[str, Any] | None) -> Params:
     return _build(Params, data, "")
 
 
+class _DuplicateKeyError(Exception):
+    """A mapping in the YAML document gives the same key twice; the message names it and both lines."""
+
+
+def _node_path(root: yaml.Node, target: yaml.Node) -> str | None:
+    """The dotted key path ('finetune.augment') from `root` down to the node `target`; '' for the root itself.
+
+    Only called to word an error, so a plain search is fine; `seen` stops at aliases that loop.
+    """
+    seen: set[int] = set()
+
+    def walk(node: yaml.Node, prefix: str) -> str | None:
+        if node is target:
+            return prefix
+        if id(node) in seen:
+            return None
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                found = walk(value_node, f"{prefix}.{name}" if prefix else str(name))
+                if found is not None:
+                    return found
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                found = walk(item, f"{prefix}[{index}]")
+                if found is not None:
+                    return found
+        return None
+
+    return walk(root, "")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping.
+
+    PyYAML silently keeps the last of two equal keys, so a second `top:` block would quietly
+    replace the first; a params file must say each thing once.
+    """
+
+    _root: yaml.Node | None = None
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._root = node  # to name the mapping a duplicate is found in
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` may be overridden on purpose; PyYAML merges those itself
+            key = self.construct_object(key_node, deep=True)
+            try:
+                line = first_line.get(key)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if line is not None:
+                parent = _node_path(self._root, node) if self._root is not None else None
+                where = f"{parent}.{key}" if parent else str(key)
+                raise _DuplicateKeyError(
+                    f"key '{where}' is given twice, on lines {line} and {key_node.start_mark.line + 1}: "
+                    "YAML would silently keep the last one; delete or merge one of them"
+                )
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_text(path: Path) -> str:
+    """The file's text; a byte that is not UTF-8 fails naming its line, instead of a UnicodeDecodeError."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ParamsError(
+            f"{path}: line {line} is not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}): "
+            "save the file as UTF-8"
+        ) from None
+
+
 def load(path: str | Path = PARAMS_FILE) -> Params:
-    """Read and validate params.yaml."""
+    """Read and validate params.yaml.
+
+    Unlike `parse`, which takes the defaults for a missing mapping, an empty file is refused: it is
+    far more likely a truncated or wrongly saved params.yaml than a wish for all the defaults.
+    """
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found: run the stages from the repository root, where params.yaml is")
+    text = _read_text(path)
+    top_keys = ", ".join(f.name for f in dataclasses.fields(Params))
+    loader = _StrictLoader(text)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        node = loader.get_single_node()
+        if node is None:
+            raise ParamsError(
+                f"{path}: the file is empty (no keys, only blank lines or comments): it should map the "
+                f"parameters {top_keys} to their values; restore it from git"
+            )
+        data = loader.construct_document(node)
     except yaml.YAMLError as err:
         raise ParamsError(f"{path} is not valid YAML: {err}") from err
+    except _DuplicateKeyError as err:
+        raise ParamsError(f"{path}: {err}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list"}
+        found = "null" if data is None else f"{kinds.get(type(data), type(data).__name__)} ({reprlib.repr(data)})"
+        raise ParamsError(
+            f"{path}: the top level is {found}, not a mapping: write `key: value` lines for the parameters {top_keys}"
+        )
     return parse(data)
 
 

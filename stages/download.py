@@ -15,6 +15,7 @@ Run: dvc repro download   (or: python -m stages.download data/raw)
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import hashlib
 import logging
@@ -25,7 +26,7 @@ import urllib.parse
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO
 
@@ -43,6 +44,12 @@ MAX_EXTRACTED_BYTES = 64 * 2**30
 MAX_EXTRACTED_FILES = 2_000_000
 #: How many refused archive members source.json lists by name (all are counted).
 LISTED_REFUSALS = 100
+#: No photo collection compresses this well: an archive that expands more is a bomb...
+MAX_RATIO = 100
+#: ... once it expands beyond this (small archives of text or blank images may compress better).
+BOMB_FLOOR = 256 * 2**20
+#: Kept free on the disk beyond what an archive declares it needs.
+FREE_MARGIN = 2**30
 
 
 def strip_wordnet_id(folder: str) -> str:
@@ -77,12 +84,17 @@ assert set(PRESETS) | {"synthetic"} == set(config.PRESETS), "config.PRESETS name
 
 def cache_path(url: str, preset: bool) -> Path:
     """Where the archive of `url` is kept: data/cache/<name> for a preset, else under a folder
-    named by a hash of the URL, so two URLs with the same file name never share a file."""
+    named by a hash of the URL (its secrets redacted, so a renewed signature finds the same file),
+    so two URLs with the same file name never share a file."""
     name = Path(urllib.parse.urlparse(url).path).name or "download"
     cache = project_root() / CACHE_DIR  # shared by queued experiments, which run in temporary copies
     if preset:
         return cache / name
-    return cache / hashlib.sha256(url.encode()).hexdigest()[:12] / name
+    return cache / hashlib.sha256(fetch.redact_url(url).encode()).hexdigest()[:12] / name
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
 
 
 def is_archive(name: str) -> bool:
@@ -91,7 +103,7 @@ def is_archive(name: str) -> bool:
 
 def offline_hint(url: str, cached: Path) -> str:
     return (
-        f"To work without network: download {url} by hand and save it as {cached} "
+        f"To work without network: download {fetch.redact_url(url)} by hand and save it as {cached} "
         "(the download stage takes it from there), or set data.source in params.yaml to a local "
         "archive or a folder with one subfolder per class, or to 'synthetic' for generated data."
     )
@@ -106,18 +118,54 @@ def _safe_member_path(name: str) -> PurePosixPath | None:
     return PurePosixPath(*parts) if parts else None
 
 
-#: Opens an archive member's data for reading.
-Opener = Callable[[], IO[bytes]]
+@dataclass(frozen=True)
+class Member:
+    """One entry of a zip or tar archive."""
+
+    name: str
+    kind: str  # file | dir | other (links, devices)
+    size: int  # as the archive declares it
+    open: Callable[[], IO[bytes]]
+    problem: str | None = None  # why no program can extract it as it is, if so
 
 
-def _members(archive: Path) -> Iterator[tuple[str, str, int, Opener]]:
-    """(name, kind: file | dir | other, size, opener) for each member of a zip or tar."""
+#: Zip compression methods Python's zipfile extracts (stored, deflate, bzip2, lzma).
+ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+#: What other zip compression methods are, for the message.
+ZIP_METHOD_NAMES = {9: "Deflate64 (what Windows writes for large compressed folders)", 93: "Zstandard", 98: "PPMd"}
+
+
+def _zip_problem(info: zipfile.ZipInfo) -> str | None:
+    if info.flag_bits & 0x1:
+        return "is encrypted: extract the archive with its password and set data.source to the extracted folder"
+    if info.compress_type not in ZIP_METHODS and not info.is_dir():
+        method = ZIP_METHOD_NAMES.get(info.compress_type, f"method {info.compress_type}")
+        return (
+            f"is compressed with {method}, which Python cannot extract: extract the archive with 7-Zip or "
+            "`unzip` (or re-create it with plain Deflate) and set data.source to the extracted folder"
+        )
+    return None
+
+
+def _tar_problem(member: tarfile.TarInfo) -> str | None:
+    try:
+        member.name.encode("utf-8")
+    except UnicodeEncodeError:  # the bytes that were not UTF-8 come through as surrogates
+        return (
+            "has a name that is not UTF-8 (the archive was made with another encoding): re-create it with "
+            "UTF-8 names, or extract it, rename the files and set data.source to the folder"
+        )
+    return None
+
+
+def _members(archive: Path) -> Iterator[Member]:
+    """Each member of a zip or tar archive, in archive order."""
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():
                 is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
                 kind = "dir" if info.is_dir() else "other" if is_link else "file"
-                yield info.filename, kind, info.file_size, functools.partial(zf.open, info)
+                yield Member(info.filename, kind, info.file_size, functools.partial(zf.open, info), _zip_problem(info))
         return
     try:
         tf = tarfile.open(archive)  # noqa: SIM115  closed by `with tf` below; opening may fail first
@@ -126,7 +174,8 @@ def _members(archive: Path) -> Iterator[tuple[str, str, int, Opener]]:
     with tf:
         for member in tf:
             kind = "file" if member.isfile() else "dir" if member.isdir() else "other"
-            yield member.name, kind, member.size, functools.partial(_tar_data, tf, member)
+            opener = functools.partial(_tar_data, tf, member)
+            yield Member(member.name, kind, member.size, opener, _tar_problem(member))
 
 
 def _tar_data(tf: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
@@ -147,102 +196,221 @@ def extract(archive: Path, target: Path) -> dict:
         ) from err
 
 
-def _extract(archive: Path, target: Path) -> dict:
-    """Extract the regular files of `archive` under `target`; refuse escaping paths and links.
+def _refuse(counts: dict, key: str, name: str) -> None:
+    counts[key] += 1
+    if len(counts[f"{key}_members"]) < LISTED_REFUSALS:
+        counts[f"{key}_members"].append(name)
 
-    Returns the counts of files extracted and of members refused, and the refused members' names.
+
+def _extract(archive: Path, target: Path) -> dict:
+    """Extract the regular files of `archive` under `target`; refuse escaping paths and links, and
+    keep the first of members with the same name.
+
+    Returns the counts of files extracted, of members refused and of duplicates, with their names.
+    Stops with a StageError before writing anything the disk cannot hold, and as soon as the
+    output grows like an archive bomb's.
     """
     target.mkdir(parents=True, exist_ok=True)
-    counts: dict = {"files": 0, "refused": 0, "refused_members": []}
-    total_bytes = 0
-    for name, kind, size, open_member in _members(archive):
-        if kind == "dir":
+    counts: dict = {"files": 0, "refused": 0, "refused_members": [], "duplicates": 0, "duplicates_members": []}
+    free = shutil.disk_usage(target).free
+    if zipfile.is_zipfile(archive):  # a zip declares every size up front: check them all before writing
+        with zipfile.ZipFile(archive) as zf:
+            _check_size(archive, target, sum(info.file_size for info in zf.infolist()), free)
+    limit = _expansion_limit(archive)
+    declared = written = 0
+    seen: set[PurePosixPath] = set()
+    for member in _members(archive):
+        if member.kind == "dir":
             continue  # folders are made as their files need them
-        rel = _safe_member_path(name)
-        if rel is None or kind != "file":
-            counts["refused"] += 1
-            if len(counts["refused_members"]) < LISTED_REFUSALS:
-                counts["refused_members"].append(name)
-            log.warning("refused archive member %r: it is a link or its path leaves the target folder", name)
+        rel = _safe_member_path(member.name)
+        if rel is None or member.kind != "file":
+            _refuse(counts, "refused", member.name)
+            log.warning("refused archive member %r: it is a link or its path leaves the target folder", member.name)
             continue
-        total_bytes += size
+        if member.problem:
+            raise StageError(f"{archive}: member {member.name!r} {member.problem}")
+        if rel in seen:
+            _refuse(counts, "duplicates", member.name)
+            log.warning("archive member %r appears more than once: the first one is kept", member.name)
+            continue
+        seen.add(rel)
+        declared += member.size
         counts["files"] += 1
-        if total_bytes > MAX_EXTRACTED_BYTES or counts["files"] > MAX_EXTRACTED_FILES:
+        if declared > MAX_EXTRACTED_BYTES or counts["files"] > MAX_EXTRACTED_FILES:
             raise StageError(
                 f"{archive} would extract to more than {MAX_EXTRACTED_BYTES >> 30} GiB or "
                 f"{MAX_EXTRACTED_FILES} files: refused as a possible archive bomb"
             )
-        dest = target.joinpath(*rel.parts)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with open_member() as source, open(dest, "wb") as out:
-            shutil.copyfileobj(source, out, CHUNK)
+        _check_size(archive, target, declared, free)  # a tar declares each size as it comes
+        written = _write_member(archive, member, target.joinpath(*rel.parts), written, limit)
     return counts
 
 
+def _expansion_limit(archive: Path) -> int:
+    """How many bytes `archive` may extract to: photos barely compress, so far more is a bomb."""
+    return max(BOMB_FLOOR, MAX_RATIO * archive.stat().st_size)
+
+
+def _check_size(archive: Path, target: Path, size: int, free: int) -> None:
+    """Refuse, before writing, a declared `size` that the disk (`free` bytes before extracting)
+    cannot hold, or that no photo collection compresses to."""
+    if size > _expansion_limit(archive):
+        raise StageError(
+            f"{archive} declares {size / 2**20:.0f} MiB of files, more than {MAX_RATIO} times its own size: "
+            "pictures do not compress like that, so it is refused as an archive bomb"
+        )
+    if size > free - FREE_MARGIN:
+        raise StageError(
+            f"{archive} needs {size / 2**30:.1f} GiB to extract, but {target.parent} has {free / 2**30:.1f} GiB free "
+            f"(and {FREE_MARGIN >> 30} GiB is kept free): free some space, or extract it elsewhere by hand "
+            "and set data.source to that folder"
+        )
+
+
+def _write_member(archive: Path, member: Member, dest: Path, written: int, limit: int) -> int:
+    """Write one member's data to `dest`; return the archive's bytes written so far."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with member.open() as source, open(dest, "wb") as out:
+            size = 0
+            while chunk := source.read(CHUNK):
+                size += len(chunk)
+                written += len(chunk)
+                if size > member.size:  # zipfile and tarfile stop at the declared size; a guard all the same
+                    raise StageError(
+                        f"{archive}: member {member.name!r} expands beyond the {member.size} bytes it declares: "
+                        "refused as a damaged archive or an archive bomb"
+                    )
+                if written > limit:
+                    raise StageError(
+                        f"{archive} expands to more than {MAX_RATIO} times its own size: pictures do not "
+                        "compress like that, so it is refused as an archive bomb"
+                    )
+                out.write(chunk)
+    except (FileExistsError, NotADirectoryError, IsADirectoryError) as err:
+        raise StageError(
+            f"{archive}: {member.name!r} is both a file and a folder in this archive (or inside one another): "
+            "re-create the archive without the clash, or extract it by hand and set data.source to the folder"
+        ) from err
+    except OSError as err:
+        if err.errno != errno.ENAMETOOLONG:
+            raise
+        raise StageError(
+            f"{archive}: member {member.name!r} has a name longer than this file system allows: shorten it "
+            "(re-create the archive), or extract it by hand and set data.source to the folder"
+        ) from err
+    return written
+
+
 def class_root(folder: Path) -> Path:
-    """The folder holding the class (or split) subfolders: descend through single wrapper folders."""
+    """The folder holding the class (or split) subfolders: descend through single wrapper folders,
+    saying so, since a lone class folder with subfolders would be taken for a wrapper."""
     while len(subs := subfolders(folder)) == 1 and subfolders(subs[0]):
+        log.warning(
+            "%s holds one folder, %s, and nothing else: its subfolders (%s) are taken as the classes "
+            "(if %s is itself a class, put the other classes' folders beside it)",
+            folder,
+            subs[0].name,
+            ", ".join(p.name for p in subfolders(subs[0])),
+            subs[0].name,
+        )
         folder = subs[0]
     return folder
 
 
-def copy_classes(root: Path, out: Path, class_name: Callable[[str], str] = str, move: bool = False) -> dict[str, int]:
-    """Copy (or, from our own extraction folder, move) each class folder of `root`, files at any
-    depth below it, into out/<class>/."""
-    classes = subfolders(root)
-    if len(classes) < 2:
-        raise StageError(
-            f"{root} must hold one subfolder per class (at least 2), found "
-            f"{[p.name for p in classes] or 'none'}; arrange the images as <folder>/<class>/<image files>"
-        )
-    counts: dict[str, int] = {}
-    for cls in classes:
-        name = class_name(cls.name)
-        if name in counts:
-            raise StageError(f"{root}: two class folders are both named '{name}'")
-        counts[name] = 0
-        for path in files(cls):
-            dest = out / name / path.relative_to(cls)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if move:
-                os.replace(path, dest)
-            else:
-                shutil.copyfile(path, dest)
-            counts[name] += 1
-    return counts
+@dataclass
+class Copier:
+    """Copies class folders into data/raw (or, from our own extraction folder, moves them), reading
+    nothing outside `source`: a link that leads out of it is refused, counted and listed."""
 
+    source: Path  # the source folder, resolved
+    class_name: Callable[[str], str] = str
+    move: bool = False
+    links: list[str] = field(default_factory=list)  # refused links, relative to the source
+    empty: list[str] = field(default_factory=list)  # class folders with no file
 
-def copy_source(root: Path, out: Path, class_name: Callable[[str], str] = str, move: bool = False) -> dict:
-    """Copy a class-folder tree into out/<class>/, or a pre-split one into out/<split>/<class>/.
+    def inside(self, path: Path) -> bool:
+        if path.resolve().is_relative_to(self.source):
+            return True
+        self.links.append(path.relative_to(self.source).as_posix() if path.is_relative_to(self.source) else str(path))
+        log.warning("refused %s: a link to %s, outside the source", path, path.resolve())
+        return False
 
-    Returns the part of the record that describes it: layout, images per class (and per split).
-    """
-    splits = split_folders(root)
-    if splits is None:
-        return {"layout": "classes", "classes": copy_classes(root, out, class_name, move)}
-    per_split = {split: copy_classes(folder, out / split, class_name, move) for split, folder in splits.items()}
-    totals: dict[str, int] = {}
-    for counts in per_split.values():
-        for name, n in counts.items():
-            totals[name] = totals.get(name, 0) + n
-    return {"layout": "split", "classes": totals, "splits": per_split}
+    def classes(self, root: Path, out: Path) -> dict[str, int]:
+        """Each class folder of `root`, files at any depth below it, into out/<class>/."""
+        classes = [folder for folder in subfolders(root) if self.inside(folder)]
+        if len(classes) < 2:
+            raise StageError(
+                f"{root} must hold one subfolder per class (at least 2), found "
+                f"{[p.name for p in classes] or 'none'}; arrange the images as <folder>/<class>/<image files>"
+            )
+        counts: dict[str, int] = {}
+        for cls in classes:
+            name = self.class_name(cls.name)
+            if name in counts:
+                raise StageError(f"{root}: two class folders are both named '{name}'")
+            counts[name] = 0
+            for path in files(cls):
+                if not self.inside(path):
+                    continue
+                dest = out / name / path.relative_to(cls)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if self.move:
+                    os.replace(path, dest)
+                else:
+                    shutil.copyfile(path, dest)
+                counts[name] += 1
+            if not counts[name]:
+                self.empty.append(cls.relative_to(self.source).as_posix())
+                log.warning("class folder %s holds no file: it is left out", cls)
+        return counts
+
+    def tree(self, root: Path, out: Path) -> dict:
+        """A class-folder tree into out/<class>/, or a pre-split one into out/<split>/<class>/.
+
+        Returns the part of the record that describes it: layout, images per class (and per
+        split), and what was left out.
+        """
+        splits = split_folders(root)
+        if splits is None:
+            record: dict = {"layout": "classes", "classes": self.classes(root, out)}
+        else:
+            per_split = {split: self.classes(folder, out / split) for split, folder in splits.items()}
+            totals: dict[str, int] = {}
+            for counts in per_split.values():
+                for name, n in counts.items():
+                    totals[name] = totals.get(name, 0) + n
+            record = {"layout": "split", "classes": totals, "splits": per_split}
+        found = [name for name, n in record["classes"].items() if n]
+        if len(found) < 2:
+            raise StageError(
+                f"{root} has files in {len(found)} class folder(s) ({', '.join(found) or 'none'}); the empty ones: "
+                f"{', '.join(self.empty)}. A classifier needs pictures of at least 2 classes"
+            )
+        if self.empty:
+            record["empty_class_folders"] = self.empty
+        if self.links:
+            record["refused_links"] = len(self.links)
+            record["refused_link_paths"] = self.links[:LISTED_REFUSALS]
+        log.info("classes: %s", ", ".join(f"{name} ({n})" for name, n in record["classes"].items()))
+        return record
 
 
 def download(params: config.DataParams, seed: int, out: Path) -> dict:
     """Materialise the source as out/<class>/<files> (or out/<split>/<class>/<files>); return
     the record written to source.json."""
     source = params.source
-    record: dict = {"source": source}
+    record: dict = {"source": fetch.redact_url(source) if is_url(source) else source}
     if source == "synthetic":
         record["classes"] = synthetic.generate(out, params.synthetic, seed)
         return record
     preset = PRESETS.get(source)
-    url = preset.url if preset else source if source.startswith(("http://", "https://")) else None
+    url = preset.url if preset else source if is_url(source) else None
     pinned = params.sha256 or (preset.sha256 if preset else None)
     if url is not None:
         archive = cache_path(url, preset is not None)
         if not archive.is_file():
-            log.info("downloading %s", url)
+            log.info("downloading %s", fetch.redact_url(url))
             digest = fetch.fetch(url, archive, sha256=pinned, hint=offline_hint(url, archive))
         else:
             log.info("using %s (already downloaded)", archive)
@@ -256,7 +424,7 @@ def download(params: config.DataParams, seed: int, out: Path) -> dict:
                     f"{archive} is {wrong} (data.sha256 or the preset). "
                     f"It was moved to {aside}: run again to download it anew, or correct data.sha256."
                 )
-        record["url"] = url
+        record["url"] = fetch.redact_url(url)
     else:
         local = Path(source).expanduser()
         if not local.exists():
@@ -267,7 +435,11 @@ def download(params: config.DataParams, seed: int, out: Path) -> dict:
         # `source` records the path as given: the absolute path would differ between machines and
         # clones, and make data/raw (a DVC output) differ with it.
         if local.is_dir():
-            return record | copy_source(class_root(local), out)
+            copier = Copier(local.resolve())
+            root = class_root(local)
+            if not copier.inside(root):
+                raise StageError(f"{root} is a link that leads outside {local}: set data.source to the real folder")
+            return record | copier.tree(root, out)
         if not is_archive(local.name):
             raise StageError(
                 f"data.source = {source!r}: a local file must be an archive ({', '.join(ARCHIVE_SUFFIXES)})"
@@ -281,7 +453,7 @@ def download(params: config.DataParams, seed: int, out: Path) -> dict:
                 "Check that data.source names the intended archive, or correct data.sha256."
             )
     record["sha256"] = digest
-    extracted = out.parent / f".{out.name}.extract"
+    extracted = out.parent / f"{common.TMP_PREFIX}{out.name}.extract"
     shutil.rmtree(extracted, ignore_errors=True)
     try:
         record["archive"] = extract(archive, extracted)
@@ -292,9 +464,9 @@ def download(params: config.DataParams, seed: int, out: Path) -> dict:
                     f"{archive} does not have the layout of {source}: no {preset.root}/ folder in it. "
                     f"Delete it and run again to download it anew."
                 )
-            record |= copy_source(root, out, preset.class_name, move=True)
+            record |= Copier(extracted.resolve(), preset.class_name, move=True).tree(root, out)
         else:
-            record |= copy_source(class_root(extracted), out, move=True)
+            record |= Copier(extracted.resolve(), move=True).tree(class_root(extracted), out)
     finally:
         shutil.rmtree(extracted, ignore_errors=True)
     return record

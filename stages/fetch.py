@@ -12,11 +12,15 @@ file must never look complete. So:
   with the whole new body instead, so old and new bytes are never mixed;
 - transient failures (dropped or stalled connections, HTTP 5xx and 429) are retried with
   exponential backoff; failures that retrying cannot fix (HTTP 4xx, unknown host, connection
-  refused) fail at once with what the user can do.
+  refused) fail at once with what the user can do;
+- a URL is shown and recorded with its secrets redacted (`redact_url`): a password in it
+  (`https://user:password@host/...`, sent as HTTP basic auth) and the signature, token or key of
+  a presigned URL (`?X-Amz-Signature=...`).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
@@ -27,6 +31,7 @@ import socket
 import ssl
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -52,6 +57,35 @@ TRANSIENT_ERRORS = (
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE)
+
+
+#: Query parameters whose values are secrets: signatures, tokens, keys, credentials of presigned URLs.
+SECRET_PARAMETER = re.compile(r"sig|token|key|credential|secret|password|passwd|auth", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """`url` as it may be shown and recorded: `***` for its user and password and for the values
+    of query parameters that hold secrets (X-Amz-Signature, X-Amz-Credential, token, key...)."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = f"***@{parts.netloc.rpartition('@')[2]}" if "@" in parts.netloc else parts.netloc
+    pairs = [pair.partition("=") for pair in parts.query.split("&") if pair]
+    query = "&".join(
+        f"{name}{eq}***" if SECRET_PARAMETER.search(urllib.parse.unquote_plus(name)) else f"{name}{eq}{value}"
+        for name, eq, value in pairs
+    )
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _credentials(url: str) -> tuple[str, dict[str, str]]:
+    """`url` without its user:password, and the basic-auth header that carries them instead."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, {}
+    user = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    plain = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return plain, {"Authorization": f"Basic {token}"}
 
 
 class _Transient(Exception):
@@ -100,6 +134,7 @@ def fetch(
     next call for the same `url` and `dest`.
     """
     dest = Path(dest)
+    shown = redact_url(url)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     meta = dest.with_name(dest.name + ".part.json")
@@ -111,20 +146,20 @@ def fetch(
             _attempt(url, part, meta, timeout, label=dest.name)
             break
         except _Fatal as err:
-            raise StageError(f"Could not download {url}: {err}.{suffix}") from err.__cause__
+            raise StageError(f"Could not download {shown}: {err}.{suffix}") from err.__cause__
         except _Transient as err:
             last_error = str(err)
             if attempt < attempts:
                 delay = backoff * 2 ** (attempt - 1)
                 log.warning(
-                    "download of %s failed (%s); attempt %d of %d, next in %.2g s", url, err, attempt, attempts, delay
+                    "download of %s failed (%s); attempt %d of %d, next in %.2g s", shown, err, attempt, attempts, delay
                 )
                 time.sleep(delay)
     else:
         kept = part.stat().st_size if part.exists() else 0
         resume = f" Running again resumes from the {kept} bytes kept in {part}." if kept else ""
         raise StageError(
-            f"Could not download {url}: {last_error}; gave up after {attempts} "
+            f"Could not download {shown}: {last_error}; gave up after {attempts} "
             f"attempt{'s' if attempts != 1 else ''}.{resume}{suffix}"
         )
 
@@ -134,28 +169,30 @@ def fetch(
         part.unlink(missing_ok=True)
         meta.unlink(missing_ok=True)
         raise StageError(
-            f"{url} downloaded {wrong}; the download was discarded. Check the URL and the expected hash.{suffix}"
+            f"{shown} downloaded {wrong}; the download was discarded. Check the URL and the expected hash.{suffix}"
         )
     os.replace(part, dest)
     meta.unlink(missing_ok=True)
-    log.info("downloaded %s to %s (sha256 %s)", url, dest, digest)
+    log.info("downloaded %s to %s (sha256 %s)", shown, dest, digest)
     return digest
 
 
 def _attempt(url: str, part: Path, meta: Path, timeout: float, label: str) -> None:
     """One request: complete `part` from where it stops, or from zero. Raises _Transient or _Fatal."""
     offset = part.stat().st_size if part.exists() else 0
-    validator = _stored_validator(meta, url) if offset else None
-    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    url, auth = _credentials(url)
+    shown = redact_url(url)
+    validator = _stored_validator(meta, shown) if offset else None
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **auth}
     if offset and validator:
         headers["Range"] = f"bytes={offset}-"
         headers["If-Range"] = validator
-        log.info("resuming %s at byte %d", url, offset)
+        log.info("resuming %s at byte %d", shown, offset)
     else:
         offset = 0  # bytes of unknown origin cannot be trusted to match what the server sends now
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
-            offset, total = _where_body_starts(response, offset, url, part, meta)
+            offset, total = _where_body_starts(response, offset, shown, part, meta)
             with (
                 open(part, "r+b" if offset else "wb") as out,
                 tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=label) as bar,
@@ -165,7 +202,7 @@ def _attempt(url: str, part: Path, meta: Path, timeout: float, label: str) -> No
                 if not offset:
                     # Recorded only after the part file was emptied: a crash in between must not
                     # pair old bytes with the new validator.
-                    _store_validator(meta, url, response.headers)
+                    _store_validator(meta, shown, response.headers)
                 # read1 hands over what has arrived, so a stall after some bytes still keeps them
                 while chunk := response.read1(CHUNK):
                     out.write(chunk)
@@ -175,7 +212,7 @@ def _attempt(url: str, part: Path, meta: Path, timeout: float, label: str) -> No
         err.close()
         status = f"HTTP {err.code} {err.reason}"
         if err.code == 416 and offset:
-            _range_not_satisfiable(err, offset, url, part, meta)
+            _range_not_satisfiable(err, offset, shown, part, meta)
             return
         if err.code == 429 or err.code >= 500:
             raise _Transient(status) from err

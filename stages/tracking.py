@@ -49,7 +49,7 @@ from typing import Any
 
 import yaml
 
-from stages import config
+from stages import config, fetch
 from stages.common import StageError, project_root
 
 log = logging.getLogger(__name__)
@@ -191,9 +191,17 @@ def stage_param_keys(stage: str) -> list[str]:
     return keys
 
 
+def loggable_params(params: config.Params) -> dict[str, Any]:
+    """All params, flattened, a URL's secrets redacted (`fetch.redact_url`)."""
+    return {
+        key: fetch.redact_url(value) if isinstance(value, str) and value.startswith(("http://", "https://")) else value
+        for key, value in config.flatten(params).items()
+    }
+
+
 def stage_params(stage: str, params: config.Params) -> dict[str, Any]:
     """Flattened values of the params `stage` depends on (all params if dvc.yaml is not here)."""
-    flat = config.flatten(params)
+    flat = loggable_params(params)
     keys = stage_param_keys(stage)
     if not keys:
         return flat
@@ -503,7 +511,7 @@ def log_pipeline_version(params: config.Params, run: Any, stage: str = "evaluate
             experiment = client.get_experiment_by_name(experiment_name())
             version = client.create_run(experiment.experiment_id, run_name=PIPELINE_RUN, tags=tags)
             version_id = version.info.run_id
-            for key, value in config.flatten(params).items():
+            for key, value in loggable_params(params).items():
                 client.log_param(version_id, key, value)
             for key, value in metrics.items():
                 client.log_metric(version_id, key, value)

@@ -123,3 +123,115 @@ def test_a_stage_reports_a_bad_param_without_a_traceback(tmp_path, monkeypatch, 
         common.run(main)
     assert exit_info.value.code == 2
     assert "error: params.yaml: model.backbone = 'vgg19' is not valid" in capsys.readouterr().err
+
+
+def write_params(tmp_path, content: str | bytes):
+    """A params.yaml in `tmp_path` holding `content` (bytes as they are, text as UTF-8)."""
+    path = tmp_path / "params.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+def test_the_repository_params_file_still_loads():
+    params = config.load(ROOT / "params.yaml")
+    assert params == config.parse(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8")))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            b"seed: 42  # caf\xe9\n",
+            r"params.yaml: line 1 is not UTF-8 \(byte 0xe9 at offset 15\): save the file as UTF-8",
+        ),
+        (b"seed: 42\ntop:\n  optimizer: r\xe9sprop\n", r"params.yaml: line 3 is not UTF-8 \(byte 0xe9 at offset 28\)"),
+    ],
+)
+def test_a_file_that_is_not_utf8_names_the_line(tmp_path, content, message):
+    with pytest.raises(config.ParamsError, match=message):
+        config.load(write_params(tmp_path, content))
+
+
+def test_a_utf8_file_with_accents_loads(tmp_path):
+    params = config.load(write_params(tmp_path, "seed: 7  # café, naïve\n"))
+    assert params.seed == 7
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            "1: x\na: y\n",
+            r"params.yaml: unknown key '1' \(read as int 1, not a name\); allowed keys: seed, deterministic",
+        ),
+        ("seed: 1\nnull: 2\n", r"unknown key 'None' \(read as NoneType None, not a name\); allowed keys: seed"),
+        ("on: 1\n", r"unknown key 'True' \(read as bool True, not a name\); allowed keys: seed"),
+        ("top: {1: 2}\n", r"unknown key 'top.1' \(read as int 1, not a name\); allowed keys under top: units, dropout"),
+        ("top: {units: 8, 2.5: x, b: y}\n", r"unknown key 'top.2.5' \(read as float 2.5, not a name\); allowed keys"),
+    ],
+)
+def test_a_key_that_is_not_a_string_is_an_unknown_key(tmp_path, content, message):
+    with pytest.raises(config.ParamsError, match=message):
+        config.load(write_params(tmp_path, content))
+
+
+def test_parse_reports_mixed_keys_without_a_type_error():
+    with pytest.raises(config.ParamsError, match=r"unknown key 'data.1' \(read as int 1, not a name\)"):
+        config.parse({"data": {1: "x", "seed": 3}})
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            "top:\n  units: 8\nseed: 1\ntop:\n  units: 16\n",
+            r"params.yaml: key 'top' is given twice, on lines 1 and 4: YAML would silently keep the last one",
+        ),
+        (
+            "top:\n  units: 8\n  dropout: 0.1\n  units: 16\n",
+            r"params.yaml: key 'top.units' is given twice, on lines 2 and 4",
+        ),
+        (
+            "finetune:\n  augment:\n    zoom: 0.1\n    zoom: 0.2\n",
+            r"key 'finetune.augment.zoom' is given twice, on lines 3 and 4: .* delete or merge one of them",
+        ),
+        ("seed: 1\nseed: 2\n", r"key 'seed' is given twice, on lines 1 and 2"),
+    ],
+)
+def test_a_key_given_twice_names_both_lines(tmp_path, content, message):
+    with pytest.raises(config.ParamsError, match=message):
+        config.load(write_params(tmp_path, content))
+
+
+def test_a_yaml_merge_key_may_be_overridden(tmp_path):
+    params = config.load(write_params(tmp_path, "top:\n  <<: {units: 8, dropout: 0.1}\n  units: 16\n"))
+    assert (params.top.units, params.top.dropout) == (16, 0.1)
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n", "# all commented out\n# seed: 42\n"])
+def test_an_empty_file_is_refused_not_read_as_defaults(tmp_path, content):
+    message = r"params.yaml: the file is empty \(no keys, only blank lines or comments\): it should map the parameters"
+    with pytest.raises(config.ParamsError, match=message + r" seed, deterministic, data, .* restore it from git"):
+        config.load(write_params(tmp_path, content))
+
+
+def test_parse_of_nothing_still_means_the_defaults():
+    assert config.parse(None) == config.parse({}) == config.Params()
+
+
+@pytest.mark.parametrize(
+    ("content", "found"),
+    [
+        ("42\n", r"a number \(42\)"),
+        ("- a\n- b\n", r"a list \(\['a', 'b'\]\)"),
+        ("hello\n", r"a string \('hello'\)"),
+        ("~\n", "null"),
+    ],
+)
+def test_a_top_level_that_is_not_a_mapping_is_named(tmp_path, content, found):
+    message = rf"params.yaml: the top level is {found}, not a mapping: write `key: value` lines for the parameters seed"
+    with pytest.raises(config.ParamsError, match=message):
+        config.load(write_params(tmp_path, content))

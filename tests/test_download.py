@@ -162,6 +162,8 @@ def test_archive_members_never_escape_the_target(tmp_path):
             "data/cat/link.jpg",
             "data/cat/hard.jpg",
         ],
+        "duplicates": 0,
+        "duplicates_members": [],
     }
     assert [p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()] == ["data/cat/ok.jpg"]
     assert not (tmp_path / "deep" / "escaped.jpg").exists() and not (tmp_path / "up.jpg").exists()
@@ -283,3 +285,229 @@ def test_pre_split_folder_keeps_its_split_and_spells_validation_out(tmp_path):
     assert record["splits"] == {"train": {"cat": 3, "dog": 3}, "validation": {"cat": 2, "dog": 2}}
     assert record["classes"] == {"cat": 5, "dog": 5}
     assert listing(tmp_path / "raw") == {"train": ["cat", "dog"], "validation": ["cat", "dog"]}
+
+
+# Round two: links, secrets, odd archives, bombs, empty classes --------------------------------
+
+
+def test_a_folder_source_refuses_links_that_leave_it(tmp_path):
+    source = class_folder(tmp_path / "src")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("AWS_SECRET_ACCESS_KEY=do-not-copy")
+    outside = tmp_path / "elsewhere"
+    (outside / "x").mkdir(parents=True)
+    (outside / "x" / "a.jpg").write_bytes(b"outside")
+    (source / "cat" / "passwd.jpg").symlink_to(secret)  # a file link leading out
+    (source / "bird").symlink_to(outside / "x", target_is_directory=True)  # a folder link leading out
+    (source / "dog" / "same.jpg").symlink_to(source / "cat" / "cat0.jpg")  # inside the source: fine
+    record = download.download(data_params(str(tmp_path / "src")), 0, tmp_path / "raw")
+    assert record["refused_links"] == 2
+    assert sorted(record["refused_link_paths"]) == ["pets/bird", "pets/cat/passwd.jpg"]
+    assert listing(tmp_path / "raw") == {
+        "cat": ["cat0.jpg", "cat1.jpg"],
+        "dog": ["dog0.jpg", "dog1.jpg", "dog2.jpg", "same.jpg"],
+    }
+    copied = b"".join(p.read_bytes() for p in (tmp_path / "raw").rglob("*") if p.is_file())
+    assert b"do-not-copy" not in copied and b"outside" not in copied
+
+
+S3 = "https://bucket.s3.amazonaws.com/pets.zip"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            S3 + "?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F20261123&X-Amz-Signature=abcdef0123",
+            S3 + "?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=***&X-Amz-Signature=***",
+        ),
+        ("http://alice:s3cret@host.example/data.tgz", "http://***@host.example/data.tgz"),
+        (
+            "https://host.example/a.zip?dl=1&access_token=xyz&api_key=k",
+            "https://host.example/a.zip?dl=1&access_token=***&api_key=***",
+        ),
+        ("https://host.example/plain.zip", "https://host.example/plain.zip"),
+    ],
+)
+def test_urls_are_shown_with_their_secrets_redacted(url, shown):
+    assert download.fetch.redact_url(url) == shown
+
+
+def test_a_presigned_url_leaves_no_secret_in_the_records(tmp_path, monkeypatch, http_root):
+    monkeypatch.chdir(tmp_path)
+    served, base = http_root
+    zip_of(class_folder(tmp_path / "src"), served / "pets.zip")
+    url = f"{base}/pets.zip?X-Amz-Signature=SIGNATURE123&X-Amz-Credential=CRED456"
+    record = download.download(data_params(url), 0, tmp_path / "raw")
+    assert record["url"] == record["source"] == f"{base}/pets.zip?X-Amz-Signature=***&X-Amz-Credential=***"
+    with_password = f"http://alice:PASSWORD789@{base.removeprefix('http://')}/missing.zip"
+    with pytest.raises(StageError) as err:
+        download.download(data_params(with_password), 0, tmp_path / "raw2")
+    assert "HTTP 404" in str(err.value) and "PASSWORD789" not in str(err.value) and "***@" in str(err.value)
+    on_disk = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*.json"))
+    assert "SIGNATURE123" not in on_disk and "CRED456" not in on_disk and "PASSWORD789" not in on_disk
+
+
+def test_a_password_in_the_url_is_sent_as_basic_auth(tmp_path, monkeypatch):
+    import base64
+    import http.server
+    import threading
+
+    monkeypatch.chdir(tmp_path)
+    payload = zip_of(class_folder(tmp_path / "src"), tmp_path / "pets.zip").read_bytes()
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://alice:p%40ss@127.0.0.1:{server.server_address[1]}/pets.zip"
+        record = download.download(data_params(url), 0, tmp_path / "raw")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == ["Basic " + base64.b64encode(b"alice:p@ss").decode()]
+    assert record["url"].startswith("http://***@127.0.0.1:") and listing(tmp_path / "raw") == EXPECTED
+
+
+def zip_with(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+    return path
+
+
+def set_zip_field(path: Path, flag_bits: int | None = None, method: int | None = None) -> None:
+    """Rewrite every header of a stored zip: its flag bits and/or compression method."""
+    data = bytearray(path.read_bytes())
+    for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        start = 0
+        while (start := data.find(signature, start)) != -1:
+            if flag_bits is not None:
+                data[start + flags_at : start + flags_at + 2] = flag_bits.to_bytes(2, "little")
+            if method is not None:
+                data[start + flags_at + 2 : start + flags_at + 4] = method.to_bytes(2, "little")
+            start += 4
+    path.write_bytes(bytes(data))
+
+
+def test_an_encrypted_zip_is_explained(tmp_path):
+    archive = zip_with(tmp_path / "locked.zip", [("pets/cat/a.jpg", b"x"), ("pets/dog/b.jpg", b"y")])
+    set_zip_field(archive, flag_bits=0x1)
+    with pytest.raises(
+        StageError, match=r"member 'pets/cat/a.jpg' is encrypted: extract the archive with its password"
+    ):
+        download.extract(archive, tmp_path / "out")
+
+
+def test_a_deflate64_zip_is_explained(tmp_path):
+    archive = zip_with(tmp_path / "windows.zip", [("pets/cat/a.jpg", b"x"), ("pets/dog/b.jpg", b"y")])
+    set_zip_field(archive, method=9)
+    with pytest.raises(StageError, match=r"is compressed with Deflate64 .* extract the archive with 7-Zip"):
+        download.extract(archive, tmp_path / "out")
+
+
+def test_a_member_name_too_long_for_the_file_system_is_explained(tmp_path):
+    archive = zip_with(tmp_path / "long.zip", [("pets/cat/" + "a" * 300 + ".jpg", b"x")])
+    with pytest.raises(StageError, match="has a name longer than this file system allows"):
+        download.extract(archive, tmp_path / "out")
+
+
+@pytest.mark.parametrize("order", [["pets/cat/x", "pets/cat/x/a.jpg"], ["pets/cat/x/a.jpg", "pets/cat/x"]])
+def test_a_file_and_a_folder_at_the_same_path_are_explained(tmp_path, order):
+    archive = zip_with(tmp_path / "clash.zip", [(name, b"x") for name in order])
+    with pytest.raises(StageError, match="'pets/cat/x.*' is both a file and a folder in this archive"):
+        download.extract(archive, tmp_path / "out")
+
+
+def test_a_tar_with_names_that_are_not_utf8_fails_at_download_not_later(tmp_path):
+    archive = tmp_path / "latin1.tar"
+    with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tf:
+        for name in ("pets/cat/café.jpg", "pets/dog/b.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tf.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(StageError, match=r"member 'pets/cat/caf\\udce9.jpg' has a name that is not UTF-8"):
+        download.extract(archive, tmp_path / "out")
+
+
+def test_duplicate_member_names_are_reported_and_the_first_kept(tmp_path):
+    archive = tmp_path / "twice.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("pets/cat/a.jpg", b"first")
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            zf.writestr("pets/cat/a.jpg", b"second")
+        zf.writestr("pets/dog/b.jpg", b"y")
+    counts = download.extract(archive, tmp_path / "out")
+    assert (counts["files"], counts["duplicates"], counts["duplicates_members"]) == (2, 1, ["pets/cat/a.jpg"])
+    assert (tmp_path / "out/pets/cat/a.jpg").read_bytes() == b"first"
+
+
+def test_an_archive_that_expands_like_a_bomb_is_refused_before_writing(tmp_path, monkeypatch):
+    monkeypatch.setattr(download, "BOMB_FLOOR", 2**20)
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("pets/cat/a.bmp", bytes(4 * 2**20))  # 4 MiB of zeros in a few KiB
+        zf.writestr("pets/dog/b.jpg", b"y")
+    assert archive.stat().st_size < 40_000
+    with pytest.raises(StageError, match="more than 100 times its own size: .* refused as an archive bomb"):
+        download.extract(archive, tmp_path / "out")
+    assert not list((tmp_path / "out").rglob("*.bmp")), "refused before writing"
+
+
+def test_a_tar_gz_that_expands_like_a_bomb_is_stopped_while_extracting(tmp_path, monkeypatch):
+    monkeypatch.setattr(download, "BOMB_FLOOR", 2**20)
+    archive = tmp_path / "bomb.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        info = tarfile.TarInfo("pets/cat/a.bmp")
+        info.size = 8 * 2**20
+        tf.addfile(info, io.BytesIO(bytes(info.size)))
+    with pytest.raises(StageError, match="refused as an archive bomb"):
+        download.extract(archive, tmp_path / "out")
+
+
+def test_an_archive_larger_than_the_free_disk_is_refused_before_writing(tmp_path, monkeypatch):
+    archive = zip_of(class_folder(tmp_path / "src"), tmp_path / "pets.zip")
+    full = download.shutil.disk_usage(tmp_path)._replace(free=download.FREE_MARGIN + 10)
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda path: full)
+    with pytest.raises(StageError, match=r"needs 0.0 GiB to extract, but .* has 1.0 GiB free"):
+        download.extract(archive, tmp_path / "out")
+    assert not list((tmp_path / "out").rglob("*.jpg"))
+
+
+def test_an_empty_class_folder_is_reported_by_name(tmp_path, caplog):
+    source = class_folder(tmp_path / "src")
+    (source / "bird").mkdir()
+    record = download.download(data_params(str(tmp_path / "src")), 0, tmp_path / "raw")
+    assert record["empty_class_folders"] == ["pets/bird"] and record["classes"]["bird"] == 0
+    assert "class folder" in caplog.text and "bird holds no file: it is left out" in caplog.text
+    assert listing(tmp_path / "raw") == EXPECTED
+
+
+def test_fewer_than_two_classes_with_files_fail_at_download(tmp_path):
+    source = class_folder(tmp_path / "src")
+    for path in (source / "dog").iterdir():
+        path.unlink()
+    with pytest.raises(StageError, match=r"has files in 1 class folder\(s\) \(cat\); the empty ones: pets/dog"):
+        download.download(data_params(str(tmp_path / "src")), 0, tmp_path / "raw")
+
+
+def test_a_single_folder_whose_subfolders_become_the_classes_is_said(tmp_path, caplog):
+    for sub in ("indoor", "outdoor"):
+        (tmp_path / "src" / "cat" / sub).mkdir(parents=True)
+        (tmp_path / "src" / "cat" / sub / "a.jpg").write_bytes(sub.encode())
+    record = download.download(data_params(str(tmp_path / "src")), 0, tmp_path / "raw")
+    assert set(record["classes"]) == {"indoor", "outdoor"}
+    assert "holds one folder, cat, and nothing else: its subfolders (indoor, outdoor) are taken as the classes" in (
+        caplog.text
+    )
