@@ -232,6 +232,7 @@ def main() -> None:
                 params.evaluate.registered_model,
                 metrics["accuracy"],
                 test_set=tracking.locked_hashes().get(args.prepared.as_posix()),
+                max_side=params.data.max_side,
             )
         except Exception as err:
             raise tracking.logging_failed("evaluate", "logging the model", err) from err

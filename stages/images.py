@@ -2,7 +2,9 @@
 
 Every stage that reads images goes through here, so decoding and resizing are the same in
 featurize, finetune and evaluate. Images enter the model as float32 RGB in 0..255; scaling is the
-backbone's own preprocessing (see `backbones.Preprocess`).
+backbone's own preprocessing (see `backbones.Preprocess`). A new picture (`predict`, the served
+model) enters through `model_input`: prepared as `prepare` prepares the data set, then decoded as
+these stages decode it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from stages import manifest
+from stages import manifest, pictures
 from stages.common import StageError
 from stages.config import AugmentParams
 
@@ -60,6 +62,21 @@ def decode_bytes(data: tf.Tensor | bytes, image_size: tuple[int, int]) -> tf.Ten
     image = tf.image.resize(image, image_size, method="bilinear", antialias=True)
     image.set_shape((*image_size, 3))
     return image
+
+
+def model_input(data: bytes, image_size: tuple[int, int], max_side: int, max_pixels: int | None = None) -> np.ndarray:
+    """An encoded picture (the bytes of its file) as the model gets it: float32 (H, W, 3) RGB, 0..255.
+
+    The picture is normalised by `pictures` into the very JPEG bytes `prepare` would write for it
+    (upright, transparency on white, longest side `max_side`, re-encoded), then decoded by
+    `decode_bytes`, as featurize, finetune and evaluate read the prepared files. So `predict`, the
+    served model and evaluate's pipeline give a picture the same input, hence the same answer.
+    Raises `pictures.Unusable` for a file `prepare` would drop as broken (with its reason).
+    """
+    if not isinstance(data, bytes):
+        raise TypeError(f"model_input takes the bytes of an image file, not {type(data).__name__}")
+    jpeg = pictures.normalised_jpeg(data, max_side, max_pixels)
+    return np.asarray(decode_bytes(jpeg, image_size), dtype=np.float32)
 
 
 def dataset(

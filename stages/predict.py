@@ -1,9 +1,14 @@
-"""Classify image files with the fine-tuned model: the top classes of each, with their probabilities.
+"""Classify image files with the fine-tuned model: the decided class of each, then the others, with probabilities.
 
-Not a pipeline stage: a command for using the model that `dvc repro` built.
+Not a pipeline stage: a command for using the model that `dvc repro` built. Each picture is
+prepared exactly as `prepare` prepares the data set (turned upright, transparency on white, shrunk
+to `data.max_side`, re-encoded as JPEG) and decoded as evaluate decodes it (`images.model_input`),
+and the class is decided as evaluate decides it (`evaluate.threshold` for two classes), so a
+picture gets the answer the test metrics measured. `data.max_side` and `evaluate.threshold` come
+from params.yaml (`--params`; `--threshold` overrides the threshold).
 
-Run: python -m stages.predict photo.jpg other.png [--top 3]
-       [--model models/model.keras] [--classes models/classes.json]
+Run: python -m stages.predict photo.jpg other.png [--top 3] [--threshold 0.5]
+       [--model models/model.keras] [--classes models/classes.json] [--params params.yaml]
 """
 
 from __future__ import annotations
@@ -14,54 +19,75 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import common
+from stages import common, config
 from stages.common import StageError
 
 
-def top_classes(probs: np.ndarray, classes: list[str], k: int) -> list[list[tuple[str, float]]]:
-    """For each row of class probabilities, the `k` most likely (class, probability), best first."""
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return [[(classes[i], float(row[i])) for i in idx] for row, idx in zip(probs, order, strict=True)]
+def top_classes(
+    probs: np.ndarray, classes: list[str], k: int, threshold: float = config.EvaluateParams.threshold
+) -> list[list[tuple[str, float]]]:
+    """For each row of class probabilities, `k` (class, probability): first the class decided as
+    evaluate decides (`evaluate.predicted_classes`: for two classes, the second from `threshold`
+    on), then the others from the most likely down."""
+    from stages.evaluate import predicted_classes  # imports TensorFlow: only once there is work
+
+    out = []
+    for row, decided in zip(probs, predicted_classes(probs, threshold), strict=True):
+        others = [int(i) for i in np.argsort(-row, kind="stable") if i != decided]
+        out.append([(classes[i], float(row[i])) for i in [int(decided), *others][:k]])
+    return out
 
 
-def _decodes(path: Path) -> bool:
-    import tensorflow as tf
-
-    try:
-        tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
-    except tf.errors.InvalidArgumentError:
-        return False
-    return True
+def _threshold(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1)")
+    return value
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, GIF, BMP, WebP)")
+    parser.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, GIF, BMP, WebP, TIFF, ...)")
     parser.add_argument("--top", type=int, default=3, help="how many classes to show per image (default 3)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per prediction step")
     parser.add_argument("--model", type=Path, default=Path("models/model.keras"), help="the fine-tuned model")
     parser.add_argument("--classes", type=Path, default=Path("models/classes.json"), help="its class names")
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=Path(config.PARAMS_FILE),
+        help="the params the model was built with: data.max_side, evaluate.threshold (default params.yaml)",
+    )
+    parser.add_argument(
+        "--threshold", type=_threshold, help="two classes: decide the second from this probability on (default: params)"
+    )
     args = parser.parse_args()
     missing = [str(p) for p in [args.model, args.classes, *args.images] if not p.is_file()]
     if missing:
         raise StageError(f"not found: {', '.join(missing)} (build the model with `dvc repro` first)")
+    params = config.load(args.params)
+    threshold = params.evaluate.threshold if args.threshold is None else args.threshold
     import keras
-    import tensorflow as tf
 
-    from stages import backbones  # noqa: F401  registers the custom layers before loading
-    from stages.evaluate import class_probabilities
+    from stages import backbones, images, pictures  # noqa: F401  backbones registers the custom layers
+    from stages.evaluate import as_class_probabilities
+
+    def model_input(path: Path, size: tuple[int, int]) -> np.ndarray:
+        try:
+            return images.model_input(path.read_bytes(), size, params.data.max_side, params.data.max_pixels)
+        except pictures.Unusable as err:
+            raise StageError(f"{path} is not an image Pillow can decode: {err}") from err
 
     model = keras.models.load_model(args.model, safe_mode=True)
     classes = json.loads(args.classes.read_text(encoding="utf-8"))
-    try:
-        # The model's own input size: the one it was trained at, whatever params.yaml says now.
-        size = tuple(model.input_shape[1:3])
-        probs = class_probabilities(model, [str(p) for p in args.images], size, args.batch_size)
-    except tf.errors.InvalidArgumentError as err:
-        bad = next((p for p in args.images if not _decodes(p)), "one of the files")
-        raise StageError(f"{bad} is not an image TensorFlow can decode (JPEG, PNG, GIF, BMP, WebP)") from err
-    for path, best in zip(args.images, top_classes(probs, classes, args.top), strict=True):
-        print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in best))
+    # The model's own input size: the one it was trained at, whatever params.yaml says now.
+    size = tuple(model.input_shape[1:3])
+    for start in range(0, len(args.images), args.batch_size):
+        paths = args.images[start : start + args.batch_size]
+        batch = np.stack([model_input(path, size) for path in paths])
+        probs = as_class_probabilities(model.predict(batch, verbose=0))
+        for path, best in zip(paths, top_classes(probs, classes, args.top, threshold), strict=True):
+            print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in best))
 
 
 if __name__ == "__main__":

@@ -26,22 +26,20 @@ import json
 import logging
 import multiprocessing
 import os
-import warnings
+import signal
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from stages import common, config, manifest, tracking
+from stages import common, config, manifest, pictures, tracking
 from stages.common import StageError
 from stages.layout import SOURCE_RECORD, SPLITS, files, split_folders, subfolders
 
 log = logging.getLogger(__name__)
 
 DROP_REASONS = ("empty", "truncated", "not_an_image", "undecodable", "decompression_bomb", "too_small")
-JPEG_QUALITY = 95
 
 
 @dataclass(frozen=True)
@@ -54,46 +52,36 @@ class Cleaned:
     reason: str | None = None  # why it was dropped
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with transparency composited on white (not on black, as a plain convert would)."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image, mask=image.getchannel("A"))
-        return background
-    return image.convert("RGB")
-
-
 def clean_file(path: Path, label: str, raw: Path, staging: Path, params: config.DataParams) -> Cleaned:
-    """Decode one file completely; if usable, write its normalised JPEG to staging/<sha256>.jpg."""
+    """Decode one file completely; if usable, write its normalised JPEG to staging/<sha256>.jpg.
+
+    Decoding and normalising are `pictures.decode` (the same as `predict` and the served model
+    use), so what is dropped and why is decided there, except `too_small`, judged here on the
+    picture's size in the file (a large picture is decoded reduced). The sha256 (`pictures.sha256`)
+    is of the decoded RGB picture before it is shrunk to `data.max_side`: of the full picture, as
+    always, except that a picture at least twice `max_side` is now hashed as decoded reduced (by
+    DCT scaling for a JPEG, `Image.reduce` otherwise), which moves only such pictures in the split.
+    """
     source = path.relative_to(raw).as_posix()
-    Image.MAX_IMAGE_PIXELS = params.max_pixels  # beyond it Pillow warns; twice beyond, it refuses
-    if path.stat().st_size == 0:
-        return Cleaned(source, label, reason="empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                opened.load()  # decodes every pixel: truncation shows here, not in the header
-                image = _to_rgb(ImageOps.exif_transpose(opened))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return Cleaned(source, label, reason="decompression_bomb")
-    except UnidentifiedImageError:
-        return Cleaned(source, label, reason="not_an_image")
-    except OSError as err:
-        return Cleaned(source, label, reason="truncated" if "truncated" in str(err) else "undecodable")
-    except Exception:  # noqa: BLE001  a corrupt file can make any decoder raise anything
-        return Cleaned(source, label, reason="undecodable")
-    if min(image.size) < params.min_side:
+        decoded = pictures.decode(path, params.max_side, params.max_pixels)
+    except pictures.Unusable as err:
+        return Cleaned(source, label, reason=err.reason)
+    if min(decoded.original_size) < params.min_side:
         return Cleaned(source, label, reason="too_small")
-    digest = hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()
+    digest = pictures.sha256(decoded.image)
     staged = staging / f"{digest}.jpg"
     if not staged.exists():
-        image.thumbnail((params.max_side, params.max_side), Image.Resampling.LANCZOS)
         tmp = staged.with_name(f".{digest}.{os.getpid()}.jpg")
-        image.save(tmp, "JPEG", quality=JPEG_QUALITY)
+        tmp.write_bytes(pictures.jpeg_bytes(pictures.fit(decoded.image, params.max_side)))
         os.replace(tmp, staged)
     return Cleaned(source, label, sha256=digest)
+
+
+def _worker_ignores_interrupts() -> None:
+    """Ctrl-C reaches every process of the terminal: the main process alone reports it (one line)
+    and stops the workers, instead of each printing its traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _clean_task(args: tuple) -> Cleaned:
@@ -215,7 +203,7 @@ def prepare(raw: Path, out: Path, params: config.DataParams, seed: int, workers:
     staging.mkdir(parents=True)
     tasks = [(src.path, src.label, raw, staging, params) for src in sources]
     workers = workers or os.cpu_count() or 1
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_ignores_interrupts) as pool:
         results = list(tqdm(pool.imap(_clean_task, tasks, chunksize=16), total=len(tasks), desc="decoding", unit="img"))
 
     given_split = {src.path.relative_to(raw).as_posix(): src.split for src in sources}

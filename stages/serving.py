@@ -1,10 +1,12 @@
 """The fine-tuned model as an MLflow pyfunc model: encoded image files in, classes out.
 
 `mlflow.pyfunc.load_model(uri).predict(frame)` takes a pandas DataFrame with an `image` column of
-encoded image files (the bytes of a JPEG, PNG, GIF, BMP or WebP) and returns one row per image:
-`label`, `confidence`, and the probability of every class. Images are decoded and resized exactly
-as `evaluate` does (stages/images.py), and the decision rule is evaluate's (threshold for two
-classes), so the served model scores what the metrics measured.
+encoded image files (the bytes of a JPEG, PNG, GIF, BMP, WebP, TIFF, ...) and returns one row per image:
+`label`, `confidence`, and the probability of every class. Each picture is prepared exactly as
+`prepare` prepares the data set (turned upright, transparency on white, shrunk to `data.max_side`,
+re-encoded as JPEG) and decoded and resized as `evaluate` does (`images.model_input`), and the
+decision rule is evaluate's (`evaluate.threshold` for two classes), so the served model scores
+what the metrics measured.
 
 `log_model` logs it from the evaluate stage, registers it, and moves the `candidate` and
 `champion` aliases.
@@ -43,12 +45,21 @@ class ImageClassifier(PythonModel):
         spec = json.loads(Path(context.artifacts["spec"]).read_text(encoding="utf-8"))
         self.classes: list[str] = spec["classes"]
         self.threshold: float = spec["threshold"]
+        self.max_side: int = spec["max_side"]
         self.image_size = tuple(self.model.input_shape[1:3])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from stages import evaluate, images
+        from stages import evaluate, images, pictures
 
-        batch = np.stack([images.decode_bytes(data, self.image_size).numpy() for data in model_input["image"]])
+        inputs = []
+        for i, data in enumerate(model_input["image"]):
+            if not isinstance(data, bytes | bytearray | memoryview):
+                raise TypeError(f"image {i}: expected the bytes of an image file, got {type(data).__name__}")
+            try:
+                inputs.append(images.model_input(bytes(data), self.image_size, self.max_side))
+            except pictures.Unusable as err:
+                raise ValueError(f"image {i} is not an image Pillow can decode: {err}") from err
+        batch = np.stack(inputs)
         probs = evaluate.as_class_probabilities(self.model.predict(batch, verbose=0))
         chosen = evaluate.predicted_classes(probs, self.threshold)
         out = pd.DataFrame(
@@ -57,6 +68,12 @@ class ImageClassifier(PythonModel):
         for i, name in enumerate(self.classes):
             out[f"p.{name}"] = probs[:, i]
         return out
+
+
+def model_spec(classes: list[str], threshold: float, max_side: int) -> dict[str, Any]:
+    """The served model's spec.json: its class names, its decision threshold, and the `data.max_side`
+    pictures are prepared to (`ImageClassifier` reads it back)."""
+    return {"classes": classes, "threshold": threshold, "max_side": max_side}
 
 
 def _requirements() -> list[str]:
@@ -79,11 +96,14 @@ def log_model(
     registered_model: str | None,
     accuracy: float,
     test_set: str | None,
+    max_side: int,
 ) -> str:
     """Log the fine-tuned model to the active run as a pyfunc model (`ImageClassifier`), with its
     signature and an input example; register it with the alias `candidate`, and `champion` too
     when its test accuracy beats the current champion's on the same test set (`test_set`: the DVC
-    hash of the prepared data it was scored on). Returns what happened, for the run's tags."""
+    hash of the prepared data it was scored on). `max_side` is the `data.max_side` its data was
+    prepared with, which the served model prepares pictures to. Returns what happened, for the
+    run's tags."""
     if not tracking.enabled():
         return "not logged (PIPELINE_TRACKING=off)"
     import tempfile
@@ -99,7 +119,7 @@ def log_model(
     signature = ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
     with tempfile.TemporaryDirectory() as tmp, tracking.store_lock():
         spec = Path(tmp) / "spec.json"
-        spec.write_text(json.dumps({"classes": classes, "threshold": threshold}), encoding="utf-8")
+        spec.write_text(json.dumps(model_spec(classes, threshold, max_side)), encoding="utf-8")
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=__file__,  # models from code: this file, not a pickled object

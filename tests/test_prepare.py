@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import config, manifest, prepare
+from stages import config, manifest, pictures, prepare
 from stages.common import StageError
 
 
@@ -203,7 +203,7 @@ def test_odd_and_broken_files_each_get_their_verdict(tmp_path):
 
 def test_transparency_is_composited_on_white(tmp_path):
     rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
-    out = prepare._to_rgb(rgba)
+    out = pictures.to_rgb(rgba)
     assert out.mode == "RGB" and out.getpixel((5, 5)) == (255, 255, 255)
 
 

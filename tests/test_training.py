@@ -14,6 +14,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import yaml
 
 from stages import backbones, common, evaluate, featurize, finetune, images, train_top
 from stages.demo import ROOT
@@ -210,6 +211,9 @@ def test_predict_prints_the_top_classes_of_image_files(tmp_path, features, top, 
     ).model
     common.save_model(model, tmp_path / "model.keras")
     common.write_json(tmp_path / "classes.json", ["horizontal", "vertical"])
+    from tests.conftest import TINY
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))  # data.max_side, evaluate.threshold
     picture = images.load_split(prepared, "test").paths[0]
     args = ["--model", str(tmp_path / "model.keras"), "--classes", str(tmp_path / "classes.json"), "--top", "2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -230,7 +234,7 @@ def test_predict_prints_the_top_classes_of_image_files(tmp_path, features, top, 
         [*run, str(tmp_path / "notes.jpg")], check=False, capture_output=True, text=True, env=env, cwd=tmp_path
     )
     assert done.returncode == 2
-    assert f"error: {tmp_path / 'notes.jpg'} is not an image TensorFlow can decode" in done.stderr
+    assert f"error: {tmp_path / 'notes.jpg'} is not an image Pillow can decode" in done.stderr
 
 
 def test_a_saved_model_is_byte_stable(tmp_path, tiny_params):
