@@ -2,8 +2,9 @@
 
 Sources: a preset (`cats_vs_dogs`, `stanford_dogs`), an http(s) URL of an archive, a local archive
 (.zip, .tar, .tar.gz, .tgz), a local folder with one subfolder per class (or one already split
-into train/, validation/ or val/, and optionally test/, each with class subfolders), or
-`synthetic` (generated offline). Downloads (stages/fetch.py) stream with a progress bar into
+into train/ and validation/ (or val/), test/ or both, each with class subfolders), or `synthetic`
+(generated offline). A preset that publishes its own split (Stanford Dogs' lists.tar) is laid out
+split, as its lists say. Downloads (stages/fetch.py) stream with a progress bar into
 data/cache/ under a temporary name, resume after an interruption, and are renamed when complete
 and verified; data/cache/ also takes an archive downloaded by hand. Archives are extracted member
 by member: a member whose path would land outside the target, or a link, is refused and reported.
@@ -30,6 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+import numpy as np
+from scipy.io import loadmat  # type: ignore[import-untyped]
+from scipy.io.matlab import MatReadError  # type: ignore[import-untyped]
+
 from stages import common, config, fetch, synthetic, tracking
 from stages.common import StageError, project_root
 from stages.fetch import CHUNK, sha256_file
@@ -50,6 +55,8 @@ MAX_RATIO = 100
 BOMB_FLOOR = 256 * 2**20
 #: Kept free on the disk beyond what an archive declares it needs.
 FREE_MARGIN = 2**30
+#: download's temporary folders, beside data/raw: .tmp-raw.<name>.
+WORK_FOLDERS = ("extract", "lists", "split")
 
 
 def strip_wordnet_id(folder: str) -> str:
@@ -59,11 +66,23 @@ def strip_wordnet_id(folder: str) -> str:
 
 
 @dataclass(frozen=True)
+class SplitLists:
+    """A data set's published split: an archive of MATLAB files, one per split, each listing the
+    paths (relative to the preset's `root`) of that split's images in a cell array."""
+
+    url: str
+    sha256: str | None  # pinned when known
+    files: tuple[tuple[str, str], ...]  # (split, path of its .mat file in the archive)
+    variable: str = "file_list"  # the cell array of image paths in each .mat file
+
+
+@dataclass(frozen=True)
 class Preset:
     url: str
     sha256: str | None  # pinned when known
     root: str  # folder inside the archive that holds one subfolder per class
     class_name: Callable[[str], str] = str  # class folder name -> class name
+    split: SplitLists | None = None  # the published split, if any: data/raw is then laid out split
 
 
 PRESETS = {
@@ -77,6 +96,12 @@ PRESETS = {
         sha256=None,
         root="Images",
         class_name=strip_wordnet_id,
+        # 100 training images per breed, the rest for testing: the split the data set's papers use.
+        split=SplitLists(
+            url="http://vision.stanford.edu/aditya86/ImageNetDogs/lists.tar",
+            sha256=None,
+            files=(("train", "train_list.mat"), ("test", "test_list.mat")),
+        ),
     ),
 }
 assert set(PRESETS) | {"synthetic"} == set(config.PRESETS), "config.PRESETS names the same presets"
@@ -107,6 +132,119 @@ def offline_hint(url: str, cached: Path) -> str:
         "(the download stage takes it from there), or set data.source in params.yaml to a local "
         "archive or a folder with one subfolder per class, or to 'synthetic' for generated data."
     )
+
+
+def cached_download(url: str, pinned: str | None, *, preset: bool, pinned_by: str) -> tuple[Path, str]:
+    """The file at `url` in data/cache/ (see `cache_path`) and its sha256, downloaded unless it is
+    there already (from an earlier run, or put there by hand: the offline hint says so).
+
+    A cached file that differs from `pinned` is moved aside, not deleted (it may have been put there
+    by hand), so that the next run downloads a fresh copy instead of failing on this one again.
+    `pinned_by` names where the pinned hash comes from (data.sha256, or a preset), for the message.
+    """
+    path = cache_path(url, preset)
+    if not path.is_file():
+        log.info("downloading %s", fetch.redact_url(url))
+        return path, fetch.fetch(url, path, sha256=pinned, hint=offline_hint(url, path))
+    log.info("using %s (already downloaded)", path)
+    digest = sha256_file(path)
+    if wrong := fetch.mismatch(digest, pinned):
+        aside = path.with_name(path.name + ".mismatch")
+        path.replace(aside)
+        fix = "run again to download it anew" + (", or correct data.sha256" if pinned_by == "data.sha256" else "")
+        raise StageError(f"{path} is {wrong} ({pinned_by}). It was moved to {aside}: {fix}.")
+    return path, digest
+
+
+#: What to do about split lists that cannot be used.
+DAMAGED_LISTS = "the split lists' archive in data/cache/ is damaged or not the expected one: delete it and run again"
+
+
+def read_split_lists(archive: Path, lists: SplitLists, target: Path) -> dict[str, list[str]]:
+    """{split: image paths} from the archive of split lists, extracted into `target` (checked as
+    every archive is, see `extract`)."""
+    extract(archive, target)
+    out = {}
+    for split, name in lists.files:
+        found = sorted(target.rglob(name), key=lambda path: len(path.parts))  # at the top, or in a wrapper folder
+        if not found:
+            raise StageError(
+                f"{archive} has no {name}: it is not the archive of split lists expected from "
+                f"{fetch.redact_url(lists.url)}. Delete it and run again to download it anew."
+            )
+        out[split] = read_file_list(found[0], lists.variable)
+        log.info("%s: %d %s images", name, len(out[split]), split)
+    return out
+
+
+def read_file_list(mat: Path, variable: str) -> list[str]:
+    """The strings of the cell array `variable` in the MATLAB file `mat`.
+
+    `loadmat` gives a cell array as an object array whose items are arrays of strings (a (n, 1)
+    cell of char rows in Stanford Dogs' lists), nested as deep as the cells are: every string at
+    any depth is taken, in order, so the shape of the array does not matter.
+    """
+    try:
+        content = loadmat(mat)
+    except (MatReadError, ValueError, OSError) as err:
+        raise StageError(f"{mat.name} is not a MATLAB file that can be read ({err}): {DAMAGED_LISTS}") from err
+    if variable not in content:
+        found = ", ".join(sorted(name for name in content if not name.startswith("__"))) or "nothing"
+        raise StageError(f"{mat.name} has no {variable!r} list of files (it holds {found}): {DAMAGED_LISTS}")
+
+    def strings(value: object) -> Iterator[str]:
+        if isinstance(value, str):  # numpy's str_ among them
+            yield str(value)
+        elif isinstance(value, np.ndarray) and value.dtype.kind in "OU":
+            for item in value.ravel():
+                yield from strings(item)
+        else:
+            raise StageError(f"{mat.name}: {variable!r} holds {value!r}, not file paths: {DAMAGED_LISTS}")
+
+    return list(strings(content[variable]))
+
+
+def arrange_by_lists(root: Path, lists: dict[str, list[str]], out: Path) -> dict:
+    """Move the files of `root` that `lists` names ({split: paths relative to root}) to
+    out/<split>/<same path>, so that `out` is a split source; leave the others where they are.
+
+    Returns what source.json records beyond the copy: how many files no list names (left out, as
+    neither training nor test data, and listed up to LISTED_REFUSALS) and how many listed paths are
+    missing from `root`. A path listed in two splits would put one picture in both: refused.
+    """
+    split_of: dict[PurePosixPath, str] = {}
+    for split, paths in lists.items():
+        for name in paths:
+            rel = _safe_member_path(name)
+            if rel is None:
+                raise StageError(f"the {split} list names {name!r}, a path outside the data set: {DAMAGED_LISTS}")
+            if split_of.setdefault(rel, split) != split:
+                raise StageError(f"{rel} is in both the {split_of[rel]} and the {split} list: {DAMAGED_LISTS}")
+    moved = dict.fromkeys(lists, 0)
+    for rel, split in split_of.items():
+        source = root.joinpath(*rel.parts)
+        if source.is_file():
+            dest = out / split / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, dest)
+            moved[split] += 1
+    for split, n in moved.items():
+        if not n:
+            raise StageError(
+                f"none of the {len(lists[split])} files of the {split} list is in the archive's {root.name}/ folder: "
+                "the split lists and the images do not belong together; delete both from data/cache/ and run "
+                "again to download them anew"
+            )
+    missing = len(split_of) - sum(moved.values())
+    unlisted = [path.relative_to(root).as_posix() for path in files(root)]
+    if unlisted:
+        log.warning("%d files are in no split list and are left out, e.g. %s", len(unlisted), unlisted[0])
+    if missing:
+        log.warning("%d files named by the split lists are not in the archive", missing)
+    record: dict = {"unlisted_files": len(unlisted), "listed_missing": missing}
+    if unlisted:
+        record["unlisted_file_paths"] = unlisted[:LISTED_REFUSALS]
+    return record
 
 
 def _safe_member_path(name: str) -> PurePosixPath | None:
@@ -407,23 +545,15 @@ def download(params: config.DataParams, seed: int, out: Path) -> dict:
     preset = PRESETS.get(source)
     url = preset.url if preset else source if is_url(source) else None
     pinned = params.sha256 or (preset.sha256 if preset else None)
+    lists: Path | None = None  # the preset's published split lists, if it has them
     if url is not None:
-        archive = cache_path(url, preset is not None)
-        if not archive.is_file():
-            log.info("downloading %s", fetch.redact_url(url))
-            digest = fetch.fetch(url, archive, sha256=pinned, hint=offline_hint(url, archive))
-        else:
-            log.info("using %s (already downloaded)", archive)
-            digest = sha256_file(archive)
-            if wrong := fetch.mismatch(digest, pinned):
-                # Moved aside, not deleted (it may have been put there by hand), so that the
-                # next run downloads a fresh copy instead of failing on this one again.
-                aside = archive.with_name(archive.name + ".mismatch")
-                archive.replace(aside)
-                raise StageError(
-                    f"{archive} is {wrong} (data.sha256 or the preset). "
-                    f"It was moved to {aside}: run again to download it anew, or correct data.sha256."
-                )
+        if preset and preset.split:  # first: small, so a failure shows in seconds, not after the images
+            lists, lists_digest = cached_download(
+                preset.split.url, preset.split.sha256, preset=True, pinned_by=f"the preset {source}"
+            )
+            record["split_lists"] = {"url": fetch.redact_url(preset.split.url), "sha256": lists_digest}
+        pinned_by = "data.sha256" if params.sha256 else f"the preset {source}"
+        archive, digest = cached_download(url, pinned, preset=preset is not None, pinned_by=pinned_by)
         record["url"] = fetch.redact_url(url)
     else:
         local = Path(source).expanduser()
@@ -453,8 +583,11 @@ def download(params: config.DataParams, seed: int, out: Path) -> dict:
                 "Check that data.source names the intended archive, or correct data.sha256."
             )
     record["sha256"] = digest
-    extracted = out.parent / f"{common.TMP_PREFIX}{out.name}.extract"
-    shutil.rmtree(extracted, ignore_errors=True)
+    # Beside `out`, named so that common.atomic_dir clears what an interrupted run leaves: the
+    # extracted archive, the extracted split lists, and the split laid out by those lists.
+    extracted, extracted_lists, split = (out.parent / f"{common.TMP_PREFIX}{out.name}.{n}" for n in WORK_FOLDERS)
+    for folder in (extracted, extracted_lists, split):
+        shutil.rmtree(folder, ignore_errors=True)
     try:
         record["archive"] = extract(archive, extracted)
         if preset:
@@ -464,11 +597,16 @@ def download(params: config.DataParams, seed: int, out: Path) -> dict:
                     f"{archive} does not have the layout of {source}: no {preset.root}/ folder in it. "
                     f"Delete it and run again to download it anew."
                 )
-            record |= Copier(extracted.resolve(), preset.class_name, move=True).tree(root, out)
+            copier = Copier(extracted.resolve(), preset.class_name, move=True)
+            if preset.split and lists:
+                record |= arrange_by_lists(root, read_split_lists(lists, preset.split, extracted_lists), split)
+                copier, root = Copier(split.resolve(), preset.class_name, move=True), split
+            record |= copier.tree(root, out)
         else:
             record |= Copier(extracted.resolve(), move=True).tree(class_root(extracted), out)
     finally:
-        shutil.rmtree(extracted, ignore_errors=True)
+        for folder in (extracted, extracted_lists, split):
+            shutil.rmtree(folder, ignore_errors=True)
     return record
 
 

@@ -1,8 +1,9 @@
 """What a data set looks like on disk, shared by `download` (which writes data/raw) and `prepare`.
 
 data/raw is either raw/<class>/<files> or, for a source that comes split, raw/<split>/<class>/<files>
-with split one of train, validation, test. A source may spell validation `val`; download writes
-`validation`. Hidden files and OS droppings (.DS_Store, Thumbs.db, __MACOSX) are never data.
+with split one of train, validation, test (train always, and validation, test or both). A source may
+spell validation `val`; download writes `validation`. Hidden files and OS droppings (.DS_Store,
+Thumbs.db, __MACOSX) are never data.
 """
 
 from __future__ import annotations
@@ -36,15 +37,21 @@ def files(folder: Path) -> list[Path]:
 
 
 def split_folders(folder: Path) -> dict[str, Path] | None:
-    """{split: folder} when `folder` holds train/ and validation/ (or val/), None when it holds
-    no split folder at all (a folder per class)."""
+    """{split: folder} when `folder` holds train/ and validation/ (or val/), test/, or both; None when
+    it holds no split folder at all (a folder per class).
+
+    Either validation/ or test/ may be missing, since `prepare` carves a missing one from the
+    others (validation from train, test from validation or train); train/ cannot be carved from
+    anything, and alone it is no split.
+    """
     found = {SPLIT_FOLDERS[p.name]: p for p in subfolders(folder) if p.name in SPLIT_FOLDERS}
     if not found:
         return None
-    if "train" in found and "validation" in found:
+    if "train" in found and len(found) > 1:
         return found
+    lacking = "train/" if "train" not in found else "validation/ (or val/) and test/"
     raise StageError(
-        f"{folder} looks split ({', '.join(p.name + '/' for p in found.values())}) but lacks "
-        f"{'train/' if 'train' not in found else 'validation/ (or val/)'}: a split source needs train/ and "
-        "validation/ (test/ is optional); or, for a folder per class, rename the folders that are named like splits"
+        f"{folder} looks split ({', '.join(p.name + '/' for p in found.values())}) but lacks {lacking}: a split "
+        "source needs train/ and at least one of validation/ (or val/) and test/ (the other is carved from them); "
+        "or, for a folder per class, rename the folders that are named like splits"
     )

@@ -74,6 +74,7 @@ class Decoded:
 
     image: Image.Image  # RGB, upright, transparency on white; decoded reduced when at least twice max_side
     original_size: tuple[int, int]  # (width, height) as the file stores it, before any reduction
+    as_is: bool = False  # the file already is a JPEG as `prepare` writes them: RGB, upright, within max_side
 
 
 def decode(source: Path | bytes, max_side: int, max_pixels: int | None = None) -> Decoded:
@@ -119,7 +120,8 @@ def _decode_opened(opened: Image.Image, max_side: int) -> Decoded:
         image = image.transpose(transpose)
     if image.mode in SIXTEEN_BIT_MODES:
         image = _to_8_bit(image)
-    return Decoded(to_rgb(image), original)  # to_rgb always copies: `opened` is closed after this
+    as_is = opened.format == "JPEG" and opened.mode == "RGB" and max(original) <= max_side and transpose is None
+    return Decoded(to_rgb(image), original, as_is)  # to_rgb always copies: `opened` is closed after this
 
 
 def _reduced(image: Image.Image, max_side: int) -> Image.Image:
@@ -186,9 +188,22 @@ def jpeg_bytes(image: Image.Image) -> bytes:
     return out.getvalue()
 
 
+def jpeg_file(source: Path | bytes, decoded: Decoded, max_side: int) -> bytes:
+    """The JPEG file `prepare` writes for a `decoded` picture: the file's own bytes when it already
+    is such a JPEG (RGB, upright, within `max_side`), else the picture shrunk and re-encoded.
+
+    Keeping such a file as it is makes normalising idempotent: a prepared picture sent again (to
+    `predict` or the served model) reaches the model exactly as evaluate read it, with no second
+    JPEG encoding to shift its pixels.
+    """
+    if decoded.as_is:
+        return source if isinstance(source, bytes) else Path(source).read_bytes()
+    return jpeg_bytes(fit(decoded.image, max_side))
+
+
 def normalised_jpeg(source: Path | bytes, max_side: int, max_pixels: int | None = None) -> bytes:
-    """The very bytes `prepare` writes for this picture: `normalise`, then `jpeg_bytes`."""
-    return jpeg_bytes(normalise(source, max_side, max_pixels))
+    """The very bytes `prepare` writes for this picture (see `jpeg_file`)."""
+    return jpeg_file(source, decode(source, max_side, max_pixels), max_side)
 
 
 def sha256(image: Image.Image) -> str:

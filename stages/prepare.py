@@ -9,8 +9,9 @@ the same picture under two classes is a label conflict and all its copies are dr
 The split is stratified per class, deterministic and stable: each picture's split follows from a
 hash of its pixels and `seed` (see `assign_splits`), so the same data and seed give the same
 split, adding files never moves an existing picture to another split, and no picture is in two
-splits. A source that comes split (raw/train, raw/validation, optionally raw/test) keeps its
-split; a missing test split is carved from validation (or train). data/prepared/manifest.csv
+splits. A source that comes split (raw/train, and raw/validation, raw/test or both) keeps its
+split; a missing validation split is carved from train, a missing test split from validation (or
+train), both by the same hash (see `carve`). data/prepared/manifest.csv
 lists every kept image (path, label, split, sha256), data/prepared/dropped.csv every dropped file
 and why, reports/data.json the counts.
 
@@ -73,7 +74,7 @@ def clean_file(path: Path, label: str, raw: Path, staging: Path, params: config.
     staged = staging / f"{digest}.jpg"
     if not staged.exists():
         tmp = staged.with_name(f".{digest}.{os.getpid()}.jpg")
-        tmp.write_bytes(pictures.jpeg_bytes(pictures.fit(decoded.image, params.max_side)))
+        tmp.write_bytes(pictures.jpeg_file(path, decoded, params.max_side))
         os.replace(tmp, staged)
     return Cleaned(source, label, sha256=digest)
 
@@ -97,12 +98,12 @@ class Source:
 
 def list_sources(raw: Path) -> list[Source]:
     """Every file of raw/<class>/ or, for a pre-split source, raw/<split>/<class>/."""
-    if split_layout(raw):
+    if splits := split_folders(raw):
         sources = [
             Source(path, cls.name, split)
             for split in SPLITS
-            if (raw / split).is_dir()
-            for cls in subfolders(raw / split)
+            if split in splits
+            for cls in subfolders(splits[split])
             for path in files(cls)
         ]
     else:
@@ -110,11 +111,6 @@ def list_sources(raw: Path) -> list[Source]:
     if not sources:
         raise StageError(f"{raw} holds no image: expected {raw}/<class>/<image files> (run the download stage)")
     return sources
-
-
-def split_layout(raw: Path) -> bool:
-    """Whether the download stage found the source already split (raw/train, raw/validation)."""
-    return split_folders(raw) is not None
 
 
 def split_point(sha256: str, seed: int) -> float:
@@ -176,29 +172,48 @@ def assign_splits(shas: list[str], split: config.SplitParams, seed: int, label: 
     return {sha: name for name, picked in chosen.items() for sha in picked}, filled
 
 
-def carve_test(given: dict[str, str], split: config.SplitParams, seed: int, label: str) -> tuple[dict[str, str], str]:
-    """A pre-split source without test/: move a share of validation (else of train) to test.
+def carve(
+    given: dict[str, str], missing: str, split: config.SplitParams, seed: int, label: str
+) -> tuple[dict[str, str], str]:
+    """Carve the split `missing` (validation or test) that a pre-split source lacks out of one it
+    gives: validation from train, test from validation or, when that is too small, from train.
+    Returns the new splits and the split carved from.
 
-    The share is data.split.test relative to the split it is carved from and what test adds
-    to it (half of validation with the default 400 / 400). Returns the new splits and the split
-    carved from.
+    The share moved is the missing split's part of it and what the split carved from stands for,
+    by data.split's counts (or fractions): validation / (train + validation) of train (400 / 1400
+    with the defaults), test / (validation + test) of validation (half of it), test / (train +
+    validation + test) of train. Which pictures move is fixed by `split_point`, so carving is
+    deterministic and adding files moves no other picture: test takes the points below its share,
+    validation the points above 1 - its share, so that when a class lacks both they never reach
+    for the same pictures. A given split is never carved into: a given test split stays as given.
     """
-    for origin, others in (("validation", split.validation), ("train", split.train + split.validation)):
+    if missing == "validation":
+        origins = [("train", split.validation / (split.train + split.validation))]
+    else:
+        origins = [
+            ("validation", split.test / (split.validation + split.test)),
+            ("train", split.test / (split.train + split.validation + split.test)),
+        ]
+    for origin, share in origins:
         pool = [sha for sha, name in given.items() if name == origin]
-        share = split.test / (others + split.test)
-        moved = {sha for sha in pool if split_point(sha, seed) < share}
+        if missing == "validation":
+            moved = {sha for sha in pool if split_point(sha, seed) >= 1 - share}
+        else:
+            moved = {sha for sha in pool if split_point(sha, seed) < share}
         if moved and len(moved) < len(pool):
-            return {sha: "test" if sha in moved else name for sha, name in given.items()}, origin
+            return {sha: missing if sha in moved else name for sha, name in given.items()}, origin
+    sizes = ", ".join(f"{sum(name == origin for name in given.values())} in {origin}/" for origin, _ in origins)
     raise StageError(
-        f"class '{label}' of the pre-split source has no test/ folder and too few images in "
-        "validation/ and train/ to carve a test split from: add a test/ folder"
+        f"class '{label}' of the split source has no {missing} images, and too few ({sizes}) to carve "
+        f"{missing} images from: add a {missing}/ folder with images of every class"
     )
 
 
 def prepare(raw: Path, out: Path, params: config.DataParams, seed: int, workers: int | None = None) -> dict:
     """Fill `out` (empty) with the split images, manifest.csv and dropped.csv; return the report."""
     sources = list_sources(raw)
-    presplit = split_layout(raw)
+    given_folders = split_folders(raw)  # None: the source is not split
+    presplit = given_folders is not None
     staging = out / ".staging"
     staging.mkdir(parents=True)
     tasks = [(src.path, src.label, raw, staging, params) for src in sources]
@@ -233,20 +248,26 @@ def prepare(raw: Path, out: Path, params: config.DataParams, seed: int, workers:
             f"no usable image in class(es) {', '.join(empty)} of {raw}; see dropped.csv and the warnings above"
         )
     rows: list[dict[str, str]] = []
-    filled, carved = 0, set()
+    filled = 0
+    carved: dict[str, set[str]] = {"validation": set(), "test": set()}  # split -> the splits it was carved from
     assigned: dict[str, str]
     for label in classes:
-        if presplit:  # a pre-split source names the split of every picture
+        if given_folders is not None:  # a pre-split source names the split of every picture
             assigned = {sha: split for sha, split in per_class[label].items() if split is not None}
-            missing = [name for name in ("train", "validation") if name not in assigned.values()]
+            # Carved only when the source has no validation/ at all: a class without images in a
+            # validation/ the source gives is more likely a mistake than a wish.
+            needed = ["train", "validation"] if "validation" in given_folders else ["train"]
+            missing = [name for name in needed if name not in assigned.values()]
             if missing:
                 raise StageError(
                     f"class '{label}' of the split source has no usable image in {' or '.join(missing)}: "
-                    "every class needs training and validation images"
+                    "every class needs training images, and validation images when the source has validation/ "
+                    "(without validation/, they are carved from train/)"
                 )
-            if "test" not in assigned.values():
-                assigned, origin = carve_test(assigned, params.split, seed, label)
-                carved.add(origin)
+            for name in ("validation", "test"):  # validation first: test may be carved from it
+                if name not in assigned.values():
+                    assigned, origin = carve(assigned, name, params.split, seed, label)
+                    carved[name].add(origin)
         else:
             assigned, n = assign_splits(sorted(per_class[label]), params.split, seed, label)
             filled += n
@@ -284,11 +305,12 @@ def prepare(raw: Path, out: Path, params: config.DataParams, seed: int, workers:
         "files_read": len(sources),
         "images_kept": len(rows),
         "split": {
-            "given": presplit,  # the source came split into train/validation[/test]
-            "test_carved_from": "+".join(sorted(carved)) or None,
+            "given": presplit,  # the source came split into train and validation, test or both
+            "validation_carved_from": "+".join(sorted(carved["validation"])) or None,
+            "test_carved_from": "+".join(sorted(carved["test"])) or None,
             "filled_short_splits": filled,
         },
-        "source": {k: v for k, v in source.items() if k in ("source", "url", "sha256", "layout")},
+        "source": {k: v for k, v in source.items() if k in ("source", "url", "sha256", "layout", "split_lists")},
     }
 
 

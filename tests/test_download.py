@@ -9,9 +9,11 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.io
 
-from stages import config, download
+from stages import config, download, layout
 from stages.common import StageError
 
 
@@ -207,12 +209,36 @@ def test_damaged_archive_is_reported_with_what_to_do(tmp_path):
         download.extract(tmp_path / "cut.tar.gz", tmp_path / "out")
 
 
-def test_folder_named_like_a_split_without_validation_is_explained(tmp_path):
-    for split in ("train", "test"):
+def test_folder_named_like_a_split_without_train_is_explained(tmp_path):
+    for split in ("validation", "test"):
         (tmp_path / "src" / split / "cat").mkdir(parents=True)
         (tmp_path / "src" / split / "cat" / "a.jpg").write_bytes(b"x")
-    with pytest.raises(StageError, match=r"looks split \(test/, train/\) but lacks validation/ \(or val/\)"):
+    with pytest.raises(
+        StageError,
+        match=r"looks split \(test/, validation/\) but lacks train/: a split source needs train/ and at least one "
+        r"of validation/ \(or val/\) and test/ \(the other is carved from them\); or, for a folder per class, rename",
+    ):
         download.download(data_params(str(tmp_path / "src")), 0, tmp_path / "raw")
+
+
+def test_a_train_folder_alone_is_no_split(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "cats").mkdir()
+    with pytest.raises(StageError, match=r"looks split \(train/\) but lacks validation/ \(or val/\) and test/:"):
+        layout.split_folders(tmp_path)
+
+
+def test_pre_split_folder_without_validation_is_taken_as_split(tmp_path):
+    for split, n in (("train", 3), ("test", 2)):
+        for cls in ("cat", "dog"):
+            for i in range(n):
+                path = tmp_path / "src" / split / cls / f"{i}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(f"{split}{cls}{i}".encode())
+    record = download.download(data_params(str(tmp_path / "src")), 0, tmp_path / "raw")
+    assert record["layout"] == "split"
+    assert record["splits"] == {"train": {"cat": 3, "dog": 3}, "test": {"cat": 2, "dog": 2}}
+    assert listing(tmp_path / "raw") == {"test": ["cat", "dog"], "train": ["cat", "dog"]}
 
 
 def test_cached_archive_with_the_wrong_hash_is_moved_aside(tmp_path, monkeypatch, http_root):
@@ -227,11 +253,14 @@ def test_cached_archive_with_the_wrong_hash_is_moved_aside(tmp_path, monkeypatch
     assert not cached.exists() and cached.with_name("pets.zip.mismatch").is_file()
 
 
-def stanford_dogs_tar(path: Path) -> Path:
+STANFORD_FOLDERS = ("n02085620-Chihuahua", "n02085782-Japanese_spaniel", "n02086240-Shih-Tzu")
+
+
+def stanford_dogs_tar(path: Path, per_breed: int = 2) -> Path:
     """A small stand-in for Stanford Dogs' images.tar: Images/<synset>-<breed>/<synset>_<n>.jpg."""
     with tarfile.open(path, "w") as tf:
-        for folder in ("n02085620-Chihuahua", "n02085782-Japanese_spaniel", "n02086240-Shih-Tzu"):
-            for i in range(2):
+        for folder in STANFORD_FOLDERS:
+            for i in range(per_breed):
                 data = f"{folder}-{i}".encode()
                 info = tarfile.TarInfo(f"Images/{folder}/{folder.split('-')[0]}_{i}.jpg")
                 info.size = len(data)
@@ -239,19 +268,129 @@ def stanford_dogs_tar(path: Path) -> Path:
     return path
 
 
-def test_stanford_dogs_preset_names_breeds_by_folder(tmp_path, monkeypatch, http_root):
+def file_list(paths: list[str], cell: str) -> np.ndarray:
+    """A MATLAB cell array of paths as `savemat` writes it: an (n, 1) object array whose items are
+    char rows (`cell="char"`: how Stanford Dogs' lists are shaped, and what `loadmat` gives back for
+    them), or 1-element cells holding the text (`cell="nested"`: one more level of cells)."""
+    out = np.empty((len(paths), 1), dtype=object)
+    for i, name in enumerate(paths):
+        out[i, 0] = np.array([name]) if cell == "char" else np.array([name], dtype=object)
+    return out
+
+
+def stanford_lists_tar(
+    path: Path, splits: dict[str, list[str]], cell: str = "char", variable: str = "file_list"
+) -> Path:
+    """A stand-in for Stanford Dogs' lists.tar: <split>_list.mat files holding `variable` (a cell
+    array of paths relative to Images/) and, as the real ones do, labels, which are not read."""
+    folder = path.parent / "lists"
+    folder.mkdir()
+    with tarfile.open(path, "w") as tf:
+        for split, paths in splits.items():
+            mat = folder / f"{split}_list.mat"
+            scipy.io.savemat(mat, {variable: file_list(paths, cell), "labels": np.ones((len(paths), 1))})
+            tf.add(mat, arcname=mat.name)
+    return path
+
+
+def serve_stanford_dogs(monkeypatch, base: str) -> None:
+    """Point the stanford_dogs preset at images.tar and lists.tar on the test's HTTP server."""
+    preset = download.PRESETS["stanford_dogs"]
+    assert preset.split is not None
+    split = dataclasses.replace(preset.split, url=f"{base}/lists.tar")
+    monkeypatch.setitem(
+        download.PRESETS, "stanford_dogs", dataclasses.replace(preset, url=f"{base}/images.tar", split=split)
+    )
+
+
+#: The published split of the stand-in: per breed, files 0 and 1 to train, 2 to test; 3 in no
+#: list (left out); and a listed file the images archive does not have.
+STANFORD_SPLIT = {
+    "train": [f"{folder}/{folder.split('-')[0]}_{i}.jpg" for folder in STANFORD_FOLDERS for i in (0, 1)],
+    "test": [f"{folder}/{folder.split('-')[0]}_2.jpg" for folder in STANFORD_FOLDERS]
+    + ["n02085620-Chihuahua/n02085620_99.jpg"],
+}
+
+
+@pytest.mark.parametrize("cell", ["char", "nested"])
+def test_stanford_dogs_preset_is_laid_out_by_its_published_split(tmp_path, monkeypatch, http_root, cell):
+    monkeypatch.chdir(tmp_path)
+    served, base = http_root
+    stanford_dogs_tar(served / "images.tar", per_breed=4)
+    stanford_lists_tar(served / "lists.tar", STANFORD_SPLIT, cell)
+    serve_stanford_dogs(monkeypatch, base)
+    record = download.download(data_params("stanford_dogs"), 0, tmp_path / "raw")
+
+    breeds = ["Chihuahua", "Japanese_spaniel", "Shih-Tzu"]
+    raw = tmp_path / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == ["test", "train"]
+    assert listing(raw / "train") == {
+        "Chihuahua": ["n02085620_0.jpg", "n02085620_1.jpg"],
+        "Japanese_spaniel": ["n02085782_0.jpg", "n02085782_1.jpg"],
+        "Shih-Tzu": ["n02086240_0.jpg", "n02086240_1.jpg"],
+    }
+    assert listing(raw / "test") == {
+        "Chihuahua": ["n02085620_2.jpg"],
+        "Japanese_spaniel": ["n02085782_2.jpg"],
+        "Shih-Tzu": ["n02086240_2.jpg"],
+    }
+    assert (raw / "train/Shih-Tzu/n02086240_1.jpg").read_bytes() == b"n02086240-Shih-Tzu-1", "moved whole"
+    assert record["layout"] == "split"
+    assert record["splits"] == {"train": dict.fromkeys(breeds, 2), "test": dict.fromkeys(breeds, 1)}
+    assert record["classes"] == dict.fromkeys(breeds, 3), "the unlisted files are not counted as images"
+    assert record["unlisted_files"] == 3 and not list(raw.rglob("*_3.jpg")), "counted, not copied"
+    assert record["unlisted_file_paths"] == [f"{folder}/{folder.split('-')[0]}_3.jpg" for folder in STANFORD_FOLDERS]
+    assert record["listed_missing"] == 1
+    assert record["split_lists"] == {
+        "url": f"{base}/lists.tar",
+        "sha256": download.sha256_file(served / "lists.tar"),
+    }
+    assert (tmp_path / "data/cache/images.tar").is_file() and (tmp_path / "data/cache/lists.tar").is_file()
+    assert not list(tmp_path.glob(".tmp-*")), "the work folders are cleaned up"
+
+    for name in ("images.tar", "lists.tar"):  # a second run takes both from the cache, without network
+        (served / name).unlink()
+    again = download.download(data_params("stanford_dogs"), 0, tmp_path / "raw2")
+    assert again == record and listing(tmp_path / "raw2" / "test") == listing(raw / "test")
+
+
+def test_stanford_dogs_without_its_lists_fails_fast_saying_where_to_put_them(tmp_path, monkeypatch, http_root):
     monkeypatch.chdir(tmp_path)
     served, base = http_root
     stanford_dogs_tar(served / "images.tar")
-    monkeypatch.setitem(
-        download.PRESETS,
-        "stanford_dogs",
-        dataclasses.replace(download.PRESETS["stanford_dogs"], url=f"{base}/images.tar"),
-    )
-    record = download.download(data_params("stanford_dogs"), 0, tmp_path / "raw")
-    assert record["classes"] == {"Chihuahua": 2, "Japanese_spaniel": 2, "Shih-Tzu": 2}
-    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["Chihuahua", "Japanese_spaniel", "Shih-Tzu"]
-    assert (tmp_path / "data/cache/images.tar").is_file()
+    serve_stanford_dogs(monkeypatch, base)
+    with pytest.raises(StageError) as err:
+        download.download(data_params("stanford_dogs"), 0, tmp_path / "raw")
+    message = str(err.value)
+    assert f"Could not download {base}/lists.tar" in message and "HTTP 404" in message
+    assert f"by hand and save it as {tmp_path / 'data/cache/lists.tar'}" in message
+    assert not (tmp_path / "data/cache/images.tar").exists(), "the small lists are fetched before the images"
+
+
+def test_stanford_dogs_lists_without_a_file_list_are_explained(tmp_path, monkeypatch, http_root):
+    monkeypatch.chdir(tmp_path)
+    served, base = http_root
+    stanford_dogs_tar(served / "images.tar")
+    stanford_lists_tar(served / "lists.tar", STANFORD_SPLIT, variable="files")
+    serve_stanford_dogs(monkeypatch, base)
+    with pytest.raises(
+        StageError,
+        match=r"train_list.mat has no 'file_list' list of files \(it holds files, labels\): the split lists' "
+        r"archive in data/cache/ is damaged or not the expected one: delete it and run again",
+    ):
+        download.download(data_params("stanford_dogs"), 0, tmp_path / "raw")
+
+
+def test_split_lists_that_do_not_match_the_images_are_refused(tmp_path):
+    root = tmp_path / "Images"
+    (root / "n1-a").mkdir(parents=True)
+    (root / "n1-a" / "x.jpg").write_bytes(b"x")
+    with pytest.raises(StageError, match=r"none of the 1 files of the test list is in the archive's Images/ folder"):
+        download.arrange_by_lists(root, {"train": ["n1-a/x.jpg"], "test": ["n2-b/y.jpg"]}, tmp_path / "split")
+    with pytest.raises(StageError, match=r"n1-a/x.jpg is in both the train and the test list: the split lists'"):
+        download.arrange_by_lists(root, {"train": ["n1-a/x.jpg"], "test": ["n1-a/x.jpg"]}, tmp_path / "split2")
+    with pytest.raises(StageError, match=r"the train list names '../x.jpg', a path outside the data set"):
+        download.arrange_by_lists(root, {"train": ["../x.jpg"], "test": []}, tmp_path / "split3")
 
 
 def test_preset_archive_without_its_layout_is_explained(tmp_path, monkeypatch, http_root):

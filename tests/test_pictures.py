@@ -203,3 +203,13 @@ def test_prepare_predict_and_the_served_model_give_a_picture_the_same_input(tmp_
         f"{path}: {names[d]} {scored[i, d]:.3f}, {names[1 - d]} {scored[i, 1 - d]:.3f}"
         for i, (path, d) in enumerate(zip(sources, decided, strict=True))
     ]
+
+
+def test_normalising_a_prepared_picture_again_changes_nothing(tmp_path):
+    """A prepared picture sent to predict or the served model reaches the model as evaluate read it."""
+    for source in (rotated_jpeg(tmp_path / "phone.jpg", 6), transparent_png(tmp_path / "logo.png")):
+        once = pictures.normalised_jpeg(source, max_side=100)
+        assert pictures.normalised_jpeg(once, max_side=100) == once
+    small = pictures.jpeg_bytes(Image.new("RGB", (80, 50), (10, 200, 30)))
+    assert pictures.normalised_jpeg(small, max_side=100) == small, "already as prepare writes it: kept as it is"
+    assert pictures.normalised_jpeg(small, max_side=60) != small, "too large: shrunk and re-encoded"

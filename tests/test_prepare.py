@@ -90,6 +90,21 @@ def test_too_few_images_for_the_requested_counts(tmp_path, raw):
         prepare.prepare(raw, tmp_path / "out", params, 0, workers=1)
 
 
+def test_a_class_left_without_a_usable_picture_stops_prepare_before_any_model_work(tmp_path, raw):
+    shutil.copytree(raw / "horizontal", tmp_path / "raw" / "horizontal")
+    (tmp_path / "raw" / "notes").mkdir()
+    (tmp_path / "raw" / "notes" / "a.jpg").write_text("not a picture")
+    (tmp_path / "raw" / "notes" / "b.jpg").write_bytes(b"")
+    with pytest.raises(StageError, match=r"no usable image in class\(es\) notes of .*; see dropped.csv"):
+        prepare.prepare(
+            tmp_path / "raw",
+            tmp_path / "out",
+            data_params(split={"train": 0.5, "validation": 0.25, "test": 0.25}),
+            0,
+            workers=1,
+        )
+
+
 def test_empty_raw_folder_is_explained(tmp_path):
     (tmp_path / "raw" / "cat").mkdir(parents=True)
     with pytest.raises(StageError, match="holds no image"):
@@ -268,7 +283,12 @@ def test_given_split_is_honoured_and_test_carved_from_validation(tmp_path):
             photo(raw / "validation" / cls / f"{i}.jpg", base + i)
     shutil.copyfile(raw / "train" / "cat" / "0.jpg", raw / "validation" / "cat" / "leak.jpg")
     report = prepare.prepare(raw, tmp_path / "out", data_params(), 0, workers=1)
-    assert report["split"] == {"given": True, "test_carved_from": "validation", "filled_short_splits": 0}
+    assert report["split"] == {
+        "given": True,
+        "validation_carved_from": None,
+        "test_carved_from": "validation",
+        "filled_short_splits": 0,
+    }
     assert report["duplicates"] == 1
     assert "validation/cat/leak.jpg,duplicate" in (tmp_path / "out" / "dropped.csv").read_text()
     for cls in ("cat", "dog"):
@@ -297,4 +317,76 @@ def test_split_source_class_without_validation_images_is_explained(tmp_path):
     photo(raw / "validation" / "cat" / "v.jpg", 99)
     (raw / "validation" / "dog").mkdir(parents=True)
     with pytest.raises(StageError, match="class 'dog' of the split source has no usable image in validation"):
+        prepare.prepare(raw, tmp_path / "out", data_params(), 0, workers=1)
+
+
+def pixels_sha(path: Path, params: config.DataParams) -> str:
+    """The sha256 prepare gives the picture in `path` (the manifest's)."""
+    return pictures.sha256(pictures.decode(path, params.max_side, params.max_pixels).image)
+
+
+def test_given_split_without_validation_carves_it_from_train_and_keeps_test(tmp_path):
+    """Stanford Dogs' layout: the published train and test lists, no validation."""
+    raw = tmp_path / "raw"
+    for cls, base in (("cat", 0), ("dog", 500)):
+        for i in range(40):
+            photo(raw / "train" / cls / f"{i}.jpg", base + i)
+        for i in range(40, 46):
+            photo(raw / "test" / cls / f"{i}.jpg", base + i)
+    params = data_params()  # 1000 / 400 / 400: validation takes 400 / 1400 of train
+    report = prepare.prepare(raw, tmp_path / "out", params, 0, workers=1)
+    assert report["split"] == {
+        "given": True,
+        "validation_carved_from": "train",
+        "test_carved_from": None,
+        "filled_short_splits": 0,
+    }
+    rows = manifest.read(tmp_path / "out")
+    for cls in ("cat", "dog"):
+        train = {pixels_sha(path, params) for path in (raw / "train" / cls).iterdir()}
+        test = {pixels_sha(path, params) for path in (raw / "test" / cls).iterdir()}
+        validation = {sha for sha in train if prepare.split_point(sha, 0) >= 1 - 400 / 1400}
+        assert 4 <= len(validation) <= 20, "about 400 / 1400 of the 40"
+        got = {name: {r["sha256"] for r in rows if (r["label"], r["split"]) == (cls, name)} for name in prepare.SPLITS}
+        assert got == {"train": train - validation, "validation": validation, "test": test}, "test kept as given"
+        assert report["classes"][cls] == {"train": 40 - len(validation), "validation": len(validation), "test": 6}
+
+
+def test_a_class_lacking_validation_and_test_gets_disjoint_shares_of_train():
+    given = {f"{i:064x}": "train" for i in range(200)}
+    split = config.SplitParams()  # 1000 / 400 / 400
+    carved, origin = prepare.carve(given, "validation", split, 0, "cat")
+    assert origin == "train"
+    carved, origin = prepare.carve(carved, "test", split, 0, "cat")
+    assert origin == "train", "validation is carved from train's other end: none of it falls in test's share"
+    points = {sha: prepare.split_point(sha, 0) for sha in given}
+    assert {sha for sha, name in carved.items() if name == "validation"} == {
+        sha for sha, point in points.items() if point >= 1 - 400 / 1400
+    }
+    assert {sha for sha, name in carved.items() if name == "test"} == {
+        sha for sha, point in points.items() if point < 400 / 1800
+    }
+    assert {sha for sha, name in carved.items() if name == "train"} == {
+        sha for sha, point in points.items() if 400 / 1800 <= point < 1 - 400 / 1400
+    }
+
+
+def test_a_class_too_small_to_carve_validation_from_is_explained():
+    with pytest.raises(
+        StageError,
+        match=r"class 'cat' of the split source has no validation images, and too few \(1 in train/\) to carve "
+        r"validation images from: add a validation/ folder with images of every class",
+    ):
+        prepare.carve({"a" * 64: "train", "b" * 64: "test"}, "validation", config.SplitParams(), 0, "cat")
+
+
+def test_split_source_without_train_is_explained(tmp_path):
+    raw = tmp_path / "raw"
+    for i, (split, cls) in enumerate([(s, c) for s in ("validation", "test") for c in ("cat", "dog")]):
+        photo(raw / split / cls / "0.jpg", i)
+    with pytest.raises(
+        StageError,
+        match=r"looks split \(test/, validation/\) but lacks train/: a split source needs train/ and at least one of "
+        r"validation/ \(or val/\) and test/",
+    ):
         prepare.prepare(raw, tmp_path / "out", data_params(), 0, workers=1)
