@@ -1,10 +1,10 @@
 """The whole pipeline offline, on generated images: `make demo` (or `python -m stages.demo`).
 
-Builds a self-contained copy of the pipeline in demo/ (its own DVC project: dvc.yaml, the
-stages, and params.yaml with the demo's overrides: the `synthetic` source, random backbone
-weights, small images, few epochs) and runs `dvc repro` there. Runs are logged to the same
-MLflow store as the real pipeline (mlflow.db here, or MLFLOW_TRACKING_URI). Running it again
-re-runs only what changed.
+Builds a self-contained copy of the pipeline in demo/ (its own git repository and DVC project:
+dvc.yaml, the stages, and params.yaml with the demo's overrides: the `synthetic` source, random
+backbone weights, small images, few epochs), runs `dvc repro` there and commits the result, so
+`dvc exp run` works there at once. Runs are logged to demo/mlflow.db (or MLFLOW_TRACKING_URI).
+Running it again re-runs only what changed.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from stages import config
+from stages import config, tracking
 
 ROOT = Path(__file__).resolve().parent.parent
 #: DVC from the Python environment running this, whatever is first on PATH.
@@ -80,6 +80,8 @@ def make_workspace(dest: Path, overrides: dict, git: bool = False) -> Path:
     shutil.copytree(ROOT / "stages", dest / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     if git and not (dest / ".git").exists():
         subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+        # What the pipeline writes outside its DVC outputs: `dvc exp run` must leave it alone.
+        (dest / ".gitignore").write_text("/mlflow.db\n/mlflow.db.lock\n/mlartifacts/\n/mlruns/\n/dvc_plots/\n.tmp-*\n")
     if not (dest / ".dvc").exists():
         subprocess.run(DVC + ["init", "-q"] + ([] if git else ["--no-scm"]), cwd=dest, check=True)
         subprocess.run(DVC + ["config", "core.analytics", "false"], cwd=dest, check=True)
@@ -90,21 +92,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dir", type=Path, default=ROOT / "demo", help="where to build and run the demo")
     args = parser.parse_args()
-    workspace = make_workspace(args.dir, DEMO_PARAMS)
+    workspace = make_workspace(args.dir, DEMO_PARAMS, git=True)
     env = pipeline_env()
-    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlflow.db'}")
+    uri = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace.resolve() / 'mlflow.db'}"
+    commit(workspace, "The demo's pipeline and params")
     started = time.perf_counter()
-    result = subprocess.run(DVC + ["repro"], cwd=workspace, env=env, check=False)
+    result = subprocess.run(DVC + ["repro"], cwd=workspace, env=env | {"MLFLOW_TRACKING_URI": uri}, check=False)
     if result.returncode != 0:
         sys.exit(result.returncode)
-    metrics = json.loads((workspace / "reports" / "metrics.json").read_text())
+    commit(workspace, "The demo's results")  # the baseline of `dvc exp run` there
+    test = json.loads((workspace / "reports" / "metrics.json").read_text())["test"]
+    os.environ["MLFLOW_TRACKING_URI"] = uri
     print(
-        f"\nDemo finished in {time.perf_counter() - started:.0f} s: test accuracy {metrics['accuracy']:.3f} "
-        f"on {metrics['test_images']} images.\n"
+        f"\nDemo finished in {time.perf_counter() - started:.0f} s: test accuracy {test['accuracy']:.3f} "
+        f"on {test['images']} images.\n"
         f"  metrics:  {workspace / 'reports' / 'metrics.json'}\n"
         f"  figures:  {workspace / 'reports' / 'evaluate'}/*.png\n"
-        f"  MLflow:   mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']}   (then open http://127.0.0.1:5000)"
+        f"  MLflow:   mlflow ui --backend-store-uri {uri}\n"
+        f"            then open {tracking.versions_url()}\n"
+        f"  an experiment:  cd {workspace} && dvc exp run -S finetune.learning_rate=0.0002"
     )
+
+
+def commit(workspace: Path, message: str) -> None:
+    """Commit everything in the demo's own git repository (its own identity: it is a throwaway)."""
+    who = ["-c", "user.name=make demo", "-c", "user.email=demo@localhost"]
+    subprocess.run(["git", "add", "-A"], cwd=workspace, check=True)
+    staged = subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=workspace, check=False)
+    if staged.returncode:
+        subprocess.run(["git", *who, "commit", "-qm", message], cwd=workspace, check=True)
 
 
 if __name__ == "__main__":

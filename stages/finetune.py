@@ -116,6 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     params = config.load()
     devices.set_determinism(params.deterministic)
+    name = "finetune"  # the metrics' prefix, live in MLflow and in metrics.json: finetune.val_accuracy
     with tracking.stage_run("finetune", params):
         top = keras.models.load_model(args.top, safe_mode=True)
         result = finetune(
@@ -125,13 +126,13 @@ def main() -> None:
             params,
             devices.strategy(),
             devices.precision_policy(params.finetune.mixed_precision),
-            callbacks=[tracking.epoch_logger()],
+            callbacks=[tracking.epoch_logger(f"{name}.")],
         )
         common.save_model(result.model, args.output)
         common.write_json(args.classes, result.classes)
         args.reports.mkdir(parents=True, exist_ok=True)
         write_history(result.history, args.reports / "history.csv")
-        common.write_json(args.reports / "metrics.json", final_metrics(result.history))
+        common.write_json(args.reports / "metrics.json", final_metrics(result.history, name))
     log.info("validation accuracy %.4f; wrote %s", result.history["val_accuracy"][-1], args.output)
 
 

@@ -5,7 +5,8 @@ prepared exactly as `prepare` prepares the data set (turned upright, transparenc
 to `data.max_side`, re-encoded as JPEG) and decoded as evaluate decodes it (`images.model_input`),
 and the class is decided as evaluate decides it (`evaluate.threshold` for two classes), so a
 picture gets the answer the test metrics measured. `data.max_side` and `evaluate.threshold` come
-from params.yaml (`--params`; `--threshold` overrides the threshold).
+from params.yaml (`--params`; `--threshold` overrides the threshold). A classes file that does not
+match the model's outputs is refused: it would print wrong labels.
 
 Run: python -m stages.predict photo.jpg other.png [--top 3] [--threshold 0.5]
        [--model models/model.keras] [--classes models/classes.json] [--params params.yaml]
@@ -38,6 +39,29 @@ def top_classes(
     return out
 
 
+def read_classes(path: Path) -> list[str]:
+    """The class names in `path` (models/classes.json: a JSON list of names, in the model's output order)."""
+    try:
+        classes = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StageError(f"{path} is not a JSON list of class names: {err}") from err
+    if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+        raise StageError(f"{path} is not a JSON list of class names")
+    return classes
+
+
+def check_classes(classes: list[str], classes_path: Path, outputs: int, model_path: Path) -> None:
+    """Refuse class names that do not match the model's outputs: naming its outputs with another
+    model's classes would print wrong labels without any sign. One sigmoid output means two classes."""
+    predicted = 2 if outputs == 1 else outputs
+    if len(classes) != predicted:
+        how = " (one sigmoid output)" if outputs == 1 else ""
+        raise StageError(
+            f"{classes_path} names {len(classes)} classes but {model_path} predicts {predicted}{how}: "
+            "give the classes file written with this model (--classes)"
+        )
+
+
 def _threshold(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
@@ -62,9 +86,15 @@ def main() -> None:
         "--threshold", type=_threshold, help="two classes: decide the second from this probability on (default: params)"
     )
     args = parser.parse_args()
-    missing = [str(p) for p in [args.model, args.classes, *args.images] if not p.is_file()]
+    missing = [str(p) for p in (args.model, args.classes) if not p.is_file()]
     if missing:
-        raise StageError(f"not found: {', '.join(missing)} (build the model with `dvc repro` first)")
+        raise StageError(
+            f"not found: {', '.join(missing)} (build the model with `dvc repro` first, or name it with "
+            "--model and --classes)"
+        )
+    missing = [str(p) for p in args.images if not p.is_file()]
+    if missing:
+        raise StageError(f"image not found: {', '.join(missing)}")
     params = config.load(args.params)
     threshold = params.evaluate.threshold if args.threshold is None else args.threshold
     import keras
@@ -79,7 +109,8 @@ def main() -> None:
             raise StageError(f"{path} is not an image Pillow can decode: {err}") from err
 
     model = keras.models.load_model(args.model, safe_mode=True)
-    classes = json.loads(args.classes.read_text(encoding="utf-8"))
+    classes = read_classes(args.classes)
+    check_classes(classes, args.classes, model.output_shape[-1], args.model)
     # The model's own input size: the one it was trained at, whatever params.yaml says now.
     size = tuple(model.input_shape[1:3])
     for start in range(0, len(args.images), args.batch_size):

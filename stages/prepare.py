@@ -324,7 +324,17 @@ def main() -> None:
     with tracking.stage_run("prepare", params):
         with common.atomic_dir(args.output) as tmp:
             report = prepare(args.raw, tmp, params.data, params.data.seed)
-        common.write_json(args.report, report)  # a DVC metric: logged with the stage's outputs
+        common.write_json(args.report, report)
+        # A cached output, not a DVC metric (its per-class counts would crowd `dvc exp show`), so
+        # tracking logs no numbers from it: its numbers go to MLflow here, flattened as DVC would
+        # (classes.<class>.<split>, dropped.<reason>, duplicates, conflicts, images_kept, ...).
+        tracking.log_metrics(
+            {
+                key: value
+                for key, value in config.flatten(report).items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool)
+            }
+        )
     log.info("kept %d of %d files; dropped %s", report["images_kept"], report["files_read"], report["dropped"])
 
 

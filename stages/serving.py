@@ -8,14 +8,21 @@ re-encoded as JPEG) and decoded and resized as `evaluate` does (`images.model_in
 decision rule is evaluate's (`evaluate.threshold` for two classes), so the served model scores
 what the metrics measured.
 
-`log_model` logs it from the evaluate stage, registers it, and moves the `candidate` and
-`champion` aliases.
+`mlflow models serve` serves it: a request is JSON with the `image` column base64-encoded
+(`dataframe_split` or `dataframe_records`; MLflow decodes a `binary` column before `predict`). A
+request the model cannot answer (no `image` column, no rows, a file that is no picture) is refused
+with `BadRequest`: HTTP 400 and one line saying what is wrong and what to send, no traceback.
+
+`log_model` logs it from the evaluate stage, registers it with a description of what it is and how
+it scored, and moves the `candidate` and `champion` aliases.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,8 @@ import mlflow.models
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc.model import PythonModel
 
 from stages import tracking
@@ -31,6 +40,34 @@ log = logging.getLogger(__name__)
 
 #: The model version tag holding the DVC hash of the prepared data its test accuracy was measured on.
 TEST_SET = "test_set"
+#: The input column: each row one encoded picture file.
+COLUMN = "image"
+#: What every refused request is told to send instead.
+WHAT_TO_SEND = (
+    f"Send each picture's file, base64-encoded, in a column '{COLUMN}' of dataframe_split or dataframe_records "
+    "JSON (its bytes in a pandas DataFrame)."
+)
+#: A registered version's description names at most this many classes.
+DESCRIBED_CLASSES = 10
+
+
+class BadRequest(MlflowException):
+    """A request the model cannot answer: the scoring server answers HTTP 400 with this one line.
+
+    The scoring server puts the request's whole frame before the message of any MlflowException
+    that `predict` raises (`Failed to predict data '<frame>'. \\nError: ...`): several lines that
+    echo the pictures back. The answer is made by `serialize_as_json`, which keeps the line as
+    raised; the error code INVALID_PARAMETER_VALUE is what makes it a 400 and not a 500.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+        self.line = message
+
+    def serialize_as_json(self) -> str:
+        answer = json.loads(super().serialize_as_json())
+        answer["message"] = self.line
+        return json.dumps(answer)
 
 
 class ImageClassifier(PythonModel):
@@ -51,14 +88,20 @@ class ImageClassifier(PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from stages import evaluate, images, pictures
 
+        files = _pictures(model_input)
         inputs = []
-        for i, data in enumerate(model_input["image"]):
-            if not isinstance(data, bytes | bytearray | memoryview):
-                raise TypeError(f"image {i}: expected the bytes of an image file, got {type(data).__name__}")
+        for row, data in enumerate(files):
             try:
-                inputs.append(images.model_input(bytes(data), self.image_size, self.max_side))
+                inputs.append(images.model_input(data, self.image_size, self.max_side))
             except pictures.Unusable as err:
-                raise ValueError(f"image {i} is not an image Pillow can decode: {err}") from err
+                if _is_base64_picture(data):
+                    problem = (
+                        "is the base64 of a picture, not the picture: it was encoded twice, or sent under inputs "
+                        "or instances, whose base64 MLflow does not decode"
+                    )
+                else:
+                    problem = f"is not a usable picture: {pictures.REASONS[err.reason]}"
+                raise BadRequest(f"row {row} {problem}. {WHAT_TO_SEND}") from err
         batch = np.stack(inputs)
         probs = evaluate.as_class_probabilities(self.model.predict(batch, verbose=0))
         chosen = evaluate.predicted_classes(probs, self.threshold)
@@ -70,10 +113,97 @@ class ImageClassifier(PythonModel):
         return out
 
 
+def _pictures(frame: Any) -> list[bytes]:
+    """The encoded pictures of a request, in order; `BadRequest` when it holds none, or something else."""
+    if not isinstance(frame, pd.DataFrame):
+        raise BadRequest(f"expected a table of pictures, got {type(frame).__name__}. {WHAT_TO_SEND}")
+    if COLUMN not in frame.columns:
+        # MLflow drops the columns the signature does not name, so there is no telling which came.
+        raise BadRequest(f"no column '{COLUMN}' in the request. {WHAT_TO_SEND}")
+    if frame.empty:
+        raise BadRequest(f"no picture in the request (0 rows). {WHAT_TO_SEND}")
+    out = []
+    for row, data in enumerate(frame[COLUMN]):
+        if isinstance(data, bytes | bytearray | memoryview):
+            out.append(bytes(data))
+            continue
+        if isinstance(data, str):
+            what = "text"
+        elif data is None or (isinstance(data, float) and np.isnan(data)):
+            what = "empty"
+        else:
+            what = f"a {type(data).__name__}"
+        raise BadRequest(f"row {row} is {what}, not an image file. {WHAT_TO_SEND}")
+    return out
+
+
+def _is_base64_picture(data: bytes) -> bool:
+    """Whether `data` is the base64 text of a picture file (its header is enough) rather than the file."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(data, validate=True))):
+            return True
+    except (ValueError, OSError, Image.DecompressionBombError):  # not base64; no picture (or a huge one) in it
+        return False
+
+
 def model_spec(classes: list[str], threshold: float, max_side: int) -> dict[str, Any]:
     """The served model's spec.json: its class names, its decision threshold, and the `data.max_side`
     pictures are prepared to (`ImageClassifier` reads it back)."""
     return {"classes": classes, "threshold": threshold, "max_side": max_side}
+
+
+def backbone_of(model_path: Path) -> str | None:
+    """The backbone a saved .keras classifier was built on, read from its own config (the backbone
+    its `Preprocess` layer prepares images for); None for a model without one. Read from the file,
+    not from params.yaml, so that the description says what the logged model is."""
+    try:
+        with zipfile.ZipFile(model_path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("class_name") == "Preprocess" and isinstance(node.get("config"), dict):
+                found.append(str(node["config"].get("backbone")))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(config)
+    return found[0] if found else None
+
+
+def describe(
+    classes: list[str], test_set: str | None, backbone: str | None, accuracy: float, metrics: dict[str, Any]
+) -> str:
+    """A registered version's description (Markdown): what it tells apart, what it is built on, and how
+    it scored on which test set, so that a version can be judged from the registry alone. `metrics`
+    holds evaluate's headline test numbers (reports/metrics.json's `test`): its `log_loss` and
+    `images` are given when there."""
+    shown = ", ".join(classes[:DESCRIBED_CLASSES])
+    if len(classes) > DESCRIBED_CLASSES:
+        shown += f", ... (the first {DESCRIBED_CLASSES}; all in the model's artifacts/spec.json)"
+    scores = f"accuracy {accuracy:.4f}"
+    if isinstance(metrics.get("log_loss"), int | float):
+        scores += f", log loss {metrics['log_loss']:.4f}"
+    if isinstance(metrics.get("images"), int):
+        scores += f" on {metrics['images']} images"
+    return "\n".join(
+        [
+            f"- classes ({len(classes)}): {shown}",
+            f"- backbone: {backbone or 'unknown'}",
+            f"- test set: {test_set or 'unknown'} (the DVC hash of the prepared data it was scored on)",
+            f"- test metrics: {scores}",
+        ]
+    )
 
 
 def _requirements() -> list[str]:
@@ -97,13 +227,16 @@ def log_model(
     accuracy: float,
     test_set: str | None,
     max_side: int,
+    metrics: dict[str, Any] | None = None,
 ) -> str:
     """Log the fine-tuned model to the active run as a pyfunc model (`ImageClassifier`), with its
     signature and an input example; register it with the alias `candidate`, and `champion` too
     when its test accuracy beats the current champion's on the same test set (`test_set`: the DVC
     hash of the prepared data it was scored on). `max_side` is the `data.max_side` its data was
-    prepared with, which the served model prepares pictures to. Returns what happened, for the
-    run's tags."""
+    prepared with, which the served model prepares pictures to. The new version's description
+    names its classes, backbone (read from the model file) and test set, and its test metrics
+    (`accuracy`, and the log loss and number of images of `metrics`: reports/metrics.json's `test`).
+    Returns what happened, for the run's tags."""
     if not tracking.enabled():
         return "not logged (PIPELINE_TRACKING=off)"
     import tempfile
@@ -113,7 +246,9 @@ def log_model(
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
-    inputs: list[ColSpec | TensorSpec] = [ColSpec("binary", "image")]
+    # Optional only so that a request without the column reaches `predict`, which refuses it in one
+    # line; MLflow's own refusal echoes the whole request over several lines.
+    inputs: list[ColSpec | TensorSpec] = [ColSpec("binary", COLUMN, required=False)]
     outputs: list[ColSpec | TensorSpec] = [ColSpec("string", "label"), ColSpec("double", "confidence")]
     outputs += [ColSpec("double", f"p.{c}") for c in classes]
     signature = ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
@@ -126,27 +261,34 @@ def log_model(
             artifacts={"model": str(model_path), "spec": str(spec)},
             code_paths=[str(Path(__file__).resolve().parent)],
             signature=signature,
-            input_example=pd.DataFrame({"image": [example.read_bytes()]}),
+            input_example=pd.DataFrame({COLUMN: [example.read_bytes()]}),
             pip_requirements=_requirements(),
         )
         if registered_model is None:
             outcome = "not registered (evaluate.registered_model is null)"
             mlflow.set_tag("model.registry", outcome)
             return outcome
-        version, outcome = register(info.model_uri, registered_model, accuracy, test_set, tracking.active_run_id())
+        description = describe(classes, test_set, backbone_of(model_path), accuracy, metrics or {})
+        version, outcome = register(
+            info.model_uri, registered_model, accuracy, test_set, tracking.active_run_id(), description
+        )
         mlflow.set_tags({"model.registry": outcome, "model.version": str(version)})
     log.info("%s", outcome)
     return outcome
 
 
-def register(model_uri: str, name: str, accuracy: float, test_set: str | None, run_id: str) -> tuple[str, str]:
+def register(
+    model_uri: str, name: str, accuracy: float, test_set: str | None, run_id: str, description: str | None = None
+) -> tuple[str, str]:
     """Register the model at `model_uri` as a new version of `name`, tagged with its test accuracy,
-    its test set and its run; give it the alias `candidate`, and `champion` when it earns it.
-    Returns the version and what was decided."""
+    its test set and its run, and described by `description` (see `describe`); give it the alias
+    `candidate`, and `champion` when it earns it. Returns the version and what was decided."""
     import mlflow
 
     version = mlflow.register_model(model_uri, name).version
     client = mlflow.MlflowClient(tracking.tracking_uri())
+    if description:
+        client.update_model_version(name, version, description=description)
     client.set_model_version_tag(name, version, "test.accuracy", str(accuracy))
     client.set_model_version_tag(name, version, TEST_SET, test_set or "unknown")
     client.set_model_version_tag(name, version, "run_id", run_id)

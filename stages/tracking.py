@@ -58,15 +58,15 @@ DEFAULT_EXPERIMENT = "image-classifier"
 PIPELINE_FILE = Path("dvc.yaml")
 LOCK_FILE = Path("dvc.lock")
 PIPELINE_RUN = "pipeline"
-#: The pipeline version's headline metrics: (stage, key in its metrics file) -> metric name.
-KEY_METRICS = {
-    ("train_top", "val_accuracy"): "top.val_accuracy",
-    ("finetune", "val_accuracy"): "finetune.val_accuracy",
-    ("evaluate", "accuracy"): "test.accuracy",
-    ("evaluate", "log_loss"): "test.log_loss",
-}
-#: Outputs too large to copy into the tracking store on every run (DVC keeps them).
-NOT_ARTIFACTS = ("data/", "models/backbone.weights.h5")
+#: The pipeline version's headline metrics, named as in the metrics files (flattened) and in DVC.
+KEY_METRICS = ("top.val_accuracy", "finetune.val_accuracy", "test.accuracy", "test.log_loss")
+#: The prefix of each training stage's per-epoch metrics, so the curves of the two can't be confused.
+CURVE_PREFIX = {"train_top": "top.", "finetune": "finetune."}
+#: Outputs not copied into the tracking store: data and the backbone are too large (DVC keeps
+#: them), and the fine-tuned model is stored once, inside the model evaluate logs and registers.
+NOT_ARTIFACTS = ("data/", "models/backbone.weights.h5", "models/model.keras")
+#: Tells the MLflow UI this experiment trains models (its runs table), not a GenAI app (traces).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 REACHABLE_TIMEOUT = 5.0
 
 
@@ -104,9 +104,11 @@ def _use_experiment() -> None:
 
     name = experiment_name()
     uri = tracking_uri()
-    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
-        database = Path(uri[len("sqlite:///") :].split("?")[0])
-        mlflow.create_experiment(name, artifact_location=(database.parent / "mlartifacts").as_uri())
+    if mlflow.get_experiment_by_name(name) is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri[len("sqlite:///") :].split("?")[0]).parent / "mlartifacts").as_uri()
+        mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     mlflow.set_experiment(name)
 
 
@@ -260,9 +262,30 @@ def git_commit() -> tuple[str, bool]:
     return head, bool(dirty)
 
 
+def attempt() -> str:
+    """The `dvc repro` (or `dvc exp run`) this stage runs in, as `<pid>.<start>` of that process;
+    the stage's own process when none is found. Tags runs so a failed attempt's runs stay together."""
+    pid = os.getpid()
+    for _ in range(8):  # the stage's python, a shell, then DVC
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            break
+        if any(os.path.basename(part) == b"dvc" for part in command[:3]):
+            return f"{pid}.{stat[19]}"  # field 22 of /proc/<pid>/stat: the start time, against pid reuse
+        pid = int(stat[1])
+    return f"{os.getpid()}.{time.time():.0f}"
+
+
 def lineage_tags(stage: str) -> dict[str, str]:
     commit, dirty = git_commit()
-    tags = {"pipeline.stage": stage, "git.commit": commit, "git.dirty": str(dirty).lower()}
+    tags = {
+        "pipeline.stage": stage,
+        "pipeline.attempt": attempt(),
+        "git.commit": commit,
+        "git.dirty": str(dirty).lower(),
+    }
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
     hashes = locked_hashes()
@@ -330,9 +353,34 @@ def stage_run(stage: str, params: config.Params) -> Iterator[Any]:
     except BaseException:
         with contextlib.suppress(Exception), store_lock():
             mlflow.end_run("FAILED")
+            _record_failed_attempt(stage, params)
         raise
     with store_lock():
         mlflow.end_run()
+
+
+def _record_failed_attempt(stage: str, params: config.Params) -> None:
+    """A failed row for the attempt a stage failed in, with the attempt's stage runs nested under it,
+    so that a failure stands with its version's params, not as a lone run among the versions."""
+    client = _client()
+    experiment = client.get_experiment_by_name(experiment_name())
+    tags = lineage_tags(PIPELINE_RUN) | {"pipeline.failed_stage": stage}
+    runs = client.search_runs(
+        [experiment.experiment_id], f"tags.`pipeline.attempt` = '{tags['pipeline.attempt']}'", max_results=100
+    )
+    name = f"{version_name(params)} (failed at {stage})"
+    failed = client.create_run(experiment.experiment_id, run_name=name, tags=tags, start_time=_first_start(runs))
+    for params_key, value in loggable_params(params).items():
+        client.log_param(failed.info.run_id, params_key, value)
+    for other in runs:
+        if "mlflow.parentRunId" not in other.data.tags and other.data.tags.get("pipeline.stage") != PIPELINE_RUN:
+            client.set_tag(other.info.run_id, "mlflow.parentRunId", failed.info.run_id)
+    client.set_terminated(failed.info.run_id, "FAILED")
+
+
+def _first_start(runs: list[Any]) -> int | None:
+    """When the earliest of `runs` started (ms), None for none."""
+    return min((r.info.start_time for r in runs), default=None)
 
 
 def _log_inputs(stage: str) -> None:
@@ -374,9 +422,8 @@ def log_outputs(stage: str, replay_history: bool = False) -> None:
     they were not logged live)."""
     import mlflow
 
-    spec = _stages().get(stage, {})
     metrics: dict[str, float] = {}
-    for path in _paths(spec.get("metrics")):
+    for path in _paths(_stages().get(stage, {}).get("metrics")):
         if Path(path).is_file():
             metrics.update(_numbers(json.loads(Path(path).read_text(encoding="utf-8"))))
     written = {f"dvc.out.{path}": dvc_hash(Path(path)) for path in stage_outputs(stage) if Path(path).exists()}
@@ -387,7 +434,7 @@ def log_outputs(stage: str, replay_history: bool = False) -> None:
         if replay_history:
             for path in outputs:
                 if path.endswith("history.csv") and Path(path).is_file():
-                    logged |= _log_history(Path(path), skip=logged)
+                    logged |= _log_history(Path(path), CURVE_PREFIX.get(stage, ""), skip=logged)
         # A final value already logged per epoch (val_accuracy...) is not logged again at step 0.
         fresh = {k: v for k, v in metrics.items() if k not in logged}
         if fresh:
@@ -399,19 +446,32 @@ def log_outputs(stage: str, replay_history: bool = False) -> None:
                 mlflow.log_artifact(path, str(Path(path).parent))
 
 
-def _log_history(path: Path, skip: set[str]) -> set[str]:
-    """A history.csv as step metrics, except the metrics in `skip` (already logged live);
-    returns the names it logged."""
+def _log_history(path: Path, prefix: str, skip: set[str]) -> set[str]:
+    """A history.csv as step metrics named `prefix` + column, except the metrics in `skip` (already
+    logged live); returns the names it logged."""
     import mlflow
 
     names: set[str] = set()
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            step = int(row.pop("epoch")) - 1
-            values = {k: float(v) for k, v in row.items() if k not in skip}
-            mlflow.log_metrics(values, step=step)
-            names |= set(values)
+    for step, row in _history(path):
+        values = {prefix + k: v for k, v in row.items() if prefix + k not in skip}
+        mlflow.log_metrics(values, step=step)
+        names |= set(values)
     return names
+
+
+def _history(path: Path) -> list[tuple[int, dict[str, float]]]:
+    """The rows of a history.csv as (step, {metric: value}): step 0 is its first epoch; columns
+    that are not numbers (a stage name) are left out."""
+    rows = []
+    with open(path, newline="") as f:
+        for number, row in enumerate(csv.DictReader(f)):
+            values = {}
+            for key, value in row.items():
+                with contextlib.suppress(TypeError, ValueError):
+                    values[key] = float(value)
+            values.pop("epoch", None)
+            rows.append((number, values))
+    return rows
 
 
 def active_run_id() -> str:
@@ -459,6 +519,89 @@ def epoch_logger(prefix: str = "") -> Any:
 # The pipeline version -----------------------------------------------------------------------
 
 
+def _all_metrics() -> dict[str, float]:
+    """Every number in the pipeline's metrics files, by its flattened name (as DVC shows it)."""
+    metrics: dict[str, float] = {}
+    for spec in _stages().values():
+        for path in _paths(spec.get("metrics")):
+            if Path(path).is_file():
+                metrics.update(_numbers(json.loads(Path(path).read_text(encoding="utf-8"))))
+    return metrics
+
+
+def version_name(params: config.Params) -> str:
+    """What a version is called: its DVC experiment, else its commit, and the params it changed
+    from the committed params.yaml (`exp-3f2a1 finetune.learning_rate=0.0002`)."""
+    commit, _ = git_commit()
+    name = os.environ.get("DVC_EXP_NAME") or (commit[:7] if commit != "unknown" else PIPELINE_RUN)
+    changed = changed_params(params)
+    shown = [f"{key}={value}" for key, value in changed.items()][:3]
+    if len(changed) > len(shown):
+        shown.append(f"+{len(changed) - len(shown)} more")
+    return " ".join([name, *shown])
+
+
+def changed_params(params: config.Params) -> dict[str, Any]:
+    """The params whose values differ from the committed params.yaml ({} outside git)."""
+    try:
+        committed = subprocess.run(
+            ["git", "show", f"HEAD:./{config.PARAMS_FILE}"], capture_output=True, text=True, check=True
+        ).stdout
+        before = config.flatten(config.parse(yaml.safe_load(committed)))
+    except (OSError, subprocess.CalledProcessError, yaml.YAMLError, config.ParamsError):
+        return {}
+    return {k: v for k, v in loggable_params(params).items() if before.get(k) != v}
+
+
+def _log_curves(client: Any, run_id: str) -> set[str]:
+    """The per-epoch history of each training stage, as step metrics of the version: its Compare
+    and chart views draw them (`top.val_accuracy`, `finetune.val_accuracy`, ...). Returns their names."""
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    names: set[str] = set()
+    for stage, prefix in CURVE_PREFIX.items():
+        for path in stage_outputs(stage):
+            if path.endswith("history.csv") and Path(path).is_file():
+                rows = _history(Path(path))
+                points = [Metric(prefix + k, v, stamp, step) for step, values in rows for k, v in values.items()]
+                for start in range(0, len(points), 1000):  # log_batch takes at most 1000 metrics
+                    client.log_batch(run_id, metrics=points[start : start + 1000])
+                names |= {point.key for point in points}
+    return names
+
+
+def _link_models(client: Any, experiment_id: str, source_run: str, version_id: str) -> None:
+    """Show the models `source_run` logged (the fine-tuned model) on the version's row too."""
+    from mlflow.entities import LoggedModelOutput
+
+    models = client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{source_run}'"
+    )
+    if models:
+        client.log_outputs(version_id, [LoggedModelOutput(m.model_id, step=0) for m in models])
+
+
+def versions_url(base: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI's runs table of this experiment, showing only pipeline versions, best test
+    accuracy first (the UI takes the filter and the order from the address)."""
+    import urllib.parse
+
+    import mlflow
+
+    experiment = mlflow.MlflowClient(tracking_uri()).get_experiment_by_name(experiment_name())
+    query = urllib.parse.urlencode(
+        {
+            "searchFilter": f"tags.`pipeline.stage` = '{PIPELINE_RUN}'",
+            "orderByKey": "metrics.`test.accuracy`",
+            "orderByAsc": "false",
+        },
+        quote_via=urllib.parse.quote,
+    )
+    where = f"experiments/{experiment.experiment_id}/runs?{query}" if experiment else ""
+    return f"{base}/#/{where}"
+
+
 def runs_that_wrote(outputs: dict[str, str], stage: str | None = None, max_results: int = 100) -> list[Any]:
     """The finished runs, newest first, that wrote every output in `outputs` ({path: DVC hash})."""
     client = _client()
@@ -500,24 +643,31 @@ def log_pipeline_version(params: config.Params, run: Any, stage: str = "evaluate
             runs[name] = found[0].info.run_id
         else:
             log.warning("no run in %s wrote the %s outputs dvc.lock records: not linked", tracking_uri(), name)
-    metrics = {}
-    for (name, key), metric in KEY_METRICS.items():
-        for path in _paths(_stages().get(name, {}).get("metrics")):
-            if Path(path).is_file() and key in (values := json.loads(Path(path).read_text(encoding="utf-8"))):
-                metrics[metric] = float(values[key])
+    metrics = {k: v for k, v in _all_metrics().items() if k in KEY_METRICS}
     tags = lineage_tags(PIPELINE_RUN) | {f"run.{name}": run_id for name, run_id in runs.items()}
     try:
         with store_lock():
             experiment = client.get_experiment_by_name(experiment_name())
-            version = client.create_run(experiment.experiment_id, run_name=PIPELINE_RUN, tags=tags)
+            linked = [client.get_run(run_id) for run_id in runs.values()]
+            new = [r for r in linked if "mlflow.parentRunId" not in r.data.tags]  # made in this version
+            evaluated = client.get_run(run.info.run_id)
+            tags |= {k: v for k, v in evaluated.data.tags.items() if k.startswith("model.")}
+            version = client.create_run(
+                experiment.experiment_id,
+                run_name=version_name(params),
+                tags=tags,
+                start_time=_first_start(new),  # the version spans the work of its stages
+            )
             version_id = version.info.run_id
             for key, value in loggable_params(params).items():
                 client.log_param(version_id, key, value)
+            curves = _log_curves(client, version_id)
             for key, value in metrics.items():
-                client.log_metric(version_id, key, value)
-            for run_id in runs.values():
-                if "mlflow.parentRunId" not in client.get_run(run_id).data.tags:
-                    client.set_tag(run_id, "mlflow.parentRunId", version_id)
+                if key not in curves:  # a curve ends on the final value already
+                    client.log_metric(version_id, key, value)
+            _link_models(client, experiment.experiment_id, run.info.run_id, version_id)
+            for other in new:
+                client.set_tag(other.info.run_id, "mlflow.parentRunId", version_id)
             client.set_terminated(version_id)
     except Exception as err:
         raise logging_failed(stage, "logging the pipeline version", err) from err

@@ -59,18 +59,27 @@ def train_top(
     return head, history.history
 
 
+#: What a training stage records per epoch, and its final values in metrics.json.
+HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
 def write_history(history: dict[str, list[float]], path: Path) -> None:
-    """Per-epoch metrics as CSV: epoch, loss, accuracy, val_loss, val_accuracy."""
-    keys = ["loss", "accuracy", "val_loss", "val_accuracy"]
+    """Per-epoch metrics as CSV: epoch (1, 2, ... within the stage, as MLflow's steps count them),
+    loss, accuracy, val_loss, val_accuracy. A DVC plot per stage; evaluate's training_curves.png
+    puts both stages on one axis, fine-tuning's epochs after the head's."""
     with common.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["epoch", *keys])
+        writer.writerow(["epoch", *HISTORY_KEYS])
         for epoch in range(len(history["loss"])):
-            writer.writerow([epoch + 1, *(f"{history[k][epoch]:.6f}" for k in keys)])
+            writer.writerow([epoch + 1, *(f"{history[k][epoch]:.6f}" for k in HISTORY_KEYS)])
 
 
-def final_metrics(history: dict[str, list[float]]) -> dict[str, float]:
-    return {k: round(float(v[-1]), 6) for k, v in history.items() if k != "learning_rate"}
+def final_metrics(history: dict[str, list[float]], name: str) -> dict[str, dict[str, float]]:
+    """The last epoch's values as the stage's metrics.json: {name: {loss, accuracy, val_loss,
+    val_accuracy}}. Nested so DVC's flattened column (`top.val_accuracy`) is the name the live
+    per-epoch MLflow curve has (`tracking.epoch_logger(name + ".")`), and nothing else: the
+    metrics files hold the headline numbers `dvc exp show` lists."""
+    return {name: {k: round(float(history[k][-1]), 6) for k in HISTORY_KEYS}}
 
 
 def main() -> None:
@@ -82,6 +91,7 @@ def main() -> None:
     params = config.load()
     devices.set_determinism(params.deterministic)
     meta = json.loads((args.features / META).read_text())
+    name = "top"  # the metrics' prefix, live in MLflow and in metrics.json: top.val_accuracy
     with tracking.stage_run("train_top", params):
         head, history = train_top(
             load_features(args.features, "train"),
@@ -89,12 +99,12 @@ def main() -> None:
             len(meta["classes"]),
             params.top,
             params.seed,
-            callbacks=[tracking.epoch_logger()],
+            callbacks=[tracking.epoch_logger(f"{name}.")],
         )
         common.save_model(head, args.output)
         args.reports.mkdir(parents=True, exist_ok=True)
         write_history(history, args.reports / "history.csv")
-        common.write_json(args.reports / "metrics.json", final_metrics(history))
+        common.write_json(args.reports / "metrics.json", final_metrics(history, name))
     log.info("validation accuracy %.4f; wrote %s", history["val_accuracy"][-1], args.output)
 
 

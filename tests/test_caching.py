@@ -82,7 +82,7 @@ def test_a_param_changed_and_back_restores_every_stage_from_the_cache(clone):
     assert ran_stages(back) == []
     assert re.findall(r"Stage '(\w+)' is cached - skipping run", back) == ["finetune", "evaluate"]
     assert locked_hashes(clone["path"]) == before
-    assert json.loads((clone["path"] / "reports/metrics.json").read_text())["test_images"] == 12
+    assert json.loads((clone["path"] / "reports/metrics.json").read_text())["test"]["images"] == 12
 
 
 def test_a_forced_retrain_with_the_same_params_runs_nothing_after_it(clone):

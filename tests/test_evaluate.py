@@ -1,4 +1,4 @@
-"""Test-set metrics computed by hand on small, known cases."""
+"""Test-set metrics computed by hand on small, known cases, and the metrics files' exact shape."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from stages import evaluate
+from stages import evaluate, train_top
+
+HEADLINE = {"accuracy", "precision", "recall", "f1", "log_loss", "roc_auc", "images"}
 
 
 def test_binary_metrics_match_hand_computation():
@@ -15,37 +17,73 @@ def test_binary_metrics_match_hand_computation():
     p_pos = np.array([0.1, 0.4, 0.6, 0.8, 0.7, 0.3, 0.9, 0.2])
     probs = evaluate.as_class_probabilities(p_pos[:, None])
     m = evaluate.compute_metrics(labels, probs, ["cat", "dog"], threshold=0.5)
+    test = m["test"]
     # predicted: 0 0 1 1 1 0 1 0 -> TP=3 FP=1 FN=1 TN=3
-    assert m["accuracy"] == pytest.approx(6 / 8)
-    assert m["precision"] == pytest.approx(3 / 4)
-    assert m["recall"] == pytest.approx(3 / 4)
-    assert m["f1"] == pytest.approx(3 / 4)
-    assert m["confusion_matrix"]["rows_actual_columns_predicted"] == [[3, 1], [1, 3]]
-    assert m["per_class"]["cat"]["accuracy"] == pytest.approx(3 / 4)
+    assert test["accuracy"] == pytest.approx(6 / 8)
+    assert test["precision"] == pytest.approx(3 / 4)
+    assert test["recall"] == pytest.approx(3 / 4)
+    assert test["f1"] == pytest.approx(3 / 4)
+    assert m["confusion"] == {"classes": ["cat", "dog"], "rows_actual_columns_predicted": [[3, 1], [1, 3]]}
+    assert m["per_class"]["cat"]["recall"] == pytest.approx(3 / 4)
+    assert m["per_class"]["cat"]["images"] == 4
     expected_loss = -np.mean(np.log(np.where(labels == 1, p_pos, 1 - p_pos)))
-    assert m["log_loss"] == pytest.approx(expected_loss)
+    assert test["log_loss"] == pytest.approx(expected_loss)
     # AUC: pairs (positive, negative) where the positive scores higher: 14 of 16
-    assert m["roc_auc"] == pytest.approx(14 / 16)
-    assert m["test_images"] == 8
+    assert test["roc_auc"] == pytest.approx(14 / 16)
+    assert test["images"] == 8
+
+
+def test_metrics_file_holds_only_the_headline_numbers_under_test():
+    """reports/metrics.json is {"test": {...}}: DVC shows test.accuracy, as MLflow names it; nothing
+    per class (those would be one DVC column each)."""
+    for classes in (["a", "b"], ["a", "b", "c"]):
+        labels = np.arange(12) % len(classes)
+        probs = np.full((12, len(classes)), 0.1) + np.eye(len(classes))[labels]
+        probs /= probs.sum(axis=1, keepdims=True)
+        m = evaluate.compute_metrics(labels, probs, classes, 0.5)
+        assert set(m) == {"test", "per_class", "confusion"}
+        assert set(m["test"]) == HEADLINE
+        assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in m["test"].values())
+
+
+def test_training_metrics_are_nested_under_the_stage_prefix():
+    """{"top": {...}} flattens to top.val_accuracy, the name of the live per-epoch MLflow curve."""
+    history = {
+        "loss": [0.9, 0.5],
+        "accuracy": [0.5, 0.75],
+        "val_loss": [1.0, 0.6],
+        "val_accuracy": [0.4, 0.8],
+        "learning_rate": [0.1, 0.1],
+    }
+    assert train_top.final_metrics(history, "top") == {
+        "top": {"loss": 0.5, "accuracy": 0.75, "val_loss": 0.6, "val_accuracy": 0.8}
+    }
+    assert set(train_top.final_metrics(history, "finetune")) == {"finetune"}
 
 
 def test_threshold_moves_the_decision():
     labels = np.array([0, 1])
     probs = evaluate.as_class_probabilities(np.array([[0.3], [0.6]]))
-    assert evaluate.compute_metrics(labels, probs, ["a", "b"], 0.5)["accuracy"] == 1.0
-    assert evaluate.compute_metrics(labels, probs, ["a", "b"], 0.7)["accuracy"] == 0.5
+    assert evaluate.compute_metrics(labels, probs, ["a", "b"], 0.5)["test"]["accuracy"] == 1.0
+    assert evaluate.compute_metrics(labels, probs, ["a", "b"], 0.7)["test"]["accuracy"] == 0.5
 
 
-def test_multiclass_metrics_are_macro_averaged_and_have_no_auc():
+def test_multiclass_metrics_are_macro_averaged_with_macro_auc():
     labels = np.array([0, 1, 2, 2])
     probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.6, 0.2, 0.2], [0.1, 0.1, 0.8]])
     m = evaluate.compute_metrics(labels, probs, ["a", "b", "c"], 0.5)
-    assert m["accuracy"] == pytest.approx(3 / 4)
-    assert m["confusion_matrix"]["rows_actual_columns_predicted"] == [[1, 0, 0], [0, 1, 0], [1, 0, 1]]
+    assert m["test"]["accuracy"] == pytest.approx(3 / 4)
+    assert m["confusion"]["rows_actual_columns_predicted"] == [[1, 0, 0], [0, 1, 0], [1, 0, 1]]
     # precision a=1/2 b=1 c=1; recall a=1 b=1 c=1/2
-    assert m["precision"] == pytest.approx((0.5 + 1 + 1) / 3)
-    assert m["recall"] == pytest.approx((1 + 1 + 0.5) / 3)
-    assert "roc_auc" not in m
+    assert m["test"]["precision"] == pytest.approx((0.5 + 1 + 1) / 3)
+    assert m["test"]["recall"] == pytest.approx((1 + 1 + 0.5) / 3)
+    # one-vs-rest AUCs, by hand: a: 0.8 > 0.2, 0.6, 0.1 -> 1; b: 0.7 > all three -> 1;
+    # c: positives 0.2, 0.8 against negatives 0.1, 0.1: 4 of 4 pairs -> 1
+    assert m["test"]["roc_auc"] == pytest.approx(1.0)
+    probs[2] = [0.1, 0.2, 0.05]  # c's 0.05 now below both negatives: c's AUC 2 / 4
+    assert evaluate.compute_metrics(labels, probs, ["a", "b", "c"], 0.5)["test"]["roc_auc"] == pytest.approx(
+        (1 + 1 + 0.5) / 3
+    )
 
 
 def test_roc_curve_and_auc_agree():
@@ -64,4 +102,49 @@ def test_auc_is_undefined_with_one_class():
     m = evaluate.compute_metrics(
         np.array([1, 1]), evaluate.as_class_probabilities(np.array([[0.2], [0.9]])), ["a", "b"], 0.5
     )
-    assert m["roc_auc"] is None
+    assert m["test"]["roc_auc"] is None
+    assert m["per_class"]["a"]["roc_auc"] is None
+
+
+def test_classes_are_shown_in_natural_order():
+    as_text = sorted(["two", "ten", "one", "eight", "five", "four", "zero", "twenty-one", "twenty"])
+    assert sorted(as_text, key=evaluate.natural_key) == [
+        "zero",
+        "one",
+        "two",
+        "four",
+        "five",
+        "eight",
+        "ten",
+        "twenty",
+        "twenty-one",
+    ]
+    assert sorted(["class10", "class2", "Class1", "cat"], key=evaluate.natural_key) == [
+        "cat",
+        "Class1",
+        "class2",
+        "class10",
+    ]
+    assert sorted(["n02-Chihuahua", "n010-Beagle"], key=evaluate.natural_key) == ["n02-Chihuahua", "n010-Beagle"]
+
+
+def test_display_order_moves_rows_and_columns_together_not_the_model_classes():
+    """The model's class i is still classes[i] (sorted as text, as images.load_split sorts them);
+    only the per-class table and the confusion matrix list them naturally."""
+    classes = ["eight", "five", "four"]  # the model's order: sorted as text
+    labels = np.array([0, 0, 1, 2, 2, 2])  # eight, eight, five, four, four, four
+    predicted = np.array([2, 0, 1, 2, 2, 0])  # one eight taken for a four, one four for an eight
+    probs = np.eye(3)[predicted] * 0.8 + 0.2 / 3
+    m = evaluate.compute_metrics(labels, probs, classes, 0.5)
+    assert m["confusion"]["classes"] == ["four", "five", "eight"]
+    assert list(m["per_class"]) == ["four", "five", "eight"]
+    #                                 predicted: four five eight
+    assert m["confusion"]["rows_actual_columns_predicted"] == [
+        [2, 0, 1],  # actual four
+        [0, 1, 0],  # actual five
+        [1, 0, 1],  # actual eight
+    ]
+    assert m["per_class"]["four"] == pytest.approx(
+        {"images": 3, "recall": 2 / 3, "precision": 2 / 3, "f1": 2 / 3, "roc_auc": m["per_class"]["four"]["roc_auc"]}
+    )
+    assert evaluate.predicted_classes(probs, 0.5).tolist() == predicted.tolist()  # indices keep their meaning

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,9 @@ from tests.conftest import TINY
 from tests.workspace import STAGES, base_env, dvc, dvc_repro, free_port, locked_hashes, run, set_param
 
 pytestmark = pytest.mark.slow
+
+#: The keys of reports/metrics.json's "test" object (DVC and MLflow: test.accuracy, ...).
+TEST_METRICS = {"accuracy", "precision", "recall", "f1", "log_loss", "roc_auc", "images"}
 
 
 @pytest.fixture(scope="module")
@@ -120,19 +124,58 @@ def test_first_repro_runs_every_stage_and_writes_outputs(repo):
         "reports/evaluate/predictions.csv",
     ]:
         assert (workspace / output).is_file(), output
+    # the metrics files: headline numbers only, nested under the names MLflow gives them
     metrics = json.loads((workspace / "reports/metrics.json").read_text())
-    assert metrics["test_images"] == 2 * TINY["data"]["split"]["test"]
+    assert set(metrics) == {"test"} and set(metrics["test"]) == TEST_METRICS
+    assert metrics["test"]["images"] == 2 * TINY["data"]["split"]["test"]
     for key in ("accuracy", "precision", "recall", "f1", "roc_auc"):
-        assert 0 <= metrics[key] <= 1, key
-    assert metrics["log_loss"] > 0
+        assert 0 <= metrics["test"][key] <= 1, key
+    assert metrics["test"]["log_loss"] > 0
+    for stage, name in (("train_top", "top"), ("finetune", "finetune")):
+        final = json.loads((workspace / f"reports/{stage}/metrics.json").read_text())
+        assert set(final) == {name} and set(final[name]) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    # the details: plain cached outputs
     data = json.loads((workspace / "reports/data.json").read_text())
     assert data["classes"]["horizontal"] == {"train": 12, "validation": 6, "test": 6}
     assert json.loads((workspace / "models/classes.json").read_text()) == ["horizontal", "vertical"]
+    with open(workspace / "reports/evaluate/per_class.csv", newline="") as f:
+        assert [row["class"] for row in csv.DictReader(f)] == ["horizontal", "vertical"]
+    confusion = json.loads((workspace / "reports/evaluate/confusion.json").read_text())
+    assert confusion["classes"] == ["horizontal", "vertical"]
+    assert sum(map(sum, confusion["rows_actual_columns_predicted"])) == metrics["test"]["images"]
 
-    shown = dvc("metrics", "show", "--json", cwd=workspace, env=repo["env"]).stdout
-    assert '"accuracy"' in shown and '"dropped"' in shown
-    plots = dvc("plots", "show", "--json", cwd=workspace, env=repo["env"]).stdout
-    assert "confusion_matrix" in plots and "training_accuracy" in plots
+    shown = json.loads(dvc("metrics", "show", "--json", cwd=workspace, env=repo["env"]).stdout)
+    files = next(iter(shown.values()))["data"]
+    assert {path: set(content["data"]) for path, content in files.items()} == {
+        "reports/train_top/metrics.json": {"top"},
+        "reports/finetune/metrics.json": {"finetune"},
+        "reports/metrics.json": {"test"},
+    }
+    plots = json.loads(dvc("plots", "show", "--json", cwd=workspace, env=repo["env"]).stdout)["data"]
+    assert set(plots) == {
+        "top_accuracy",
+        "top_loss",
+        "finetune_accuracy",
+        "finetune_loss",
+        "confusion_matrix",
+        "roc",
+        "reports/evaluate/confusion.png",
+        "reports/evaluate/roc.png",
+        "reports/evaluate/training_curves.png",
+    }
+    # DVC's confusion matrix: actual on the rows (y) as in confusion.png, counting confusion.json's cells
+    spec = plots["confusion_matrix"][0]["content"]
+    encoding = spec["spec"]["encoding"]
+    assert encoding["y"]["field"] == "actual" and encoding["x"]["field"] == "predicted"
+    drawn = Counter((p["actual"], p["predicted"]) for p in spec["data"]["values"])
+    names = confusion["classes"]
+    expected = {
+        (names[i], names[j]): n
+        for i, row in enumerate(confusion["rows_actual_columns_predicted"])
+        for j, n in enumerate(row)
+        if n
+    }
+    assert dict(drawn) == expected
     assert not (workspace / "reports" / "runs").exists(), "tracking writes nothing into the pipeline's outputs"
 
 
@@ -153,10 +196,19 @@ def test_mlflow_holds_one_pipeline_version_linking_every_stage_run(repo):
     assert version.data.params["model.backbone"] == "vgg16"
     metrics = json.loads((workspace / "reports/metrics.json").read_text())
     top = json.loads((workspace / "reports/train_top/metrics.json").read_text())
-    assert version.data.metrics["test.accuracy"] == pytest.approx(metrics["accuracy"])
-    assert version.data.metrics["test.log_loss"] == pytest.approx(metrics["log_loss"])
-    assert version.data.metrics["top.val_accuracy"] == pytest.approx(top["val_accuracy"])
+    assert version.data.metrics["test.accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    assert version.data.metrics["test.log_loss"] == pytest.approx(metrics["test"]["log_loss"])
+    assert version.data.metrics["top.val_accuracy"] == pytest.approx(top["top"]["val_accuracy"])
     assert "finetune.val_accuracy" in version.data.metrics
+    # its name (no commit yet: "pipeline"), its curves, its duration and its model
+    assert version.info.run_name == "pipeline"
+    for name, epochs in (("top.val_accuracy", TINY["top"]["epochs"]), ("finetune.loss", TINY["finetune"]["epochs"])):
+        assert sorted(m.step for m in c.get_metric_history(version.info.run_id, name)) == list(range(epochs))
+    earliest = min(r.info.start_time for r in runs.values() if r.info.run_id != version.info.run_id)
+    assert version.info.start_time == earliest and version.info.end_time > version.info.start_time
+    (linked,) = c.get_run(version.info.run_id).outputs.model_outputs
+    assert c.get_logged_model(linked.model_id).source_run_id == ids["evaluate"]
+    assert version.data.tags["model.version"] == "1" and "champion" in version.data.tags["model.registry"]
 
     lock = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]
     out_hash = locked_hashes(workspace)
@@ -182,8 +234,24 @@ def test_mlflow_holds_one_pipeline_version_linking_every_stage_run(repo):
     assert runs[ids["evaluate"]].data.tags["dvc.in.models/model.keras"] == out_hash["models/model.keras"]
     inputs = {d.dataset.name: d.dataset.digest for d in c.get_run(ids["featurize"]).inputs.dataset_inputs}
     assert inputs == {"data/prepared": out_hash["data/prepared"]}
-    # per-epoch curves and artifacts of the training stages
-    assert len(c.get_metric_history(ids["train_top"], "val_accuracy")) == TINY["top"]["epochs"]
+    # per-epoch curves of the training stages, named as their final values in the metrics files
+    for stage, name in (("train_top", "top"), ("finetune", "finetune")):
+        logged = runs[ids[stage]].data.metrics
+        assert set(logged) == {f"{name}.{k}" for k in ("loss", "accuracy", "val_loss", "val_accuracy")}, stage
+        history = sorted(c.get_metric_history(ids[stage], f"{name}.val_accuracy"), key=lambda m: m.step)
+        assert [m.step for m in history] == list(range(TINY[name]["epochs"]))
+        final = json.loads((workspace / f"reports/{stage}/metrics.json").read_text())[name]["val_accuracy"]
+        assert history[-1].value == pytest.approx(final, abs=1e-6)
+    # the evaluate run: the same names as reports/metrics.json
+    assert {k for k in runs[ids["evaluate"]].data.metrics if k.startswith("test.")} == {
+        f"test.{k}" for k in TEST_METRICS
+    }
+    # prepare's counts reach MLflow as numbers, though reports/data.json is no DVC metric
+    data = json.loads((workspace / "reports/data.json").read_text())
+    prepared = runs[ids["prepare"]].data.metrics
+    assert prepared["classes.horizontal.train"] == data["classes"]["horizontal"]["train"] == 12
+    assert prepared["images_kept"] == data["images_kept"] and prepared["dropped.empty"] == 0
+    # artifacts of the training stages
     assert "reports" in [a.path for a in c.list_artifacts(ids["finetune"])]
     assert {"confusion.png", "roc.png", "training_curves.png"} <= {
         Path(a.path).name for a in c.list_artifacts(ids["evaluate"], "reports/evaluate")
@@ -308,7 +376,7 @@ def test_queued_experiments_run_in_parallel_into_the_embedded_store(repo):
             for rev in exp["revs"]:
                 data = rev["data"]
                 rates.add(data["params"]["params.yaml"]["data"]["finetune"]["learning_rate"])
-                assert "accuracy" in data["metrics"]["reports/metrics.json"]["data"]
+                assert "accuracy" in data["metrics"]["reports/metrics.json"]["data"]["test"]
     assert {0.02, 0.03} <= rates
 
     c = client(f"sqlite:///{workspace / 'mlflow.db'}")
@@ -318,6 +386,8 @@ def test_queued_experiments_run_in_parallel_into_the_embedded_store(repo):
     assert sorted(r.data.params["finetune.learning_rate"] for r in versions) == ["0.02", "0.03"]
     for version in versions:
         assert version.data.tags.get("dvc.experiment")
+        rate = version.data.params["finetune.learning_rate"]
+        assert version.info.run_name == f"{version.data.tags['dvc.experiment']} finetune.learning_rate={rate}"
         for stage in ("finetune", "evaluate"):
             stage_run = c.get_run(version.data.tags[f"run.{stage}"])
             assert (

@@ -58,7 +58,9 @@ def save_outputs(root: Path) -> None:
     (root / "reports" / "train_top" / "history.csv").write_text(
         "epoch,loss,accuracy,val_loss,val_accuracy\n1,0.9,0.5,1.0,0.4\n2,0.5,0.75,0.6,0.8\n"
     )
-    (root / "reports" / "train_top" / "metrics.json").write_text(json.dumps({"val_accuracy": 0.8, "loss": 0.5}))
+    (root / "reports" / "train_top" / "metrics.json").write_text(
+        json.dumps({"top": {"val_accuracy": 0.8, "loss": 0.5}})
+    )
 
 
 def test_stage_run_logs_what_dvc_yaml_declares_and_writes_no_file(project):
@@ -71,7 +73,7 @@ def test_stage_run_logs_what_dvc_yaml_declares_and_writes_no_file(project):
     logged = mlflow.MlflowClient().get_run(run.info.run_id)
     assert logged.info.status == "FINISHED" and logged.info.run_name == "train_top"
     assert logged.data.params["top.units"] == "32" and "data.source" not in logged.data.params
-    assert logged.data.metrics == {"val_accuracy": 0.8, "loss": 0.5}
+    assert logged.data.metrics == {"top.val_accuracy": 0.8, "top.loss": 0.5}
     assert logged.data.tags["pipeline.stage"] == "train_top"
     experiment = mlflow.get_experiment(logged.info.experiment_id)
     assert experiment.artifact_location == (project / "mlartifacts").as_uri(), "beside the store, not the cwd"
@@ -149,7 +151,7 @@ def test_logging_failure_after_the_work_keeps_outputs_and_says_how_to_log_them(p
     client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     assert f"as run {run_id}" in done.stderr
     latest = {}
-    for m in sorted(client.get_metric_history(run_id, "val_accuracy"), key=lambda m: m.timestamp):
+    for m in sorted(client.get_metric_history(run_id, "top.val_accuracy"), key=lambda m: m.timestamp):
         latest[m.step] = m.value
     assert latest == {0: 0.4, 1: 0.8}, "the per-epoch history, from history.csv"
     assert client.get_run(run_id).info.status == "FINISHED"
@@ -239,3 +241,70 @@ def test_champion_is_only_compared_on_the_same_test_set(tmp_path):
     assert str(client.get_model_version_by_alias("clf", "candidate").version) == "4"
     assert client.get_model_version("clf", "4").tags[serving.TEST_SET] == "bbb.dir"
     assert "candidate only" in new_version(0.99, None) and champion() == "3", "an unknown test set is not compared"
+
+
+def git(*args: str, cwd: Path) -> None:
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@e",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@e",
+    }
+    subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True)
+
+
+def test_a_version_is_named_by_its_commit_and_what_it_changed_and_spans_its_stages(project, monkeypatch):
+    import mlflow
+
+    (project / "params.yaml").write_text("top:\n  units: 32\n")
+    git("init", "-q", cwd=project)
+    git("add", "params.yaml", cwd=project)
+    git("commit", "-qm", "params", cwd=project)
+    commit = tracking.git_commit()[0][:7]
+    params = config.parse({"top": {"units": 64, "dropout": 0.25}})
+    with tracking.stage_run("train_top", params) as run:
+        save_outputs(project)
+    assert tracking.version_name(params) == f"{commit} top.units=64 top.dropout=0.25"
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-4b2c1")
+    assert tracking.version_name(config.parse({"top": {"units": 32}})) == "exp-4b2c1"
+
+    version_id = tracking.log_pipeline_version(params, run, stage="train_top")
+    client = mlflow.MlflowClient()
+    version = client.get_run(version_id)
+    assert version.info.run_name == "exp-4b2c1 top.units=64 top.dropout=0.25"
+    assert version.info.start_time == client.get_run(run.info.run_id).info.start_time, "spans its stages' work"
+    assert version.data.tags["run.train_top"] == run.info.run_id
+    assert client.get_run(run.info.run_id).data.tags["mlflow.parentRunId"] == version_id
+    # the per-epoch curves of the training stage, named after it, on the version's row
+    curve = sorted((m.step, m.value) for m in client.get_metric_history(version_id, "top.val_accuracy"))
+    assert curve == [(0, 0.4), (1, 0.8)]
+    assert version.data.params["top.units"] == "64"
+
+
+def test_a_failed_stage_stands_under_a_failed_row_of_its_attempt(project):
+    import mlflow
+
+    params = config.parse({"top": {"units": 8}})
+    with tracking.stage_run("train_top", params):
+        save_outputs(project)  # a first stage of the attempt that worked
+    with pytest.raises(RuntimeError, match="bad data"), tracking.stage_run("train_top", params) as failed:
+        raise RuntimeError("bad data")
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("image-classifier")
+    (row,) = client.search_runs([experiment.experiment_id], "tags.`pipeline.stage` = 'pipeline'")
+    assert row.info.status == "FAILED" and row.info.run_name == "pipeline (failed at train_top)"
+    assert row.data.tags["pipeline.failed_stage"] == "train_top" and row.data.params["top.units"] == "8"
+    runs = client.search_runs([experiment.experiment_id], "tags.`pipeline.stage` = 'train_top'")
+    assert len(runs) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {row.info.run_id}, "the attempt's runs nest under it"
+    assert client.get_run(failed.info.run_id).info.status == "FAILED"
+
+
+def test_the_experiment_opens_as_model_training_in_the_ui(project):
+    import mlflow
+
+    with tracking.stage_run("train_top", config.parse({})):
+        save_outputs(project)
+    experiment = mlflow.MlflowClient().get_experiment_by_name("image-classifier")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"

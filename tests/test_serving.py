@@ -1,0 +1,377 @@
+"""Using the model: the served pyfunc model answers as the model does and refuses a bad request in one
+line; a registered version describes itself; `stages.predict` refuses what does not fit the model."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from stages import common, serving, tracking
+from tests.test_pictures import rotated_jpeg, transparent_png
+
+CLASSES = ["cat", "dog"]
+SEND = serving.WHAT_TO_SEND
+NOT_AN_IMAGE = "not an image format Pillow reads (JPEG, PNG, GIF, BMP, WebP, TIFF, ...)"
+
+
+def tiny_classifier(outputs: int = 1):
+    """A 32x32 classifier on the vgg16 preprocessing (so it names its backbone), random but fixed weights."""
+    import keras
+
+    from stages import backbones
+
+    keras.utils.set_random_seed(1)
+    return keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            backbones.Preprocess("vgg16", name="preprocess"),
+            keras.layers.Rescaling(1 / 255),  # probabilities well inside (0, 1): their equality means something
+            keras.layers.Flatten(),
+            keras.layers.Dense(outputs, activation="sigmoid" if outputs == 1 else "softmax"),
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory) -> SimpleNamespace:
+    """The tiny classifier logged by `serving.log_model` as evaluate logs it, and registered as `clf`,
+    in a store of its own; with two pictures and the loaded pyfunc model."""
+    import mlflow
+
+    folder = tmp_path_factory.mktemp("served")
+    store = f"sqlite:///{folder / 'mlflow.db'}"
+    tiny_classifier().save(folder / "model.keras")
+    pictures = [rotated_jpeg(folder / "phone.jpg"), transparent_png(folder / "logo.png")]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", store)
+        mlflow.set_tracking_uri(store)
+        experiment = mlflow.create_experiment("serving", artifact_location=(folder / "mlartifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment) as run:
+            outcome = serving.log_model(
+                folder / "model.keras",
+                CLASSES,
+                0.5,
+                pictures[0],
+                "clf",
+                0.875,
+                test_set="0123456789abcdef.dir",
+                max_side=48,
+                metrics={"accuracy": 0.875, "log_loss": 0.3125, "roc_auc": 0.9, "images": 80},
+            )
+        uri = f"runs:/{run.info.run_id}/model"
+        model = mlflow.pyfunc.load_model(uri)
+        description = mlflow.MlflowClient(store).get_model_version("clf", "1").description
+        mlflow.set_tracking_uri(None)
+    return SimpleNamespace(
+        store=store, uri=uri, model=model, pictures=pictures, outcome=outcome, description=description, folder=folder
+    )
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def split_request(values: list) -> bytes:
+    return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[v] for v in values]}}).encode()
+
+
+def expected_rows(model, files: list[bytes]) -> list[dict]:
+    """What the pyfunc model answers in Python for these files, as the scoring server's JSON rows."""
+    return json.loads(model.predict(pd.DataFrame({"image": files})).to_json(orient="records"))
+
+
+def assert_same_rows(answer: list[dict], expected: list[dict]) -> None:
+    assert [row["label"] for row in answer] == [row["label"] for row in expected]
+    for got, want in zip(answer, expected, strict=True):
+        assert set(got) == {"label", "confidence", "p.cat", "p.dog"}
+        for key in ("confidence", "p.cat", "p.dog"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7)
+
+
+async def _asgi_post(app, body: bytes, content_type: str) -> tuple[int, str]:
+    """POST /invocations straight into the ASGI app (no socket, no HTTP client library needed)."""
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/invocations",
+        "raw_path": b"/invocations",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", content_type.encode())],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+    }
+    await app(scope, receive, send)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body").decode()
+
+
+@pytest.fixture
+def scoring_app(logged, monkeypatch):
+    """The very app `mlflow models serve` runs for the logged model, called in-process."""
+    from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
+    from mlflow.pyfunc import scoring_server
+
+    monkeypatch.setenv(_MLFLOW_IS_IN_SERVING_ENVIRONMENT.name, "true")  # init sets it; restored after the test
+    app = scoring_server.init(logged.model)
+    return lambda body, content_type="application/json": asyncio.run(_asgi_post(app, body, content_type))
+
+
+def test_the_scoring_app_answers_as_the_model_predicts(logged, scoring_app):
+    files = [path.read_bytes() for path in logged.pictures]
+    expected = expected_rows(logged.model, files)
+    assert all(0.05 < row["p.dog"] < 0.95 for row in expected), "not saturated"
+    assert abs(expected[0]["p.dog"] - expected[1]["p.dog"]) > 1e-3, "the model tells the two pictures apart"
+    status, body = scoring_app(split_request([b64(f) for f in files]))
+    assert status == 200, body
+    assert_same_rows(json.loads(body)["predictions"], expected)
+    records = json.dumps({"dataframe_records": [{"image": b64(f)} for f in files]}).encode()
+    status, body = scoring_app(records)
+    assert status == 200, body
+    assert_same_rows(json.loads(body)["predictions"], expected)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "message"),
+    [
+        (
+            split_request([b64(b"a note, not a picture")]),
+            None,
+            f"row 0 is not a usable picture: {NOT_AN_IMAGE}. {SEND}",
+        ),
+        (split_request([""]), None, f"row 0 is not a usable picture: the file is empty. {SEND}"),
+        (
+            json.dumps({"dataframe_records": [{"picture": b64(b"x")}]}).encode(),
+            None,
+            f"no column 'image' in the request. {SEND}",
+        ),
+        (json.dumps({"dataframe_records": []}).encode(), None, f"no column 'image' in the request. {SEND}"),
+        (split_request([]), None, f"no picture in the request (0 rows). {SEND}"),
+        (b"image\nphoto.jpg\n", "text/csv", f"row 0 is text, not an image file. {SEND}"),
+    ],
+    ids=["not a picture", "empty file", "no image column", "no rows, no columns", "no rows", "csv text"],
+)
+def test_a_bad_request_is_refused_in_one_line(scoring_app, body, content_type, message):
+    status, answer = scoring_app(body, content_type or "application/json")
+    assert status == 400
+    assert json.loads(answer) == {
+        "error_code": "INVALID_PARAMETER_VALUE",
+        "message": message,
+        "sqlstate": "KAM00",
+        "error_class": "INVALID_PARAMETER_VALUE",
+    }
+    assert "\n" not in message and "Traceback" not in answer
+
+
+def test_a_bad_picture_is_named_by_its_row_and_base64_twice_is_recognised(logged, scoring_app):
+    good = logged.pictures[0].read_bytes()
+    status, answer = scoring_app(split_request([b64(good), b64(b"GIF89a broken"), b64(good)]))
+    assert (status, json.loads(answer)["message"]) == (400, f"row 1 is not a usable picture: {NOT_AN_IMAGE}. {SEND}")
+    status, answer = scoring_app(split_request([b64(b64(good).encode())]))
+    assert status == 400
+    assert json.loads(answer)["message"] == (
+        "row 0 is the base64 of a picture, not the picture: it was encoded twice, or sent under inputs or "
+        f"instances, whose base64 MLflow does not decode. {SEND}"
+    )
+
+
+def test_text_that_is_not_base64_is_refused_by_mlflow_in_one_line(scoring_app):
+    """MLflow decodes the `binary` column before the model sees it, and refuses what it cannot decode
+    itself: in one line too, without a traceback (the README quotes it)."""
+    status, answer = scoring_app(split_request(["cat.jpg"]))
+    assert status == 400
+    assert json.loads(answer)["message"] == (
+        "Invalid input. Data is not compatible with model signature. Failed to convert column image to type "
+        "'<class 'object'>'. Error: 'Error('Incorrect padding')'"
+    )
+    assert "stack_trace" not in json.loads(answer)
+
+
+def test_the_python_api_refuses_in_the_same_words(logged):
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException) as refused:
+        logged.model.predict(pd.DataFrame({"image": [b"not a picture"]}))
+    assert refused.value.message == f"row 0 is not a usable picture: {NOT_AN_IMAGE}. {SEND}"
+    assert refused.value.get_http_status_code() == 400
+
+
+def test_a_registered_version_describes_itself(logged):
+    assert logged.outcome == "clf v1: candidate and champion (test accuracy 0.8750, the first champion)"
+    assert logged.description == (
+        "- classes (2): cat, dog\n"
+        "- backbone: vgg16\n"
+        "- test set: 0123456789abcdef.dir (the DVC hash of the prepared data it was scored on)\n"
+        "- test metrics: accuracy 0.8750, log loss 0.3125 on 80 images"
+    )
+
+
+def test_a_description_names_the_first_classes_of_many(tmp_path):
+    import mlflow
+
+    classes = [f"breed{i:03d}" for i in range(120)]
+    text = serving.describe(classes, None, None, 0.5, {})
+    assert text.splitlines() == [
+        "- classes (120): " + ", ".join(classes[:10]) + ", ... (the first 10; all in the model's artifacts/spec.json)",
+        "- backbone: unknown",
+        "- test set: unknown (the DVC hash of the prepared data it was scored on)",
+        "- test metrics: accuracy 0.5000",
+    ]
+    # register() sets it on the new version, whatever the champion decision
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    serving.register((tmp_path / "model").as_uri(), "many", 0.5, None, run_id="r", description=text)
+    assert mlflow.MlflowClient(tracking.tracking_uri()).get_model_version("many", "1").description == text
+    mlflow.set_tracking_uri(None)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def post(url: str, body: bytes) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read().decode()
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_and_refuses_in_one_line(logged, tmp_path):
+    """The real `mlflow models serve` on 127.0.0.1, started from the store as a user would, in a
+    folder without the project's code (the model brings its own), stopped at the end."""
+    port = free_port()
+    bin_dir = Path(sys.executable).parent  # mlflow runs uvicorn from PATH
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": logged.store,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    env.pop("PYTHONPATH", None)
+    command = [str(bin_dir / "mlflow"), "models", "serve", "-m", logged.uri, "--env-manager", "local"]
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: uvicorn is its child, stopped with it
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the server did not answer /ping within 180 s"
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as ping:
+                    if ping.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+
+        files = [path.read_bytes() for path in logged.pictures]
+        status, body = post(f"{url}/invocations", split_request([b64(f) for f in files]))
+        assert status == 200, body
+        assert_same_rows(json.loads(body)["predictions"], expected_rows(logged.model, files))
+
+        status, body = post(f"{url}/invocations", split_request([b64(b"a note, not a picture")]))
+        assert (status, json.loads(body)["message"]) == (400, f"row 0 is not a usable picture: {NOT_AN_IMAGE}. {SEND}")
+        assert "Traceback" not in body and "stack_trace" not in body
+        status, body = post(f"{url}/invocations", json.dumps({"dataframe_records": [{"img": b64(files[0])}]}).encode())
+        assert (status, json.loads(body)["message"]) == (400, f"no column 'image' in the request. {SEND}")
+        assert "Traceback" not in body and "stack_trace" not in body
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+# stages.predict ---------------------------------------------------------------------------
+
+
+def run_predict(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """`python -m stages.predict *args` in this process: its exit code and what it printed to stderr."""
+    from stages import predict
+
+    monkeypatch.setattr("sys.argv", ["predict", *args])
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            common.run(predict.main)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return stopped.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("outputs", "classes", "predicts"), [(1, ["a", "b", "c"], "2 (one sigmoid output)"), (3, CLASSES, "3")]
+)
+def test_predict_refuses_classes_that_do_not_match_the_model(tmp_path, monkeypatch, capsys, outputs, classes, predicts):
+    tiny_classifier(outputs).save(tmp_path / "model.keras")
+    (tmp_path / "classes.json").write_text(json.dumps(classes))
+    picture = rotated_jpeg(tmp_path / "phone.jpg")
+    model, names = tmp_path / "model.keras", tmp_path / "classes.json"
+    code, err = run_predict(monkeypatch, capsys, str(picture), "--model", str(model), "--classes", str(names))
+    assert code == 2
+    assert err == (
+        f"error: {names} names {len(classes)} classes but {model} predicts {predicts}: "
+        "give the classes file written with this model (--classes)\n"
+    )
+
+
+def test_predict_names_the_missing_image_and_asks_for_a_build_only_without_a_model(tmp_path, monkeypatch, capsys):
+    model, names = tmp_path / "model.keras", tmp_path / "classes.json"
+    names.write_text(json.dumps(CLASSES))
+    tiny_classifier().save(model)
+    picture = rotated_jpeg(tmp_path / "phone.jpg")
+    args = ["--model", str(model), "--classes", str(names)]
+
+    code, err = run_predict(
+        monkeypatch, capsys, str(picture), str(tmp_path / "cat.jpg"), str(tmp_path / "dog.png"), *args
+    )
+    assert (code, err) == (2, f"error: image not found: {tmp_path / 'cat.jpg'}, {tmp_path / 'dog.png'}\n")
+
+    code, err = run_predict(
+        monkeypatch, capsys, str(picture), "--model", str(tmp_path / "none.keras"), "--classes", str(names)
+    )
+    assert code == 2
+    assert err == (
+        f"error: not found: {tmp_path / 'none.keras'} (build the model with `dvc repro` first, or name it with "
+        "--model and --classes)\n"
+    )
