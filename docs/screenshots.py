@@ -29,8 +29,10 @@ from tests.workspace import free_port
 
 DOCS = Path(__file__).resolve().parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-#: The columns the versions table shows: what a comparison of experiments needs at a glance.
+#: The columns the versions table shows: what a comparison of experiments needs at a glance...
 COLUMNS = ["test.accuracy", "test.log_loss", "finetune.val_accuracy", "finetune.learning_rate"]
+#: ... and those it hides to make room (nothing to show for this pipeline's versions).
+HIDDEN = ["Dataset", "Source"]
 
 
 def build(where: Path) -> Path:
@@ -64,31 +66,39 @@ def shoot(base: str, version_ids: list[str], experiment_id: str) -> None:
     flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=flags + ["--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1500, "height": 820})
+        page = browser.new_page(viewport={"width": 1600, "height": 700})
         page.goto(tracking.versions_url(base))
         page.get_by_text("Run Name", exact=False).first.wait_for(timeout=60_000)
+        close_assistant(page)
         show_columns(page)
         page.wait_for_timeout(1500)
         page.screenshot(path=DOCS / "mlflow-versions.png")
 
-        runs = ",".join(f'"{run_id}"' for run_id in version_ids)
-        page.goto(f'{base}/#/compare-runs?runs=[{runs}]&experiments=["{experiment_id}"]')
-        page.wait_for_timeout(6000)
-        page.screenshot(path=DOCS / "mlflow-compare.png", full_page=True)
+        page.goto(tracking.versions_url(base) + "&compareRunsMode=CHART")  # the versions' charts, side by side
+        page.wait_for_timeout(8000)
+        page.screenshot(path=DOCS / "mlflow-compare.png")
 
-        page.goto(f"{base}/#/models/image-classifier")
+        page.goto(f"{base}/#/models/image-classifier?workflowType=machine_learning")
         page.wait_for_timeout(5000)
         page.screenshot(path=DOCS / "mlflow-registry.png")
         browser.close()
 
 
+def close_assistant(page) -> None:
+    """The UI opens a chat side panel, which has nothing to show here: close it if it is there."""
+    panel = page.get_by_text("MLflow Assistant")
+    if panel.count():
+        panel.first.locator("xpath=ancestor::div[.//button][1]").get_by_role("button").last.click()
+        page.wait_for_timeout(500)
+
+
 def show_columns(page) -> None:
     """Tick COLUMNS in the runs table's column selector (the UI then remembers them)."""
     page.get_by_role("button", name="Columns").click()
-    for name in COLUMNS:
-        page.get_by_role("textbox").last.fill(name)
-        page.wait_for_timeout(400)
-        page.get_by_role("checkbox", name=name, exact=True).first.check()
+    for name in COLUMNS + HIDDEN:
+        page.get_by_placeholder("Search columns").fill(name)
+        page.wait_for_timeout(500)
+        page.get_by_role("dialog").get_by_text(name, exact=True).first.click()
     page.keyboard.press("Escape")
 
 

@@ -595,6 +595,7 @@ def versions_url(base: str = "http://127.0.0.1:5000") -> str:
             "searchFilter": f"tags.`pipeline.stage` = '{PIPELINE_RUN}'",
             "orderByKey": "metrics.`test.accuracy`",
             "orderByAsc": "false",
+            "workflowType": "machine_learning",  # the UI's model-training mode, not its GenAI one
         },
         quote_via=urllib.parse.quote,
     )
