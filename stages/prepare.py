@@ -21,6 +21,7 @@ Run: dvc repro prepare   (or: python -m stages.prepare data/raw data/prepared re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
@@ -29,8 +30,10 @@ import multiprocessing
 import os
 import signal
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -79,10 +82,19 @@ def clean_file(path: Path, label: str, raw: Path, staging: Path, params: config.
     return Cleaned(source, label, sha256=digest)
 
 
-def _worker_ignores_interrupts() -> None:
-    """Ctrl-C reaches every process of the terminal: the main process alone reports it (one line)
-    and stops the workers, instead of each printing its traceback."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+@contextlib.contextmanager
+def _worker_pool(workers: int) -> Iterator[Any]:
+    """Worker processes that ignore Ctrl-C. It reaches every process of the terminal: the main
+    process alone reports it (one line) and stops the workers, instead of each printing its
+    traceback. They ignore it from birth (an ignored signal stays ignored in a new process), so
+    also while they are still starting up."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    with pool:
+        yield pool
 
 
 def _clean_task(args: tuple) -> Cleaned:
@@ -218,7 +230,7 @@ def prepare(raw: Path, out: Path, params: config.DataParams, seed: int, workers:
     staging.mkdir(parents=True)
     tasks = [(src.path, src.label, raw, staging, params) for src in sources]
     workers = workers or os.cpu_count() or 1
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_ignores_interrupts) as pool:
+    with _worker_pool(workers) as pool:
         results = list(tqdm(pool.imap(_clean_task, tasks, chunksize=16), total=len(tasks), desc="decoding", unit="img"))
 
     given_split = {src.path.relative_to(raw).as_posix(): src.split for src in sources}
