@@ -40,6 +40,11 @@ def _positive(key: str, value: float) -> None:
         _fail(key, value, "must be > 0")
 
 
+def _check_patience(key: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        _fail(key, value, "a number of epochs >= 1, or null to train every epoch")
+
+
 @dataclass(frozen=True)
 class SplitParams:
     """Images per class in each split: all whole counts, or all fractions of the class."""
@@ -146,8 +151,10 @@ class TopParams:
     learning_rate: float = 1e-3
     epochs: int = 50
     batch_size: int = 16
+    patience: int | None = None  # epochs without a better validation loss before stopping; None: all epochs
 
     def check(self, key: str) -> None:
+        _check_patience(f"{key}.patience", self.patience)
         _positive(f"{key}.units", self.units)
         if not 0 <= self.dropout < 1:
             _fail(f"{key}.dropout", self.dropout, "must be in [0, 1)")
@@ -186,9 +193,11 @@ class FinetuneParams:
     epochs: int = 50
     batch_size: int = 16
     mixed_precision: Literal["auto", "on", "off"] = "auto"  # auto: on when training on a GPU
+    patience: int | None = None  # epochs without a better validation loss before stopping; None: all epochs
     augment: AugmentParams = field(default_factory=AugmentParams)
 
     def check(self, key: str) -> None:
+        _check_patience(f"{key}.patience", self.patience)
         if self.blocks < 1:
             _fail(f"{key}.blocks", self.blocks, "must be >= 1 (the number of last backbone blocks to unfreeze)")
         _positive(f"{key}.learning_rate", self.learning_rate)

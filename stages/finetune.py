@@ -23,7 +23,7 @@ import keras
 import tensorflow as tf
 
 from stages import backbones, common, config, devices, images, tracking
-from stages.train_top import final_metrics, write_history
+from stages.train_top import early_stopping, final_metrics, kept_epoch, write_history
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def finetune(
             validation_data=images.dataset(validation, params.data.image_size, p.batch_size),
             epochs=p.epochs,
             shuffle=False,  # the dataset shuffles itself, with the seed
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, *early_stopping(p.patience)],
             verbose=2,
         )
     finally:
@@ -132,8 +132,11 @@ def main() -> None:
         common.write_json(args.classes, result.classes)
         args.reports.mkdir(parents=True, exist_ok=True)
         write_history(result.history, args.reports / "history.csv")
-        common.write_json(args.reports / "metrics.json", final_metrics(result.history, name))
-    log.info("validation accuracy %.4f; wrote %s", result.history["val_accuracy"][-1], args.output)
+        kept = kept_epoch(result.history, params.finetune.patience)
+        common.write_json(args.reports / "metrics.json", final_metrics(result.history, name, kept))
+    log.info(
+        "kept epoch %d: validation accuracy %.4f; wrote %s", kept + 1, result.history["val_accuracy"][kept], args.output
+    )
 
 
 if __name__ == "__main__":

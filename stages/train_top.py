@@ -53,10 +53,26 @@ def train_top(
         epochs=params.epochs,
         batch_size=params.batch_size,
         shuffle=True,
-        callbacks=list(callbacks),
+        callbacks=[*callbacks, *early_stopping(params.patience)],
         verbose=2,
     )
     return head, history.history
+
+
+def early_stopping(patience: int | None) -> list[keras.callbacks.Callback]:
+    """Stop after `patience` epochs without a lower validation loss, and end with the weights of the
+    epoch that had the lowest (`kept_epoch`); nothing when patience is None (every epoch, the last kept)."""
+    if patience is None:
+        return []
+    return [keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)]
+
+
+def kept_epoch(history: dict[str, list[float]], patience: int | None) -> int:
+    """The index of the epoch whose weights training ended with: the first lowest validation loss
+    under early stopping (as `EarlyStopping` restores it), else the last."""
+    if patience is None:
+        return len(history["val_loss"]) - 1
+    return int(np.argmin(history["val_loss"]))
 
 
 #: What a training stage records per epoch, and its final values in metrics.json.
@@ -74,12 +90,14 @@ def write_history(history: dict[str, list[float]], path: Path) -> None:
             writer.writerow([epoch + 1, *(f"{history[k][epoch]:.6f}" for k in HISTORY_KEYS)])
 
 
-def final_metrics(history: dict[str, list[float]], name: str) -> dict[str, dict[str, float]]:
-    """The last epoch's values as the stage's metrics.json: {name: {loss, accuracy, val_loss,
-    val_accuracy}}. Nested so DVC's flattened column (`top.val_accuracy`) is the name the live
-    per-epoch MLflow curve has (`tracking.epoch_logger(name + ".")`), and nothing else: the
+def final_metrics(history: dict[str, list[float]], name: str, kept: int) -> dict[str, dict[str, float]]:
+    """The values of the epoch whose weights were kept (index `kept`, see `kept_epoch`) as the
+    stage's metrics.json: {name: {loss, accuracy, val_loss, val_accuracy, epoch}}, `epoch` counted
+    from 1 as in history.csv. Nested so DVC's flattened column (`top.val_accuracy`) is the name the
+    live per-epoch MLflow curve has (`tracking.epoch_logger(name + ".")`), and nothing else: the
     metrics files hold the headline numbers `dvc exp show` lists."""
-    return {name: {k: round(float(history[k][-1]), 6) for k in HISTORY_KEYS}}
+    values = {k: round(float(history[k][kept]), 6) for k in HISTORY_KEYS}
+    return {name: values | {"epoch": kept + 1}}
 
 
 def main() -> None:
@@ -104,8 +122,15 @@ def main() -> None:
         common.save_model(head, args.output)
         args.reports.mkdir(parents=True, exist_ok=True)
         write_history(history, args.reports / "history.csv")
-        common.write_json(args.reports / "metrics.json", final_metrics(history, name))
-    log.info("validation accuracy %.4f; wrote %s", history["val_accuracy"][-1], args.output)
+        kept = kept_epoch(history, params.top.patience)
+        common.write_json(args.reports / "metrics.json", final_metrics(history, name, kept))
+    log.info(
+        "kept epoch %d of %d: validation accuracy %.4f; wrote %s",
+        kept + 1,
+        len(history["val_loss"]),
+        history["val_accuracy"][kept],
+        args.output,
+    )
 
 
 if __name__ == "__main__":

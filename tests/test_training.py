@@ -254,3 +254,27 @@ def test_a_saved_model_is_byte_stable(tmp_path, tiny_params):
         assert '"shared_object_id": 0' in archive.read("config.json").decode()
     loaded = keras.models.load_model(tmp_path / "a.keras", safe_mode=True)
     assert loaded.layers[-1].dtype_policy.name == "float32"
+
+
+@pytest.mark.parametrize("patience", [None, 2])
+def test_early_stopping_keeps_the_weights_of_the_best_epoch(features, tiny_params, patience):
+    import dataclasses
+
+    params = dataclasses.replace(tiny_params.top, epochs=12, patience=patience)
+    features_, labels = featurize.load_features(features / "features", "validation")
+    if patience is not None:
+        labels = 1 - labels  # validation disagrees with training: learning raises its loss, so training stops
+    validation = (features_, labels)
+    head, history = train_top.train_top(
+        featurize.load_features(features / "features", "train"), validation, 2, params, tiny_params.seed
+    )
+    losses = history["val_loss"]
+    kept = train_top.kept_epoch(history, patience)
+    if patience is None:
+        assert len(losses) == 12 and kept == 11
+    else:
+        assert kept == int(np.argmin(losses)) and len(losses) < 12
+        assert len(losses) - 1 - kept == patience, "stopped `patience` epochs after the best"
+    # the head ends with the kept epoch's weights: its validation loss is that epoch's
+    assert head.evaluate(*validation, verbose=0)[0] == pytest.approx(losses[kept], rel=1e-4)
+    assert train_top.final_metrics(history, "top", kept)["top"]["epoch"] == kept + 1
