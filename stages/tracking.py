@@ -70,6 +70,10 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 REACHABLE_TIMEOUT = 5.0
 
 
+#: When this module was imported: with the pid, names this process where /proc cannot (see `attempt`).
+_IMPORTED = f"{time.time():.0f}"
+
+
 class TrackingError(StageError):
     """The tracking server cannot be reached, or logging failed."""
 
@@ -265,17 +269,19 @@ def git_commit() -> tuple[str, bool]:
 def attempt() -> str:
     """The `dvc repro` (or `dvc exp run`) this stage runs in, as `<pid>.<start>` of that process;
     the stage's own process when none is found. Tags runs so a failed attempt's runs stay together."""
-    pid = os.getpid()
-    for _ in range(8):  # the stage's python, a shell, then DVC
+    pid, own = os.getpid(), f"{os.getpid()}.{_IMPORTED}"
+    for step in range(8):  # the stage's python, a shell, then DVC
         try:
             stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             break
+        here = f"{pid}.{stat[19]}"  # field 22 of /proc/<pid>/stat: the start time, against pid reuse
+        own = here if step == 0 else own
         if any(os.path.basename(part) == b"dvc" for part in command[:3]):
-            return f"{pid}.{stat[19]}"  # field 22 of /proc/<pid>/stat: the start time, against pid reuse
+            return here
         pid = int(stat[1])
-    return f"{os.getpid()}.{time.time():.0f}"
+    return own
 
 
 def lineage_tags(stage: str) -> dict[str, str]:

@@ -133,7 +133,8 @@ def test_first_repro_runs_every_stage_and_writes_outputs(repo):
     assert metrics["test"]["log_loss"] > 0
     for stage, name in (("train_top", "top"), ("finetune", "finetune")):
         final = json.loads((workspace / f"reports/{stage}/metrics.json").read_text())
-        assert set(final) == {name} and set(final[name]) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+        assert set(final) == {name} and set(final[name]) == {"loss", "accuracy", "val_loss", "val_accuracy", "epoch"}
+        assert final[name]["epoch"] == TINY[name]["epochs"], "no patience: the last epoch is kept"
     # the details: plain cached outputs
     data = json.loads((workspace / "reports/data.json").read_text())
     assert data["classes"]["horizontal"] == {"train": 12, "validation": 6, "test": 6}
@@ -237,7 +238,7 @@ def test_mlflow_holds_one_pipeline_version_linking_every_stage_run(repo):
     # per-epoch curves of the training stages, named as their final values in the metrics files
     for stage, name in (("train_top", "top"), ("finetune", "finetune")):
         logged = runs[ids[stage]].data.metrics
-        assert set(logged) == {f"{name}.{k}" for k in ("loss", "accuracy", "val_loss", "val_accuracy")}, stage
+        assert set(logged) == {f"{name}.{k}" for k in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch")}, stage
         history = sorted(c.get_metric_history(ids[stage], f"{name}.val_accuracy"), key=lambda m: m.step)
         assert [m.step for m in history] == list(range(TINY[name]["epochs"]))
         final = json.loads((workspace / f"reports/{stage}/metrics.json").read_text())[name]["val_accuracy"]
