@@ -18,7 +18,6 @@ time. Nothing here is a pass/fail threshold.
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import sys
 import tempfile
@@ -31,13 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stages import demo
 from tests.conftest import TINY
-
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "Benchmark",
-    "GIT_AUTHOR_EMAIL": "benchmark@example.org",
-    "GIT_COMMITTER_NAME": "Benchmark",
-    "GIT_COMMITTER_EMAIL": "benchmark@example.org",
-}
+from tests.workspace import GIT_ENV, ran_stages, restored_stages
 
 
 def timed(args: list[str], cwd: Path, env: dict) -> tuple[float, str]:
@@ -50,9 +43,7 @@ def timed(args: list[str], cwd: Path, env: dict) -> tuple[float, str]:
 
 
 def summary(output: str) -> tuple[str, str]:
-    ran = re.findall(r"Running stage '(\w+)'", output)
-    restored = re.findall(r"Stage '(\w+)' is cached - skipping run", output)
-    return ", ".join(ran) or "none", ", ".join(restored) or "none"
+    return ", ".join(ran_stages(output)) or "none", ", ".join(restored_stages(output)) or "none"
 
 
 def git(args: list[str], cwd: Path, env: dict) -> None:

@@ -118,10 +118,6 @@ def cache_path(url: str, preset: bool) -> Path:
     return cache / hashlib.sha256(fetch.redact_url(url).encode()).hexdigest()[:12] / name
 
 
-def is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
-
-
 def is_archive(name: str) -> bool:
     return name.lower().endswith(ARCHIVE_SUFFIXES)
 
@@ -538,12 +534,12 @@ def download(params: config.DataParams, seed: int, out: Path) -> dict:
     """Materialise the source as out/<class>/<files> (or out/<split>/<class>/<files>); return
     the record written to source.json."""
     source = params.source
-    record: dict = {"source": fetch.redact_url(source) if is_url(source) else source}
+    record: dict = {"source": fetch.redact_url(source) if fetch.is_url(source) else source}
     if source == "synthetic":
         record["classes"] = synthetic.generate(out, params.synthetic, seed)
         return record
     preset = PRESETS.get(source)
-    url = preset.url if preset else source if is_url(source) else None
+    url = preset.url if preset else source if fetch.is_url(source) else None
     pinned = params.sha256 or (preset.sha256 if preset else None)
     lists: Path | None = None  # the preset's published split lists, if it has them
     if url is not None:

@@ -63,6 +63,11 @@ _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE)
 SECRET_PARAMETER = re.compile(r"sig|token|key|credential|secret|password|passwd|auth", re.IGNORECASE)
 
 
+def is_url(source: str) -> bool:
+    """Whether `source` is an http(s) URL (else a preset name or a local path)."""
+    return source.startswith(("http://", "https://"))
+
+
 def redact_url(url: str) -> str:
     """`url` as it may be shown and recorded: `***` for its user and password and for the values
     of query parameters that hold secrets (X-Amz-Signature, X-Amz-Credential, token, key...)."""

@@ -128,7 +128,7 @@ def _open_run(stage: str, run_id: str | None = None):
 
 def check_reachable(uri: str) -> None:
     """Fail within seconds, naming the URI, when a tracking server does not answer."""
-    if not uri.startswith(("http://", "https://")):
+    if not fetch.is_url(uri):
         return
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACHABLE_TIMEOUT):
@@ -200,7 +200,7 @@ def stage_param_keys(stage: str) -> list[str]:
 def loggable_params(params: config.Params) -> dict[str, Any]:
     """All params, flattened, a URL's secrets redacted (`fetch.redact_url`)."""
     return {
-        key: fetch.redact_url(value) if isinstance(value, str) and value.startswith(("http://", "https://")) else value
+        key: fetch.redact_url(value) if isinstance(value, str) and fetch.is_url(value) else value
         for key, value in config.flatten(params).items()
     }
 
@@ -428,10 +428,7 @@ def log_outputs(stage: str, replay_history: bool = False) -> None:
     they were not logged live)."""
     import mlflow
 
-    metrics: dict[str, float] = {}
-    for path in _paths(_stages().get(stage, {}).get("metrics")):
-        if Path(path).is_file():
-            metrics.update(_numbers(json.loads(Path(path).read_text(encoding="utf-8"))))
+    metrics = _stage_metrics(stage)
     written = {f"dvc.out.{path}": dvc_hash(Path(path)) for path in stage_outputs(stage) if Path(path).exists()}
     outputs = [p for p in stage_outputs(stage) if not p.startswith(NOT_ARTIFACTS)]
     with store_lock():
@@ -525,14 +522,18 @@ def epoch_logger(prefix: str = "") -> Any:
 # The pipeline version -----------------------------------------------------------------------
 
 
-def _all_metrics() -> dict[str, float]:
-    """Every number in the pipeline's metrics files, by its flattened name (as DVC shows it)."""
+def _stage_metrics(stage: str) -> dict[str, float]:
+    """Every number in the metrics files of `stage`, by its flattened name (as DVC shows it)."""
     metrics: dict[str, float] = {}
-    for spec in _stages().values():
-        for path in _paths(spec.get("metrics")):
-            if Path(path).is_file():
-                metrics.update(_numbers(json.loads(Path(path).read_text(encoding="utf-8"))))
+    for path in _paths(_stages().get(stage, {}).get("metrics")):
+        if Path(path).is_file():
+            metrics.update(_numbers(json.loads(Path(path).read_text(encoding="utf-8"))))
     return metrics
+
+
+def _all_metrics() -> dict[str, float]:
+    """Every number in the pipeline's metrics files, by its flattened name."""
+    return {key: value for stage in _stages() for key, value in _stage_metrics(stage).items()}
 
 
 def version_name(params: config.Params) -> str:

@@ -17,6 +17,7 @@ import yaml
 
 from stages import config, tracking
 from stages.demo import ROOT
+from tests.workspace import GIT_ENV
 
 PIPELINE = {
     "stages": {
@@ -244,14 +245,7 @@ def test_champion_is_only_compared_on_the_same_test_set(tmp_path):
 
 
 def git(*args: str, cwd: Path) -> None:
-    env = {
-        **os.environ,
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@e",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@e",
-    }
-    subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True)
+    subprocess.run(["git", *args], cwd=cwd, env={**os.environ, **GIT_ENV}, check=True, capture_output=True)
 
 
 def test_a_version_is_named_by_its_commit_and_what_it_changed_and_spans_its_stages(project, monkeypatch):

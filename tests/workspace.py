@@ -48,6 +48,11 @@ def ran_stages(output: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", output)
 
 
+def restored_stages(output: str) -> list[str]:
+    """The stages DVC restored from its run-cache instead of running them, in order."""
+    return re.findall(r"Stage '(\w+)' is cached - skipping run", output)
+
+
 def dvc_repro(workspace: Path, env: dict, *args: str) -> list[str]:
     """Run `dvc repro`; return the stages it ran, in order."""
     return ran_stages(dvc("repro", *args, cwd=workspace, env=env).stdout)
