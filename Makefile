@@ -11,7 +11,6 @@ STAMP := $(VENV)/.installed-$(DEVICE)
 
 # Stages run `python -m stages.<name>`: the venv's python must come first.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
-export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: install repro test lint format demo clean-venv
 

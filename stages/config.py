@@ -31,6 +31,15 @@ class ParamsError(ValueError):
     """A value in params.yaml is missing, unknown, of the wrong type or out of range, or the file is unusable."""
 
 
+#: Keys of earlier versions of params.yaml -> what replaced them.
+MOVED = {
+    "finetune.mixed_precision": (
+        "the top-level 'precision' (auto | float32 | bfloat16 | float16), which featurize and evaluate use too: "
+        "auto for 'auto', float32 for 'off', bfloat16 on a CPU or float16 on a GPU for 'on'"
+    ),
+}
+
+
 def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
     raise ParamsError(f"{PARAMS_FILE}: {key} = {value!r} is not valid: {allowed}")
 
@@ -192,7 +201,6 @@ class FinetuneParams:
     momentum: float = 0.9
     epochs: int = 50
     batch_size: int = 16
-    mixed_precision: Literal["auto", "on", "off"] = "auto"  # auto: on when training on a GPU
     patience: int | None = None  # epochs without a better validation loss before stopping; None: all epochs
     augment: AugmentParams = field(default_factory=AugmentParams)
 
@@ -233,6 +241,7 @@ class FeaturizeParams:
 class Params:
     seed: int = 42  # training: weight initialisation, shuffling, dropout, augmentation
     deterministic: bool = True  # TensorFlow op determinism: the same bytes on a GPU too
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # of featurize, finetune, evaluate
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
     featurize: FeaturizeParams = field(default_factory=FeaturizeParams)
@@ -304,6 +313,8 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
     if unknown:
         key = unknown[0]
         where = f"{prefix}.{key}" if prefix else str(key)
+        if where in MOVED:
+            raise ParamsError(f"{PARAMS_FILE}: '{where}' is now {MOVED[where]}")
         kind = "" if isinstance(key, str) else f" (read as {type(key).__name__} {key!r}, not a name)"
         under = f" under {prefix}" if prefix else ""
         raise ParamsError(f"{PARAMS_FILE}: unknown key '{where}'{kind}; allowed keys{under}: {', '.join(names)}")

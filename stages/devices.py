@@ -1,27 +1,64 @@
-"""Where training runs: every GPU there is (one replica each), mixed precision on GPUs, else the CPU.
+"""Where and in what precision the models run: every GPU there is (one replica each), else the CPU.
 
-`finetune.mixed_precision: auto` turns mixed precision on exactly when a GPU is used: float16
-compute on GPUs (with loss scaling, which Keras adds at compile time), bfloat16 where forced on a
-CPU. Several devices are used through a MirroredStrategy; the same code path runs on several
-logical CPU devices, which is how the tests exercise it without a GPU.
+`precision: auto` (params.yaml) computes in float16 on NVIDIA GPUs with tensor cores (compute
+capability 7.0 or newer, with loss scaling, which Keras adds at compile time), in bfloat16 on CPUs
+that have it natively (`avx512_bf16` or `amx_bf16` in /proc/cpuinfo), and in float32 elsewhere;
+`float32`, `bfloat16` or `float16` force one. Variables stay float32 under every policy, and every
+saved model computes in float32: `computing_in` makes a copy of a saved model that computes in
+another precision, with the same weights. Several devices are used through a MirroredStrategy;
+the same code path runs on several logical CPU devices, which is how the tests exercise it.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import keras
 import tensorflow as tf
 
 log = logging.getLogger(__name__)
 
+#: The `precision` param's forced values -> Keras dtype policies.
+POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+#: CPU flags (Linux /proc/cpuinfo) of native bfloat16 arithmetic.
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+CPUINFO = Path("/proc/cpuinfo")
 
-def precision_policy(mixed_precision: str) -> str:
-    """The Keras dtype policy for `finetune.mixed_precision` on this machine."""
-    gpus = tf.config.list_logical_devices("GPU")
-    if mixed_precision == "off" or (mixed_precision == "auto" and not gpus):
-        return "float32"
-    return "mixed_float16" if gpus else "mixed_bfloat16"
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
+    """The CPU's feature flags; none where the system does not list them (not Linux)."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, ARM
+            return frozenset(value.split())
+    return frozenset()
+
+
+def _gpu_compute_capability(device: tf.config.PhysicalDevice) -> tuple[int, int]:
+    capability = tf.config.experimental.get_device_details(device).get("compute_capability")
+    return (int(capability[0]), int(capability[1])) if capability else (0, 0)
+
+
+def precision_policy(precision: str, flags: frozenset[str] | None = None) -> str:
+    """The Keras dtype policy for the `precision` param on this machine (`flags`: the CPU's flags)."""
+    if precision != "auto":
+        return POLICIES[precision]
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        fast = all(_gpu_compute_capability(gpu) >= (7, 0) for gpu in gpus)
+        return "mixed_float16" if fast else "float32"
+    return "mixed_bfloat16" if (cpu_flags() if flags is None else flags) & BF16_CPU_FLAGS else "float32"
+
+
+def device_name() -> str:
+    """What the models run on, for messages: 'CPU', 'GPU' or '2 GPUs'."""
+    count = len(tf.config.list_logical_devices("GPU"))
+    return "CPU" if not count else "GPU" if count == 1 else f"{count} GPUs"
 
 
 def strategy(devices: list[str] | None = None) -> tf.distribute.Strategy:
@@ -46,3 +83,27 @@ def set_determinism(on: bool) -> None:
 def set_policy(policy: str) -> None:
     keras.mixed_precision.set_global_policy(policy)
     log.info("dtype policy: %s", policy)
+
+
+def _last_layer(model: keras.Model) -> keras.Layer:
+    layer = model.layers[-1]
+    return _last_layer(layer) if isinstance(layer, keras.Model) else layer
+
+
+def computing_in(model: keras.Model, policy: str) -> keras.Model:
+    """`model` itself for float32; else a copy computing in `policy`, with the same weights.
+
+    The layer that makes the output stays float32, as in training: probabilities near 0 or 1 keep
+    their digits (a log loss needs them)."""
+    if policy == "float32":
+        return model
+    keep = _last_layer(model).name
+
+    def clone(layer: keras.Layer) -> keras.Layer:
+        config = layer.get_config()
+        config["dtype"] = "float32" if layer.name == keep else policy
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    copy.set_weights(model.get_weights())
+    return copy

@@ -419,7 +419,9 @@ def main() -> None:
     from stages import backbones, serving  # noqa: F401  backbones registers the custom layers
 
     with tracking.stage_run("evaluate", params) as run:
-        model = keras.models.load_model(args.model, safe_mode=True)
+        policy = devices.precision_policy(params.precision)
+        model = devices.computing_in(keras.models.load_model(args.model, safe_mode=True), policy)
+        log.info("predicting in %s on %s", policy, devices.device_name())
         split = images.load_split(args.prepared, "test")
         probs, metrics = evaluate(model, split, params)
         with common.atomic_dir(args.reports) as tmp:
@@ -435,6 +437,7 @@ def main() -> None:
                 metrics["test"]["accuracy"],
                 test_set=tracking.locked_hashes().get(args.prepared.as_posix()),
                 max_side=params.data.max_side,
+                precision=params.precision,
                 metrics=metrics["test"],
             )
         except Exception as err:

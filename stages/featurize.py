@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
 import numpy as np
 from tqdm import tqdm
 
-from stages import backbones, common, config, devices, images, tracking
+from stages import backbones, common, config, devices, eta, images, tracking
 from stages.manifest import SPLITS
 
 log = logging.getLogger(__name__)
@@ -34,20 +35,25 @@ def features_file(folder: Path, split: str) -> Path:
 
 
 def write_features(
-    extractor: keras.Model, split: images.Split, image_size: tuple[int, int], batch_size: int, path: Path
+    extractor: keras.Model,
+    split: images.Split,
+    image_size: tuple[int, int],
+    batch_size: int,
+    path: Path,
+    done: Callable[[int], None] = lambda images: None,
 ) -> None:
-    """Features of every image of `split`, in order, with its labels, into one .npz file."""
+    """Features of every image of `split`, in order, with its labels, into one .npz file; `done`
+    is told the number of images of each batch as it finishes."""
     shape = tuple(extractor.output_shape[1:])
     buffer = path.with_suffix(".tmp.npy")
     features = np.lib.format.open_memmap(buffer, mode="w+", dtype=np.float32, shape=(len(split), *shape))
     try:
         start = 0
-        batches = images.images_only(split.paths, image_size, batch_size)
-        total = -(-len(split) // batch_size)
-        for batch in tqdm(batches, total=total, desc=f"featurize {path.stem}", unit="batch"):
+        for batch in images.images_only(split.paths, image_size, batch_size):
             out = np.asarray(extractor.predict_on_batch(batch), dtype=np.float32)
             features[start : start + len(out)] = out
             start += len(out)
+            done(len(out))
         assert start == len(split), f"read {start} images of {len(split)}"
         features.flush()
         np.savez(path, features=features, labels=split.labels)  # copies from the memmap in chunks
@@ -69,23 +75,30 @@ def featurize(prepared: Path, out: Path, params: config.Params) -> tuple[keras.M
     """Write the features of every split into `out`; return the backbone used and the metadata."""
     keras.utils.set_random_seed(params.seed)  # reproducible random init with `model.weights: null`
     base = backbones.build_backbone(params.model.backbone, params.model.weights, params.data.image_size)
-    extractor = backbones.feature_extractor(base, params.model.backbone)
+    policy = devices.precision_policy(params.precision)
+    extractor = devices.computing_in(backbones.feature_extractor(base, params.model.backbone), policy)
     out.mkdir(parents=True, exist_ok=True)
-    counts, classes = {}, None
-    for name in SPLITS:
-        split = images.load_split(prepared, name)
-        classes = split.classes
-        started = time.perf_counter()
-        write_features(extractor, split, params.data.image_size, params.featurize.batch_size, features_file(out, name))
-        counts[name] = len(split)
-        log.info("%s: %d images, %.1f images/s", name, len(split), len(split) / (time.perf_counter() - started))
+    splits = {name: images.load_split(prepared, name) for name in SPLITS}
+    total = sum(len(split) for split in splits.values())
+    pace = eta.Pace("featurize", f"{total:,} images", total, devices.device_name(), policy)
+    with tqdm(total=total, desc="featurize", unit="img", mininterval=5) as bar:
+
+        def done(count: int) -> None:
+            bar.update(count)
+            pace.batch_done(count)
+
+        for name, split in splits.items():
+            write_features(
+                extractor, split, params.data.image_size, params.featurize.batch_size, features_file(out, name), done
+            )
     meta = {
-        "classes": classes,
+        "classes": splits["train"].classes,
         "backbone": params.model.backbone,
         "weights": params.model.weights,
         "image_size": list(params.data.image_size),
         "feature_shape": list(extractor.output_shape[1:]),
-        "images": counts,
+        "policy": policy,
+        "images": {name: len(split) for name, split in splits.items()},
     }
     common.write_json(out / META, meta)
     return base, meta

@@ -22,7 +22,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from stages import backbones, common, config, devices, images, tracking
+from stages import backbones, common, config, devices, eta, images, tracking
 from stages.train_top import early_stopping, final_metrics, kept_epoch, write_history
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,11 @@ def finetune(
             validation_data=images.dataset(validation, params.data.image_size, p.batch_size),
             epochs=p.epochs,
             shuffle=False,  # the dataset shuffles itself, with the seed
-            callbacks=[*callbacks, *early_stopping(p.patience)],
+            callbacks=[
+                eta.TimeLeft("finetune", p.epochs, len(train), p.batch_size, devices.device_name(), policy),
+                *callbacks,
+                *early_stopping(p.patience),
+            ],
             verbose=2,
         )
     finally:
@@ -125,7 +129,7 @@ def main() -> None:
             top,
             params,
             devices.strategy(),
-            devices.precision_policy(params.finetune.mixed_precision),
+            devices.precision_policy(params.precision),
             callbacks=[tracking.epoch_logger(f"{name}.")],
         )
         common.save_model(result.model, args.output)

@@ -80,7 +80,7 @@ def main() -> None:
         "--params",
         type=Path,
         default=Path(config.PARAMS_FILE),
-        help="the params the model was built with: data.max_side, evaluate.threshold (default params.yaml)",
+        help="the params the model was built with: data.max_side, evaluate.threshold, precision (default params.yaml)",
     )
     parser.add_argument(
         "--threshold", type=_threshold, help="two classes: decide the second from this probability on (default: params)"
@@ -99,7 +99,7 @@ def main() -> None:
     threshold = params.evaluate.threshold if args.threshold is None else args.threshold
     import keras
 
-    from stages import backbones, images, pictures  # noqa: F401  backbones registers the custom layers
+    from stages import backbones, devices, images, pictures  # noqa: F401  backbones registers the custom layers
     from stages.evaluate import as_class_probabilities
 
     def model_input(path: Path, size: tuple[int, int]) -> np.ndarray:
@@ -108,7 +108,9 @@ def main() -> None:
         except pictures.Unusable as err:
             raise StageError(f"{path} is not an image Pillow can decode: {err}") from err
 
-    model = keras.models.load_model(args.model, safe_mode=True)
+    model = devices.computing_in(
+        keras.models.load_model(args.model, safe_mode=True), devices.precision_policy(params.precision)
+    )
     classes = read_classes(args.classes)
     check_classes(classes, args.classes, model.output_shape[-1], args.model)
     # The model's own input size: the one it was trained at, whatever params.yaml says now.

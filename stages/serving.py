@@ -76,10 +76,12 @@ class ImageClassifier(PythonModel):
     def load_context(self, context) -> None:
         import keras
 
-        from stages import backbones  # noqa: F401  registers the custom layers before loading
+        from stages import backbones, devices  # noqa: F401  backbones registers the custom layers
 
-        self.model = keras.models.load_model(context.artifacts["model"], safe_mode=True)
         spec = json.loads(Path(context.artifacts["spec"]).read_text(encoding="utf-8"))
+        saved = keras.models.load_model(context.artifacts["model"], safe_mode=True)
+        # The precision evaluate ran in on the same machine, so that its scores are the served ones.
+        self.model = devices.computing_in(saved, devices.precision_policy(spec.get("precision", "float32")))
         self.classes: list[str] = spec["classes"]
         self.threshold: float = spec["threshold"]
         self.max_side: int = spec["max_side"]
@@ -150,10 +152,10 @@ def _is_base64_picture(data: bytes) -> bool:
         return False
 
 
-def model_spec(classes: list[str], threshold: float, max_side: int) -> dict[str, Any]:
-    """The served model's spec.json: its class names, its decision threshold, and the `data.max_side`
-    pictures are prepared to (`ImageClassifier` reads it back)."""
-    return {"classes": classes, "threshold": threshold, "max_side": max_side}
+def model_spec(classes: list[str], threshold: float, max_side: int, precision: str) -> dict[str, Any]:
+    """The served model's spec.json: its class names, its decision threshold, the `data.max_side`
+    pictures are prepared to and the `precision` param it computes in (`ImageClassifier` reads it back)."""
+    return {"classes": classes, "threshold": threshold, "max_side": max_side, "precision": precision}
 
 
 def backbone_of(model_path: Path) -> str | None:
@@ -227,13 +229,15 @@ def log_model(
     accuracy: float,
     test_set: str | None,
     max_side: int,
+    precision: str,
     metrics: dict[str, Any] | None = None,
 ) -> str:
     """Log the fine-tuned model to the active run as a pyfunc model (`ImageClassifier`), with its
     signature and an input example; register it with the alias `candidate`, and `champion` too
     when its test accuracy beats the current champion's on the same test set (`test_set`: the DVC
     hash of the prepared data it was scored on). `max_side` is the `data.max_side` its data was
-    prepared with, which the served model prepares pictures to. The new version's description
+    prepared with, which the served model prepares pictures to; `precision` the `precision` param,
+    which it computes in (resolved on the machine that serves it, as `auto` is). The new version's description
     names its classes, backbone (read from the model file) and test set, and its test metrics
     (`accuracy`, and the log loss and number of images of `metrics`: reports/metrics.json's `test`).
     Returns what happened, for the run's tags."""
@@ -254,7 +258,7 @@ def log_model(
     signature = ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
     with tempfile.TemporaryDirectory() as tmp, tracking.store_lock():
         spec = Path(tmp) / "spec.json"
-        spec.write_text(json.dumps(model_spec(classes, threshold, max_side)), encoding="utf-8")
+        spec.write_text(json.dumps(model_spec(classes, threshold, max_side, precision)), encoding="utf-8")
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=__file__,  # models from code: this file, not a pickled object

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+import keras
 import pytest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from stages import config, prepare, synthetic
+from stages import config, featurize, prepare, synthetic, train_top
 
 #: Small images, random backbone weights, one or two epochs: the shape of the real run, in seconds.
 TINY: dict = {
     "seed": 7,
+    "precision": "float32",  # the same numbers on every CPU; tests/test_devices.py covers the others
     "data": {
         "source": "synthetic",
         "seed": 7,
@@ -80,3 +79,24 @@ def http_root(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="session")
+def features(tmp_path_factory, prepared, tiny_params) -> Path:
+    """featurize's outputs for the tiny data: <split>.npz, meta.json and the backbone's weights."""
+    out = tmp_path_factory.mktemp("features")
+    base, _ = featurize.featurize(prepared, out / "features", tiny_params)
+    base.save_weights(out / "backbone.weights.h5")
+    return out
+
+
+@pytest.fixture(scope="session")
+def top(features, tiny_params) -> keras.Model:
+    head, _ = train_top.train_top(
+        featurize.load_features(features / "features", "train"),
+        featurize.load_features(features / "features", "validation"),
+        2,
+        tiny_params.top,
+        tiny_params.seed,
+    )
+    return head

@@ -70,7 +70,7 @@ def test_flatten_names_nested_keys():
         ("top.dropout", 1.0, "top.dropout = 1.0 is not valid"),
         ("top.epochs", 2.5, "top.epochs = 2.5 is not valid: a whole number"),
         ("finetune.epochs", "many", "finetune.epochs = 'many' is not valid: a whole number"),
-        ("finetune.mixed_precision", "yes", "finetune.mixed_precision = 'yes' is not valid: one of auto, on, off"),
+        ("precision", "on", "precision = 'on' is not valid: one of auto, float32, bfloat16, float16"),
         ("data.image_size", [150], "data.image_size = [150] is not valid: a list of 2 values"),
         ("data.split.train", -5, "data.split.train = -5 is not valid: must be >= 0"),
         ("data.split.test", 0, "data.split.test = 0 is not valid: must be > 0"),
@@ -89,6 +89,11 @@ def test_bad_value_names_key_value_and_what_is_allowed(key, value, message):
     with pytest.raises(config.ParamsError) as err:
         config.parse(with_value(key, value))
     assert message in str(err.value)
+
+
+def test_a_moved_key_names_its_replacement():
+    with pytest.raises(config.ParamsError, match=r"'finetune.mixed_precision' is now the top-level 'precision'"):
+        config.parse(with_value("finetune.mixed_precision", "auto"))
 
 
 def test_unknown_key_is_named_with_the_allowed_ones():
@@ -214,7 +219,7 @@ def test_a_yaml_merge_key_may_be_overridden(tmp_path):
 @pytest.mark.parametrize("content", ["", "\n  \n", "# all commented out\n# seed: 42\n"])
 def test_an_empty_file_is_refused_not_read_as_defaults(tmp_path, content):
     message = r"params.yaml: the file is empty \(no keys, only blank lines or comments\): it should map the parameters"
-    with pytest.raises(config.ParamsError, match=message + r" seed, deterministic, data, .* restore it from git"):
+    with pytest.raises(config.ParamsError, match=message + r" seed, deterministic, precision, data, .* restore it from git"):
         config.load(write_params(tmp_path, content))
 
 

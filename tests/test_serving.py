@@ -70,6 +70,7 @@ def logged(tmp_path_factory) -> SimpleNamespace:
                 0.875,
                 test_set="0123456789abcdef.dir",
                 max_side=48,
+                precision="auto",
                 metrics={"accuracy": 0.875, "log_loss": 0.3125, "roc_auc": 0.9, "images": 80},
             )
         uri = f"runs:/{run.info.run_id}/model"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -16,29 +17,8 @@ import numpy as np
 import pytest
 import yaml
 
-from stages import backbones, common, evaluate, featurize, finetune, images, train_top
+from stages import backbones, common, eta, evaluate, featurize, finetune, images, train_top
 from stages.demo import ROOT
-
-
-@pytest.fixture(scope="session")
-def features(tmp_path_factory, prepared, tiny_params) -> Path:
-    """featurize's outputs for the tiny data: <split>.npz, meta.json and the backbone's weights."""
-    out = tmp_path_factory.mktemp("features")
-    base, _ = featurize.featurize(prepared, out / "features", tiny_params)
-    base.save_weights(out / "backbone.weights.h5")
-    return out
-
-
-@pytest.fixture(scope="session")
-def top(features, tiny_params) -> keras.Model:
-    head, _ = train_top.train_top(
-        featurize.load_features(features / "features", "train"),
-        featurize.load_features(features / "features", "validation"),
-        2,
-        tiny_params.top,
-        tiny_params.seed,
-    )
-    return head
 
 
 def test_features_are_in_manifest_order_with_their_labels(features, prepared, tiny_params):
@@ -110,12 +90,21 @@ def test_finetune_starts_from_the_trained_top(features, top, tiny_params):
     assert model.get_layer("augmentation") is not None
 
 
-def test_finetune_changes_only_the_last_block_and_the_head(tmp_path, features, top, prepared, tiny_params):
+def test_finetune_changes_only_the_last_block_and_the_head(
+    tmp_path, features, top, prepared, tiny_params, monkeypatch, caplog
+):
     import tensorflow as tf
 
-    result = finetune.finetune(
-        prepared, features / "backbone.weights.h5", top, tiny_params, tf.distribute.get_strategy()
-    )
+    monkeypatch.setattr(eta, "MIN_BATCHES", 1)  # three batches an epoch: time the second
+    monkeypatch.setattr(eta, "MIN_SECONDS", 0.0)
+    with caplog.at_level(logging.INFO, logger="stages.eta"):
+        result = finetune.finetune(
+            prepared, features / "backbone.weights.h5", top, tiny_params, tf.distribute.get_strategy()
+        )
+    lines = [r.getMessage() for r in caplog.records if r.name == "stages.eta"]
+    assert len(lines) == 2, lines
+    assert re.fullmatch(r"finetune: 1 epoch × 24 images ≈ \d+\.\d s at \d+\.\d img/s on CPU \(float32\)", lines[0])
+    assert re.fullmatch(r"epoch 1/1 done after \d+\.\d s; about 0\.0 s left", lines[1])
     assert result.unfrozen == ["block5_conv1", "block5_conv2", "block5_conv3"]
     assert result.classes == ["horizontal", "vertical"]
     assert len(result.history["val_accuracy"]) == tiny_params.finetune.epochs
