@@ -43,6 +43,11 @@ def _terminate(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def configure_logging() -> None:
+    """INFO and above to stderr, as `12:34:56 stages.featurize: message`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
 def run(main: Callable[[], None]) -> None:
     """Run a stage's main() with logging set up; known problems exit 2 with their message only.
 
@@ -51,7 +56,7 @@ def run(main: Callable[[], None]) -> None:
     """
     from stages.config import ParamsError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging()
     signal.signal(signal.SIGTERM, _terminate)
     name = Path(sys.argv[0]).stem
     try:

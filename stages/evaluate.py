@@ -416,9 +416,9 @@ def main() -> None:
     devices.set_determinism(params.deterministic)
     import keras
 
-    from stages import backbones, serving  # noqa: F401  backbones registers the custom layers
+    from stages import backbones  # noqa: F401  registers the custom layers
 
-    with tracking.stage_run("evaluate", params) as run:
+    with tracking.stage_run("evaluate", params) as run_id:
         policy = devices.precision_policy(params.precision)
         model = devices.computing_in(keras.models.load_model(args.model, safe_mode=True), policy)
         log.info("predicting in %s on %s", policy, devices.device_name())
@@ -428,7 +428,7 @@ def main() -> None:
             write_reports(tmp, split, probs, metrics, params.evaluate.threshold, args.history)
         common.write_json(args.metrics, {"test": metrics["test"]})  # headline numbers only: DVC's columns
         try:
-            serving.log_model(
+            tracking.log_model(
                 args.model,
                 split.classes,
                 params.evaluate.threshold,
@@ -442,7 +442,7 @@ def main() -> None:
             )
         except Exception as err:
             raise tracking.logging_failed("evaluate", "logging the model", err) from err
-    tracking.log_pipeline_version(params, run)
+    tracking.log_pipeline_version(params, run_id)
     log.info("test accuracy %.4f on %d images; wrote %s", metrics["test"]["accuracy"], len(split), args.metrics)
 
 

@@ -28,6 +28,7 @@ its start; a logging failure after the work is saved says how to log it afterwar
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import csv
 import fcntl
@@ -36,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -43,7 +45,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,148 @@ _IMPORTED = f"{time.time():.0f}"
 
 class TrackingError(StageError):
     """The tracking server cannot be reached, or logging failed."""
+
+
+# The stage's MLflow worker ------------------------------------------------------------------
+#
+# Importing MLflow and opening its store take seconds in every stage. A stage started as
+# `python -m stages.<stage>` (STAGE_MODULES) starts, from stages/__init__.py and before anything
+# imports TensorFlow, a worker process (`python -m stages.tracking serve`) that does that while the
+# stage imports TensorFlow, then does the stage's logging: the functions marked `in_worker` are
+# called there, with the same arguments and results (pickled over a pipe), their errors raised in
+# the stage. Anywhere else (tests, notebooks, this module's commands) they run in-process. A
+# stage killed before it closes its run leaves the worker at the end of its input: it ends the
+# run as failed.
+
+#: The stage modules whose processes log through a worker.
+STAGE_MODULES = frozenset(
+    f"stages.{name}" for name in ("download", "prepare", "featurize", "train_top", "finetune", "evaluate")
+)
+#: In the worker's environment: the stage's process id (see `attempt`).
+STAGE_PID = "PIPELINE_STAGE_PID"
+_worker: _Worker | None = None
+#: In the worker: the stage and params of the run it has open.
+_OPEN: dict[str, Any] = {}
+
+
+class _Worker:
+    def __init__(self, stage: str) -> None:
+        root = str(Path(__file__).resolve().parent.parent)
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "PYTHONPATH": path, STAGE_PID: str(os.getpid())}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "stages.tracking", "serve", stage],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        self.called = False
+
+    def call(self, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.called = True
+        try:
+            pickle.dump((fn.__module__, fn.__name__, args, kwargs), self.process.stdin)
+            self.process.stdin.flush()
+            ok, value = pickle.load(self.process.stdout)
+        except (OSError, EOFError, pickle.UnpicklingError) as err:
+            raise TrackingError(
+                f"the MLflow logging process of this stage stopped (exit {self.process.poll()})"
+            ) from err
+        if ok:
+            return value
+        raise value
+
+    def close(self) -> None:
+        """At the stage's exit: a worker never called has nothing to finish (the stage stopped before
+        its run opened); else it finishes (ends a run left open as failed) and exits."""
+        if not self.called:
+            self.process.kill()
+        elif self.process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def prestart(module: str) -> None:
+    """Start the MLflow worker of the stage `module` (`python -m <module>`), when tracking is on."""
+    global _worker
+    if module in STAGE_MODULES and enabled() and _worker is None:
+        _worker = _Worker(module.removeprefix("stages."))
+        atexit.register(_worker.close)
+
+
+def in_worker(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` runs in this process's MLflow worker, when it has one; else here."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if _worker is None:
+            return fn(*args, **kwargs)
+        return _worker.call(fn, args, kwargs)
+
+    return call
+
+
+def _portable(err: BaseException) -> BaseException:
+    """`err` if it survives pickling; else a TrackingError with its type and message."""
+    try:
+        pickle.loads(pickle.dumps(err))
+    except Exception:  # noqa: BLE001  any exception object may refuse
+        return TrackingError(f"{type(err).__name__}: {err}")
+    return err
+
+
+def _warm_up(stage: str) -> None:
+    """What the stage will need, loaded while it imports TensorFlow: MLflow, an embedded store (a
+    server is not asked anything yet), and for evaluate what logging a model needs. Failures wait
+    for the call that needs it."""
+    with contextlib.suppress(Exception):
+        import mlflow
+
+        uri = tracking_uri()
+        mlflow.set_tracking_uri(uri)
+        if uri.startswith("sqlite:///"):
+            with store_lock():
+                mlflow.get_experiment_by_name(experiment_name())
+        if stage == "evaluate":
+            import mlflow.pyfunc
+            from mlflow.utils import requirements_utils
+
+            requirements_utils._init_modules_to_packages_map()  # reads every installed package's metadata
+
+
+def serve(stage: str) -> None:
+    """The worker's loop: run the calls the stage sends on stdin, answer each on stdout."""
+    import importlib
+
+    from stages import common
+
+    common.configure_logging()
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # what MLflow prints goes to the stage's stderr
+    calls = sys.stdin.buffer
+    _warm_up(stage)
+    while True:
+        try:
+            module, name, args, kwargs = pickle.load(calls)
+        except EOFError:
+            break
+        try:
+            answer = (True, getattr(importlib.import_module(module), name)(*args, **kwargs))
+        except BaseException as err:  # noqa: BLE001  every error belongs to the stage
+            answer = (False, _portable(err))
+        pickle.dump(answer, answers)
+        answers.flush()
+    if _OPEN:  # the stage stopped without closing its run
+        log.warning("the %s stage stopped before its MLflow run was complete: marking it failed", _OPEN["stage"])
+        try:
+            _abort(_OPEN["stage"], _OPEN["params"])
+        except Exception as err:  # noqa: BLE001  the worker's last words
+            log.warning("could not mark it failed at %s: %s", tracking_uri(), err)
 
 
 # Where runs go ------------------------------------------------------------------------------
@@ -116,14 +260,14 @@ def _use_experiment() -> None:
     mlflow.set_experiment(name)
 
 
-def _open_run(stage: str, run_id: str | None = None):
+def _open_run(stage: str, run_id: str | None = None, tags: dict[str, str] | None = None):
     """Start (or, with `run_id`, resume) the stage's run in the current experiment."""
     import mlflow
 
     _use_experiment()
     if run_id:
         return mlflow.start_run(run_id=run_id)
-    return mlflow.start_run(run_name=stage, tags=lineage_tags(stage))
+    return mlflow.start_run(run_name=stage, tags=lineage_tags(stage) if tags is None else tags)
 
 
 def check_reachable(uri: str) -> None:
@@ -269,7 +413,8 @@ def git_commit() -> tuple[str, bool]:
 def attempt() -> str:
     """The `dvc repro` (or `dvc exp run`) this stage runs in, as `<pid>.<start>` of that process;
     the stage's own process when none is found. Tags runs so a failed attempt's runs stay together."""
-    pid, own = os.getpid(), f"{os.getpid()}.{_IMPORTED}"
+    pid = int(os.environ.get(STAGE_PID, os.getpid()))  # a stage's MLflow worker names the stage's
+    own = f"{pid}.{_IMPORTED}"
     for step in range(8):  # the stage's python, a shell, then DVC
         try:
             stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -324,24 +469,43 @@ def logging_failed(stage: str, action: str, err: Exception, run_id: str | None =
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: config.Params) -> Iterator[Any]:
+def stage_run(stage: str, params: config.Params) -> Iterator[str | None]:
     """The MLflow run of one stage: opened (lineage tagged) before the work, completed after it.
 
     When the body returns, the run gets the DVC hashes of the outputs dvc.yaml declares for the
-    stage, and logs them (`log_outputs`). Yields the run (None when tracking is off).
+    stage, and logs them (`log_outputs`). Yields the run's id (None when tracking is off).
     """
     if not enabled():
         log.info("PIPELINE_TRACKING=off: %s logs nothing", stage)
         yield None
         return
-    import mlflow  # imported here: it takes seconds, and only stages that run need it
-
     uri = tracking_uri()
     check_reachable(uri)
+    run_id = _begin(stage, params, lineage_tags(stage))
+    log.info("MLflow run %s (%s) at %s", run_id, stage, uri)
+    try:
+        yield run_id
+        try:
+            log_outputs(stage)
+        except Exception as err:
+            raise logging_failed(stage, "logging its outputs", err, run_id) from err
+    except BaseException:
+        with contextlib.suppress(Exception):
+            _abort(stage, params)
+        raise
+    _end_run()
+
+
+@in_worker
+def _begin(stage: str, params: config.Params, tags: dict[str, str]) -> str:
+    """Open the stage's run with its lineage `tags`, log its params and inputs; return its id."""
+    import mlflow
+
+    uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
         with store_lock():
-            run = _open_run(stage)
+            run = _open_run(stage, tags=tags)
             mlflow.log_params(stage_params(stage, params))
             _log_inputs(stage)
     except Exception as err:
@@ -349,20 +513,29 @@ def stage_run(stage: str, params: config.Params) -> Iterator[Any]:
             with contextlib.suppress(Exception), store_lock():
                 mlflow.end_run("FAILED")
         raise TrackingError(f"Could not open an MLflow run at {uri}: {err}. Nothing was run.") from err
-    log.info("MLflow run %s (%s) at %s", run.info.run_id, stage, uri)
-    try:
-        yield run
-        try:
-            log_outputs(stage)
-        except Exception as err:
-            raise logging_failed(stage, "logging its outputs", err, run.info.run_id) from err
-    except BaseException:
-        with contextlib.suppress(Exception), store_lock():
-            mlflow.end_run("FAILED")
-            _record_failed_attempt(stage, params)
-        raise
+    _OPEN.update(stage=stage, params=params)
+    return run.info.run_id
+
+
+@in_worker
+def _end_run() -> None:
+    """End the stage's run as finished."""
+    import mlflow
+
     with store_lock():
         mlflow.end_run()
+    _OPEN.clear()
+
+
+@in_worker
+def _abort(stage: str, params: config.Params) -> None:
+    """End the stage's run as failed, with a failed row for its attempt (`_record_failed_attempt`)."""
+    import mlflow
+
+    _OPEN.clear()
+    with store_lock():
+        mlflow.end_run("FAILED")
+        _record_failed_attempt(stage, params)
 
 
 def _record_failed_attempt(stage: str, params: config.Params) -> None:
@@ -422,6 +595,7 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^\w\-. /]", "_", name)
 
 
+@in_worker
 def log_outputs(stage: str, replay_history: bool = False) -> None:
     """Log what dvc.yaml says `stage` produced: the DVC hash of each output (`dvc.out.<path>`),
     metrics files, artifacts, and optionally the per-epoch history files as step metrics (when
@@ -487,6 +661,7 @@ def active_run_id() -> str:
     return run.info.run_id
 
 
+@in_worker
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     """Log to the active stage run (extra metrics a stage computes beyond its metrics files)."""
     if not enabled():
@@ -517,6 +692,14 @@ def epoch_logger(prefix: str = "") -> Any:
                     log.warning("live logging to %s failed, training goes on: %s", tracking_uri(), err)
 
     return EpochLogger()
+
+
+@in_worker
+def log_model(*args: Any, **kwargs: Any) -> str:
+    """`serving.log_model`, in the worker: the stage need not import MLflow's model code."""
+    from stages import serving
+
+    return serving.log_model(*args, **kwargs)
 
 
 # The pipeline version -----------------------------------------------------------------------
@@ -628,16 +811,17 @@ def runs_that_wrote(outputs: dict[str, str], stage: str | None = None, max_resul
     )
 
 
-def log_pipeline_version(params: config.Params, run: Any, stage: str = "evaluate") -> str | None:
+@in_worker
+def log_pipeline_version(params: config.Params, run_id: str | None, stage: str = "evaluate") -> str | None:
     """Open the run of this pipeline version, linking the run of every stage; return its id
     (None when tracking is off).
 
-    Called by the last stage, `stage`, once its own `run` is complete. Every other stage's run is
+    Called by the last stage, `stage`, once its own run (`run_id`) is complete. Every other stage's run is
     the newest that wrote the outputs dvc.lock records for it, so a stage reused unchanged (or
     restored from DVC's run-cache) links the run that first wrote its outputs. Runs made in this
     version get it as their parent: they nest under it in the MLflow UI.
     """
-    if not enabled() or run is None:
+    if not enabled() or run_id is None:
         return None
     import mlflow
 
@@ -646,7 +830,7 @@ def log_pipeline_version(params: config.Params, run: Any, stage: str = "evaluate
     runs: dict[str, str] = {}
     for name in _stages():
         if name == stage:
-            runs[name] = run.info.run_id
+            runs[name] = run_id
         elif found := runs_that_wrote({p: hashes[p] for p in stage_outputs(name) if p in hashes}, name, 1):
             runs[name] = found[0].info.run_id
         else:
@@ -658,7 +842,7 @@ def log_pipeline_version(params: config.Params, run: Any, stage: str = "evaluate
             experiment = client.get_experiment_by_name(experiment_name())
             linked = [client.get_run(run_id) for run_id in runs.values()]
             new = [r for r in linked if "mlflow.parentRunId" not in r.data.tags]  # made in this version
-            evaluated = client.get_run(run.info.run_id)
+            evaluated = client.get_run(run_id)
             tags |= {k: v for k, v in evaluated.data.tags.items() if k.startswith("model.")}
             version = client.create_run(
                 experiment.experiment_id,
@@ -673,7 +857,7 @@ def log_pipeline_version(params: config.Params, run: Any, stage: str = "evaluate
             for key, value in metrics.items():
                 if key not in curves:  # a curve ends on the final value already
                     client.log_metric(version_id, key, value)
-            _link_models(client, experiment.experiment_id, run.info.run_id, version_id)
+            _link_models(client, experiment.experiment_id, run_id, version_id)
             for other in new:
                 client.set_tag(other.info.run_id, "mlflow.parentRunId", version_id)
             client.set_terminated(version_id)
@@ -741,8 +925,12 @@ def main() -> None:
     find_cmd = sub.add_parser("find", help="the MLflow runs that wrote an output, found by its DVC hash")
     find_cmd.add_argument("path", help="an output named in dvc.yaml, e.g. models/model.keras")
     find_cmd.add_argument("--md5", help="the output's DVC hash (default: the one dvc.lock records)")
+    serve_cmd = sub.add_parser("serve", help="(started by a stage) do the stage's MLflow logging")
+    serve_cmd.add_argument("stage")
     args = parser.parse_args()
-    if args.command == "log":
+    if args.command == "serve":
+        serve(args.stage)
+    elif args.command == "log":
         run_id = relog(args.stage, args.run_id)
         print(f"logged {args.stage} to {tracking_uri()} as run {run_id}", file=sys.stderr)
     else:
@@ -750,6 +938,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from stages import common
+    # Run as the module the stages import (not as __main__, a second copy): the worker's state is one.
+    from stages import common, tracking  # noqa: PLW0406
 
-    common.run(main)
+    common.run(tracking.main)

@@ -219,7 +219,9 @@ def test_a_yaml_merge_key_may_be_overridden(tmp_path):
 @pytest.mark.parametrize("content", ["", "\n  \n", "# all commented out\n# seed: 42\n"])
 def test_an_empty_file_is_refused_not_read_as_defaults(tmp_path, content):
     message = r"params.yaml: the file is empty \(no keys, only blank lines or comments\): it should map the parameters"
-    with pytest.raises(config.ParamsError, match=message + r" seed, deterministic, precision, data, .* restore it from git"):
+    with pytest.raises(
+        config.ParamsError, match=message + r" seed, deterministic, precision, data, .* restore it from git"
+    ):
         config.load(write_params(tmp_path, content))
 
 

@@ -68,10 +68,10 @@ def test_stage_run_logs_what_dvc_yaml_declares_and_writes_no_file(project):
     import mlflow
 
     params = config.parse({"top": {"units": 32}})
-    with tracking.stage_run("train_top", params) as run:
+    with tracking.stage_run("train_top", params) as run_id:
         save_outputs(project)
     assert not (project / "reports" / "runs").exists()
-    logged = mlflow.MlflowClient().get_run(run.info.run_id)
+    logged = mlflow.MlflowClient().get_run(run_id)
     assert logged.info.status == "FINISHED" and logged.info.run_name == "train_top"
     assert logged.data.params["top.units"] == "32" and "data.source" not in logged.data.params
     assert logged.data.metrics == {"top.val_accuracy": 0.8, "top.loss": 0.5}
@@ -81,16 +81,16 @@ def test_stage_run_logs_what_dvc_yaml_declares_and_writes_no_file(project):
     assert logged.data.tags["dvc.in.data/features"] == "0123456789abcdef0123456789abcdef.dir"
     (dataset,) = logged.inputs.dataset_inputs
     assert (dataset.dataset.name, dataset.dataset.digest) == ("data/features", "0123456789abcdef0123456789abcdef.dir")
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "reports/train_top")}
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "reports/train_top")}
     assert artifacts == {"reports/train_top/history.csv", "reports/train_top/metrics.json"}
-    assert [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "models")] == ["models/top.keras"]
+    assert [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "models")] == ["models/top.keras"]
     # the DVC hashes of what it wrote, and the one query that finds the run from them
     assert logged.data.tags["dvc.out.models/top.keras"] == hashlib.md5(b"model").hexdigest()
     assert logged.data.tags["dvc.out.reports/train_top/metrics.json"] == tracking.dvc_hash(
         project / "reports/train_top/metrics.json"
     )
     found = tracking.runs_that_wrote({"models/top.keras": hashlib.md5(b"model").hexdigest()})
-    assert [r.info.run_id for r in found] == [run.info.run_id]
+    assert [r.info.run_id for r in found] == [run_id]
     assert tracking.runs_that_wrote({"models/top.keras": "0" * 32}) == []
 
 
@@ -114,9 +114,9 @@ def test_dvc_hash_is_the_hash_dvc_records(tmp_path):
 def test_a_failing_stage_ends_its_run_failed(project):
     import mlflow
 
-    with pytest.raises(RuntimeError, match="boom"), tracking.stage_run("train_top", config.parse({})) as run:
+    with pytest.raises(RuntimeError, match="boom"), tracking.stage_run("train_top", config.parse({})) as run_id:
         raise RuntimeError("boom")
-    assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
+    assert mlflow.MlflowClient().get_run(run_id).info.status == "FAILED"
 
 
 def test_logging_failure_after_the_work_keeps_outputs_and_says_how_to_log_them(project, monkeypatch):
@@ -128,9 +128,8 @@ def test_logging_failure_after_the_work_keeps_outputs_and_says_how_to_log_them(p
     with monkeypatch.context() as patched:
         patched.setattr(mlflow, "log_metrics", unavailable)
         stage = tracking.stage_run("train_top", config.parse({}))
-        with pytest.raises(tracking.TrackingError) as err, stage as run:
+        with pytest.raises(tracking.TrackingError) as err, stage as run_id:
             save_outputs(project)
-    run_id = run.info.run_id
     message = str(err.value)
     assert "finished its work and saved its outputs" in message and "tracking store went away" in message
     assert f"python -m stages.tracking log train_top --run-id {run_id}" in message
@@ -210,9 +209,9 @@ def test_parallel_writers_share_the_sqlite_store(tmp_path):
 
 def test_tracking_off_runs_the_work_and_logs_nothing(project, monkeypatch):
     monkeypatch.setenv("PIPELINE_TRACKING", "off")
-    with tracking.stage_run("train_top", config.parse({})) as run:
+    with tracking.stage_run("train_top", config.parse({})) as run_id:
         save_outputs(project)
-    assert run is None
+    assert run_id is None
     assert not (project / "mlflow.db").exists() and not (project / "reports" / "runs").exists()
 
 
@@ -257,19 +256,19 @@ def test_a_version_is_named_by_its_commit_and_what_it_changed_and_spans_its_stag
     git("commit", "-qm", "params", cwd=project)
     commit = tracking.git_commit()[0][:7]
     params = config.parse({"top": {"units": 64, "dropout": 0.25}})
-    with tracking.stage_run("train_top", params) as run:
+    with tracking.stage_run("train_top", params) as run_id:
         save_outputs(project)
     assert tracking.version_name(params) == f"{commit} top.units=64 top.dropout=0.25"
     monkeypatch.setenv("DVC_EXP_NAME", "exp-4b2c1")
     assert tracking.version_name(config.parse({"top": {"units": 32}})) == "exp-4b2c1"
 
-    version_id = tracking.log_pipeline_version(params, run, stage="train_top")
+    version_id = tracking.log_pipeline_version(params, run_id, stage="train_top")
     client = mlflow.MlflowClient()
     version = client.get_run(version_id)
     assert version.info.run_name == "exp-4b2c1 top.units=64 top.dropout=0.25"
-    assert version.info.start_time == client.get_run(run.info.run_id).info.start_time, "spans its stages' work"
-    assert version.data.tags["run.train_top"] == run.info.run_id
-    assert client.get_run(run.info.run_id).data.tags["mlflow.parentRunId"] == version_id
+    assert version.info.start_time == client.get_run(run_id).info.start_time, "spans its stages' work"
+    assert version.data.tags["run.train_top"] == run_id
+    assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == version_id
     # the per-epoch curves of the training stage, named after it, on the version's row
     curve = sorted((m.step, m.value) for m in client.get_metric_history(version_id, "top.val_accuracy"))
     assert curve == [(0, 0.4), (1, 0.8)]
@@ -292,7 +291,7 @@ def test_a_failed_stage_stands_under_a_failed_row_of_its_attempt(project):
     runs = client.search_runs([experiment.experiment_id], "tags.`pipeline.stage` = 'train_top'")
     assert len(runs) == 2
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {row.info.run_id}, "the attempt's runs nest under it"
-    assert client.get_run(failed.info.run_id).info.status == "FAILED"
+    assert client.get_run(failed).info.status == "FAILED"
 
 
 def test_the_experiment_opens_as_model_training_in_the_ui(project):
@@ -302,3 +301,53 @@ def test_the_experiment_opens_as_model_training_in_the_ui(project):
         save_outputs(project)
     experiment = mlflow.MlflowClient().get_experiment_by_name("image-classifier")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+STAGE_WITH_WORKER = """
+import os, sys
+from pathlib import Path
+from stages import config, tracking
+tracking.prestart("stages.train_top")  # as stages/__init__.py does for `python -m stages.train_top`
+params = config.parse({"top": {"units": 8}})
+with tracking.stage_run("train_top", params) as run_id:
+    tracking.log_metrics({"top.loss": 0.5}, step=0)
+    print(run_id, os.getpid(), tracking._worker.process.pid, flush=True)
+    if sys.argv[1] == "kill":
+        os.kill(os.getpid(), 9)
+    Path("models").mkdir()
+    Path("models/top.keras").write_bytes(b"model")
+"""
+
+
+@pytest.mark.parametrize("end", ["done", "kill"])
+def test_a_stage_logs_through_its_worker_which_ends_a_killed_stage_run_failed(project, end):
+    import mlflow
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", STAGE_WITH_WORKER, end],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    run_id, stage_pid, worker_pid = done.stdout.split()
+    assert worker_pid != stage_pid
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    if end == "done":
+        assert done.returncode == 0, done.stderr
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.params["top.units"] == "8"
+        assert run.data.tags["dvc.out.models/top.keras"] == hashlib.md5(b"model").hexdigest()
+        assert run.data.tags["pipeline.attempt"].startswith(f"{stage_pid}."), "the stage's process, not the worker's"
+        assert [m.value for m in client.get_metric_history(run_id, "top.loss")] == [0.5]
+        return
+    assert done.returncode == -9
+    deadline = time.monotonic() + 60
+    while client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert client.get_run(run_id).info.status == "FAILED"
+    experiment = client.get_experiment_by_name("image-classifier")
+    (row,) = client.search_runs([experiment.experiment_id], "tags.`pipeline.stage` = 'pipeline'")
+    assert row.info.run_name == "pipeline (failed at train_top)"
