@@ -175,8 +175,9 @@ def _portable(err: BaseException) -> BaseException:
 
 def _warm_up(stage: str) -> None:
     """What the stage will need, loaded while it imports TensorFlow: MLflow, an embedded store (a
-    server is not asked anything yet), and for evaluate what logging a model needs. Failures wait
-    for the call that needs it."""
+    server is not asked anything yet), and for evaluate what logging a model needs (Keras too: MLflow
+    loads the logged model to check that it serves its input example). Failures wait for the call
+    that needs it."""
     with contextlib.suppress(Exception):
         import mlflow
 
@@ -188,6 +189,8 @@ def _warm_up(stage: str) -> None:
         if stage == "evaluate":
             import mlflow.pyfunc
             from mlflow.utils import requirements_utils
+
+            from stages import backbones  # noqa: F401  Keras: MLflow loads the model to check its input example
 
             requirements_utils._init_modules_to_packages_map()  # reads every installed package's metadata
 

@@ -177,7 +177,7 @@ def test_prepare_predict_and_the_served_model_give_a_picture_the_same_input(tmp_
         ]
     )
     model.save(tmp_path / "model.keras")
-    (tmp_path / "spec.json").write_text(json.dumps(serving.model_spec(["cat", "dog"], 0.5, params.max_side)))
+    (tmp_path / "spec.json").write_text(json.dumps(serving.model_spec(["cat", "dog"], 0.5, params.max_side, "float32")))
     served = serving.ImageClassifier()
     served.load_context(SimpleNamespace(artifacts={"model": tmp_path / "model.keras", "spec": tmp_path / "spec.json"}))
     out = served.predict(None, pd.DataFrame({"image": [path.read_bytes() for path in sources]}))
