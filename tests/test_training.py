@@ -163,10 +163,10 @@ def test_mixed_precision_on_two_devices(features, top, prepared, tiny_params, tm
         strategy = devices.strategy(names)
         top = keras.models.load_model({str(tmp_path / "top.keras")!r})
         result = finetune.finetune(Path({str(prepared)!r}), Path({str(features / "backbone.weights.h5")!r}),
-                                   top, params, strategy, devices.precision_policy("on"))
+                                   top, params, strategy, devices.precision_policy("bfloat16"))
         print(json.dumps({{
             "replicas": strategy.num_replicas_in_sync,
-            "policy": devices.precision_policy("on"),
+            "policy": devices.precision_policy("bfloat16"),
             "saved_dtype": result.model.dtype_policy.name,
             "weights_float32": all(w.dtype == np.float32 for w in result.model.get_weights()),
             "global_policy_after": keras.mixed_precision.global_policy().name,
