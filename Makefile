@@ -2,6 +2,7 @@
 # make test    install and run the test suite
 # make demo    the same pipeline offline, on generated images, in a few minutes on a CPU
 # make lint    lint, format and type checks alone (make test runs them first); make format fixes
+# make bench   the pipeline's speed against plain Keras, Pillow and DVC on this machine: one markdown table
 # DEVICE=cpu|gpu picks the TensorFlow build; by default gpu when `nvidia-smi` sees a GPU.
 
 PYTHON ?= python3
@@ -12,7 +13,7 @@ STAMP := $(VENV)/.installed-$(DEVICE)
 # Stages run `python -m stages.<name>`: the venv's python must come first.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install repro test lint format demo clean-venv
+.PHONY: install repro test lint format demo bench clean-venv
 
 install: $(STAMP)
 
@@ -43,6 +44,10 @@ format: $(STAMP)
 
 demo: $(STAMP)
 	python -m stages.demo
+
+# About 5 minutes on an idle 2-core CPU; python benchmarks/bench.py --quick checks it in 2-3.
+bench: $(STAMP)
+	python benchmarks/bench.py --device $(DEVICE)
 
 clean-venv:
 	rm -rf $(VENV)
