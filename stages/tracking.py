@@ -114,6 +114,7 @@ class _Worker:
             env=env,
         )
         self.called = False
+        self.run_open = False  # between `_begin` and `_end_run` or `_abort`
 
     def call(self, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
         assert self.process.stdin is not None and self.process.stdout is not None
@@ -126,22 +127,27 @@ class _Worker:
             raise TrackingError(
                 f"the MLflow logging process of this stage stopped (exit {self.process.poll()})"
             ) from err
+        if fn.__name__ in ("_begin", "_end_run", "_abort"):
+            self.run_open = ok and fn.__name__ == "_begin"
         if ok:
             return value
         raise value
 
     def close(self) -> None:
-        """At the stage's exit: a worker never called has nothing to finish (the stage stopped before
-        its run opened); else it finishes (ends a run left open as failed) and exits."""
+        """At the stage's exit. A worker never called has nothing to finish (the stage stopped before
+        its run opened): it is stopped. One with a run open ends it as failed: the stage waits for
+        that. Otherwise it is done, and exits on its own."""
         if not self.called:
             self.process.kill()
-        elif self.process.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.process.stdin.close()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+            return
+        assert self.process.stdin is not None
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        if self.run_open:
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
 
 
 def prestart(module: str) -> None:
@@ -223,6 +229,9 @@ def serve(stage: str) -> None:
             _abort(_OPEN["stage"], _OPEN["params"])
         except Exception as err:  # noqa: BLE001  the worker's last words
             log.warning("could not mark it failed at %s: %s", tracking_uri(), err)
+    # Everything is written and committed: skip the interpreter's teardown of MLflow (most of a second).
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # Where runs go ------------------------------------------------------------------------------
@@ -827,6 +836,7 @@ def log_pipeline_version(params: config.Params, run_id: str | None, stage: str =
     if not enabled() or run_id is None:
         return None
     import mlflow
+    from mlflow.entities import Param
 
     client = _client()
     hashes = locked_hashes()
@@ -854,8 +864,7 @@ def log_pipeline_version(params: config.Params, run_id: str | None, stage: str =
                 start_time=_first_start(new),  # the version spans the work of its stages
             )
             version_id = version.info.run_id
-            for key, value in loggable_params(params).items():
-                client.log_param(version_id, key, value)
+            client.log_batch(version_id, params=[Param(k, str(v)) for k, v in loggable_params(params).items()])
             curves = _log_curves(client, version_id)
             for key, value in metrics.items():
                 if key not in curves:  # a curve ends on the final value already
