@@ -204,9 +204,13 @@ def _warm_up(stage: str) -> None:
 def serve(stage: str) -> None:
     """The worker's loop: run the calls the stage sends on stdin, answer each on stdout."""
     import importlib
+    import signal
 
     from stages import common
 
+    # Ctrl-C reaches the whole process group: the stage handles it and tells the worker to end its
+    # run as failed (or, gone, leaves it at the end of its input).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     common.configure_logging()
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # what MLflow prints goes to the stage's stderr

@@ -304,7 +304,7 @@ def test_the_experiment_opens_as_model_training_in_the_ui(project):
 
 
 STAGE_WITH_WORKER = """
-import os, sys
+import os, sys, time
 from pathlib import Path
 from stages import config, tracking
 tracking.prestart("stages.train_top")  # as stages/__init__.py does for `python -m stages.train_top`
@@ -314,18 +314,22 @@ with tracking.stage_run("train_top", params) as run_id:
     print(run_id, os.getpid(), tracking._worker.process.pid, flush=True)
     if sys.argv[1] == "kill":
         os.kill(os.getpid(), 9)
+    if sys.argv[1] == "ctrl-c":  # to the whole process group, as a terminal sends it
+        os.killpg(0, 2)
+        time.sleep(5)
     Path("models").mkdir()
     Path("models/top.keras").write_bytes(b"model")
 """
 
 
-@pytest.mark.parametrize("end", ["done", "kill"])
+@pytest.mark.parametrize("end", ["done", "kill", "ctrl-c"])
 def test_a_stage_logs_through_its_worker_which_ends_a_killed_stage_run_failed(project, end):
     import mlflow
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, "-c", STAGE_WITH_WORKER, end],
+        start_new_session=True,  # a process group of its own, for Ctrl-C
         env=env,
         capture_output=True,
         text=True,
@@ -343,7 +347,7 @@ def test_a_stage_logs_through_its_worker_which_ends_a_killed_stage_run_failed(pr
         assert run.data.tags["pipeline.attempt"].startswith(f"{stage_pid}."), "the stage's process, not the worker's"
         assert [m.value for m in client.get_metric_history(run_id, "top.loss")] == [0.5]
         return
-    assert done.returncode == -9
+    assert done.returncode == (-9 if end == "kill" else -2)  # -2: Python ends itself by the SIGINT it got
     deadline = time.monotonic() + 60
     while client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
         time.sleep(0.5)
