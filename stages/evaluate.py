@@ -2,12 +2,14 @@
 
 reports/metrics.json (a DVC metric, logged to MLflow under the same names) holds the headline
 numbers only, nested so that DVC's flattened names are the MLflow names: `test.accuracy`,
-`test.precision`, `test.recall`, `test.f1` (of the second class for two classes, macro-averaged
-for more), `test.log_loss`, `test.roc_auc` (two classes: of the second class; more: the macro
-average of one-vs-rest AUCs) and `test.images`. reports/evaluate/ (a cached output) holds the
-rest: per_class.csv, confusion.json (rows actual, columns predicted), the plots' data
-(predictions.csv for DVC's confusion matrix, roc.csv) and PNG figures of the confusion matrix, the
-ROC curve and the training curves of both training stages.
+`test.top3_accuracy` (more than 3 classes only: the fraction of test images whose true class is
+among the model's 3 most probable), `test.precision`, `test.recall`, `test.f1` (of the second
+class for two classes, macro-averaged for more), `test.log_loss`, `test.roc_auc` (two classes: of
+the second class; more: the mean of the one-vs-rest AUCs of the classes the test split has; null
+when undefined) and `test.images`, all computed by scikit-learn (`sklearn.metrics`).
+reports/evaluate/ (a cached output) holds the rest: per_class.csv, confusion.json (rows actual,
+columns predicted), the plots' data (predictions.csv for DVC's confusion matrix, roc.csv) and PNG
+figures of the confusion matrix, the ROC curve and the training curves of both training stages.
 
 Class indices are the model's (sorted label names, `images.load_split`); tables and figures show
 the classes in natural order (`natural_key`: "two" before "ten", "class2" before "class10").
@@ -22,12 +24,23 @@ import argparse
 import csv
 import logging
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    log_loss,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+    top_k_accuracy_score,
+)
 
 from stages import common, config, devices, images, tracking
 
@@ -36,9 +49,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: The log loss counts a true class' probability as at least this (a sure mistake costs -log(EPS), not infinity).
 EPS = 1e-7
-#: The keys of reports/metrics.json's "test" object: the headline numbers, nothing per class.
+#: The keys reports/metrics.json's "test" object always has: the headline numbers, nothing per class.
 HEADLINE = ("accuracy", "precision", "recall", "f1", "log_loss", "roc_auc", "images")
+#: Top-k accuracy's k. With more than TOP_K classes the "test" object has TOP_K_ACCURACY too (after
+#: "accuracy"); with TOP_K or fewer it would say nothing (every class is among the TOP_K most probable).
+TOP_K = 3
+TOP_K_ACCURACY = f"top{TOP_K}_accuracy"
 #: Number words a class may be named by ("zero" ... "ninety"), sorted by their value.
 _UNITS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
@@ -92,43 +110,32 @@ def predicted_classes(probs: np.ndarray, threshold: float) -> np.ndarray:
     return probs.argmax(axis=1)
 
 
-def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(false positive rates, true positive rates, thresholds), from the highest score down."""
-    order = np.argsort(-scores, kind="stable")
-    scores, labels = scores[order], labels[order]
-    distinct = np.r_[np.nonzero(np.diff(scores))[0], len(scores) - 1]  # last index of each score
-    tps = np.cumsum(labels)[distinct]
-    fps = (distinct + 1) - tps
-    positives, negatives = labels.sum(), len(labels) - labels.sum()
-    tpr = np.r_[0.0, tps / max(positives, 1)]
-    fpr = np.r_[0.0, fps / max(negatives, 1)]
-    return fpr, tpr, np.r_[np.inf, scores[distinct]]
-
-
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve: the probability that a positive outranks a negative (ties count half)."""
-    positives = labels == 1
-    n_pos, n_neg = positives.sum(), (~positives).sum()
-    if n_pos == 0 or n_neg == 0:
+    """Area under the ROC curve of binary `labels` (1: positive) scored by `scores`: the probability
+    that a positive outranks a negative (ties count half). NaN when `labels` hold one class only."""
+    labels = np.asarray(labels)
+    if len(np.unique(labels)) < 2:
         return float("nan")
-    ranks = _average_ranks(scores)
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values))
-    sorted_values = values[order]
-    start = 0
-    for end in np.r_[np.nonzero(np.diff(sorted_values))[0] + 1, len(values)]:
-        ranks[order[start:end]] = (start + 1 + end) / 2.0  # mean of ranks start+1 .. end
-        start = end
-    return ranks
+    return float(roc_auc_score(labels, scores))
 
 
 def one_vs_rest_aucs(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """The AUC of each class against all others (NaN for a class absent from, or alone in, `labels`)."""
-    return np.array([roc_auc((labels == i).astype(np.int64), probs[:, i]) for i in range(probs.shape[1])])
+    """The AUC of each class against all others (NaN for a class absent from, or alone in, `labels`).
+
+    Class by class rather than `roc_auc_score(multi_class="ovr")`, which raises on rows whose sum is
+    off 1 by more than about 1e-5 (a float16 softmax's can be) and warns on a class missing from `labels`."""
+    return np.array([roc_auc(labels == i, probs[:, i]) for i in range(probs.shape[1])])
+
+
+def _roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false positive rates, true positive rates, thresholds) at every distinct score, from the
+    highest down after a first threshold of inf at (0, 0). Every score is kept (no
+    `drop_intermediate`), so roc.csv gives each threshold its rates. Without positives (negatives)
+    the true (false) positive rates are 0, not sklearn's NaN."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    return np.nan_to_num(fpr), np.nan_to_num(tpr), thresholds
 
 
 def _defined(value: float) -> float | None:
@@ -153,33 +160,41 @@ def roc(labels: np.ndarray, probs: np.ndarray) -> Roc:
     one-vs-rest curves (every (image, class) pair is one decision), with its AUC and the macro AUC."""
     labels = np.asarray(labels, dtype=np.int64)
     if probs.shape[1] == 2:
-        fpr, tpr, thresholds = roc_curve(labels, probs[:, 1])
+        fpr, tpr, thresholds = _roc_points(labels, probs[:, 1])
         return Roc(fpr, tpr, thresholds, _defined(roc_auc(labels, probs[:, 1])), None, 2)
     onehot = np.eye(probs.shape[1], dtype=np.int64)[labels]
-    fpr, tpr, thresholds = roc_curve(onehot.ravel(), probs.ravel())
+    fpr, tpr, thresholds = _roc_points(onehot.ravel(), probs.ravel())
     aucs = one_vs_rest_aucs(labels, probs)
     macro = float(np.nanmean(aucs)) if not np.all(np.isnan(aucs)) else None
     return Roc(fpr, tpr, thresholds, _defined(roc_auc(onehot.ravel(), probs.ravel())), macro, probs.shape[1])
 
 
+def headline_keys(classes: int) -> tuple[str, ...]:
+    """The keys of reports/metrics.json's "test" object for a model of `classes` classes, in order:
+    HEADLINE, with TOP_K_ACCURACY after "accuracy" for more than TOP_K classes."""
+    if classes <= TOP_K:
+        return HEADLINE
+    after = HEADLINE.index("accuracy") + 1
+    return (*HEADLINE[:after], TOP_K_ACCURACY, *HEADLINE[after:])
+
+
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float) -> dict[str, Any]:
     """All test metrics from true labels (indices into `classes`) and class probabilities.
 
-    Returns {"test": the headline numbers (HEADLINE, reports/metrics.json), "per_class": {class:
+    Returns {"test": the headline numbers (`headline_keys`, reports/metrics.json), "per_class": {class:
     {images, recall, precision, f1, roc_auc}}, "confusion": {"classes", "rows_actual_columns_predicted"}};
-    per_class and confusion list the classes in display order (`display_order`).
+    per_class and confusion list the classes in display order (`display_order`). A class the test
+    split lacks has precision 0 (and recall 0, nothing to recall) and an undefined (None) AUC.
     """
     labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
     n = len(classes)
+    indices = np.arange(n)  # every class of the model, whether the test split has it or not
     predicted = predicted_classes(probs, threshold)
-    confusion = np.zeros((n, n), dtype=np.int64)
-    np.add.at(confusion, (labels, predicted), 1)
-    true_pos = np.diag(confusion).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.nan_to_num(true_pos / confusion.sum(axis=0))
-        recall = np.nan_to_num(true_pos / confusion.sum(axis=1))
-        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
-    picked = np.clip(probs[np.arange(len(labels)), labels], EPS, 1.0)
+    confusion = confusion_matrix(labels, predicted, labels=indices)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=indices, average=None, zero_division=0
+    )
     aucs = one_vs_rest_aucs(labels, probs)
     headline: dict[str, float | int | None]
     if n == 2:  # of the second class, the "positive" one
@@ -188,17 +203,24 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str], t
     else:  # macro averages: each class counts the same, however many test images it has
         headline = {"precision": float(precision.mean()), "recall": float(recall.mean()), "f1": float(f1.mean())}
         headline["roc_auc"] = None if np.all(np.isnan(aucs)) else float(np.nanmean(aucs))
+    with warnings.catch_warnings():
+        # The loss reads only the true class' probability, clipped to at least EPS (a softmax can round
+        # to 0); the clipping and float32 rounding leave rows that sum to 1 within ~1e-7: sklearn warns.
+        warnings.filterwarnings("ignore", "The y_prob values do not sum to one", UserWarning)
+        loss = log_loss(labels, y_proba=np.clip(probs, EPS, 1.0), labels=indices)
     headline |= {
-        "accuracy": float(true_pos.sum() / len(labels)),
-        "log_loss": float(-np.mean(np.log(picked))),
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "log_loss": float(loss),
         "images": len(labels),
     }
+    if n > TOP_K:
+        headline[TOP_K_ACCURACY] = float(top_k_accuracy_score(labels, probs, k=TOP_K, labels=indices))
     order = display_order(classes)
     return {
-        "test": {key: headline[key] for key in HEADLINE},
+        "test": {key: headline[key] for key in headline_keys(n)},
         "per_class": {
             classes[i]: {
-                "images": int(confusion[i].sum()),
+                "images": int(support[i]),  # test images of the class
                 "recall": float(recall[i]),
                 "precision": float(precision[i]),
                 "f1": float(f1[i]),

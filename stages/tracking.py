@@ -61,7 +61,7 @@ PIPELINE_FILE = Path("dvc.yaml")
 LOCK_FILE = Path("dvc.lock")
 PIPELINE_RUN = "pipeline"
 #: The pipeline version's headline metrics, named as in the metrics files (flattened) and in DVC.
-KEY_METRICS = ("top.val_accuracy", "finetune.val_accuracy", "test.accuracy", "test.log_loss")
+KEY_METRICS = ("top.val_accuracy", "finetune.val_accuracy", "test.accuracy", "test.top3_accuracy", "test.log_loss")
 #: The prefix of each training stage's per-epoch metrics, so the curves of the two can't be confused.
 CURVE_PREFIX = {"train_top": "top.", "finetune": "finetune."}
 #: Outputs not copied into the tracking store: data and the backbone are too large (DVC keeps

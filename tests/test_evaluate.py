@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -89,12 +90,17 @@ def test_multiclass_metrics_are_macro_averaged_with_macro_auc():
 def test_roc_curve_and_auc_agree():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 200)
-    scores = np.round(labels * 0.3 + rng.uniform(size=200), 2)  # with ties
-    fpr, tpr, _ = evaluate.roc_curve(labels, scores)
+    scores = np.round(labels * 0.3 + rng.uniform(size=200), 2) / 1.3  # with ties
+    curve = evaluate.roc(labels, evaluate.as_class_probabilities(scores[:, None]))
+    fpr, tpr = curve.fpr, curve.tpr
     assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
     trapezoid = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
     assert evaluate.roc_auc(labels, scores) == pytest.approx(trapezoid)
+    assert curve.auc == pytest.approx(trapezoid)
+    # roc.csv gives every threshold its rates: inf at (0, 0), then each distinct score, highest first
+    assert curve.thresholds[0] == np.inf
+    assert curve.thresholds[1:].tolist() == sorted(set(scores.tolist()), reverse=True)
 
 
 def test_auc_is_undefined_with_one_class():
@@ -148,3 +154,98 @@ def test_display_order_moves_rows_and_columns_together_not_the_model_classes():
         {"images": 3, "recall": 2 / 3, "precision": 2 / 3, "f1": 2 / 3, "roc_auc": m["per_class"]["four"]["roc_auc"]}
     )
     assert evaluate.predicted_classes(probs, 0.5).tolist() == predicted.tolist()  # indices keep their meaning
+
+
+@pytest.mark.filterwarnings("error")
+def test_top3_accuracy_counts_the_true_class_among_the_three_most_probable():
+    labels = np.array([0, 2, 3, 4, 0, 0])
+    probs = np.array(
+        [
+            [0.50, 0.20, 0.15, 0.10, 0.05],  # a is 1st: in the top 3 (and the top 1)
+            [0.40, 0.30, 0.20, 0.06, 0.04],  # c is 3rd: in
+            [0.40, 0.30, 0.20, 0.06, 0.04],  # d is 4th: out
+            [0.05, 0.10, 0.15, 0.30, 0.40],  # e is 1st: in (and the top 1)
+            [0.05, 0.10, 0.15, 0.30, 0.40],  # a is 5th: out
+            [0.12, 0.60, 0.05, 0.15, 0.08],  # a is 3rd (after b 0.60, d 0.15): in
+        ]
+    )
+    m = evaluate.compute_metrics(labels, probs, list("abcde"), 0.5)
+    assert m["test"]["top3_accuracy"] == pytest.approx(4 / 6)
+    assert m["test"]["accuracy"] == pytest.approx(2 / 6)
+    # in metrics.json right after accuracy: DVC's columns and MLflow's names, test.top3_accuracy
+    assert list(m["test"]) == [
+        "accuracy",
+        "top3_accuracy",
+        "precision",
+        "recall",
+        "f1",
+        "log_loss",
+        "roc_auc",
+        "images",
+    ]
+    assert list(m["test"]) == list(evaluate.headline_keys(5))
+
+
+def test_top3_accuracy_only_for_more_than_three_classes():
+    """With two or three classes the true class is always among the three most probable."""
+    for n in (2, 3, 4):
+        labels = np.arange(12) % n
+        probs = np.full((12, n), 0.1) + np.eye(n)[(labels + 1) % n] + 0.5 * np.eye(n)[labels]  # true class 2nd
+        probs /= probs.sum(axis=1, keepdims=True)
+        test = evaluate.compute_metrics(labels, probs, [f"c{i}" for i in range(n)], 0.5)["test"]
+        if n <= 3:
+            assert set(test) == HEADLINE
+        else:
+            assert set(test) == HEADLINE | {"top3_accuracy"}
+            assert test["top3_accuracy"] == pytest.approx(1.0)  # the true class is 2nd in every row
+        assert test["accuracy"] == 0.0
+
+
+@pytest.mark.filterwarnings("error")
+def test_a_class_missing_from_the_test_set_has_no_auc_and_precision_zero():
+    """d and e have no test image (d is predicted once, e never): their AUC is undefined (None in
+    JSON, no NaN), their precision, recall and F1 are 0, and the macro AUC is the mean of the others'."""
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.array(
+        [
+            [0.70, 0.10, 0.15, 0.05, 0.0],  # a, predicted a
+            [0.20, 0.10, 0.10, 0.60, 0.0],  # a, predicted d
+            [0.10, 0.60, 0.20, 0.10, 0.0],  # b
+            [0.30, 0.40, 0.20, 0.10, 0.0],  # b
+            [0.10, 0.20, 0.50, 0.20, 0.0],  # c
+            [0.25, 0.05, 0.45, 0.25, 0.0],  # c
+        ]
+    )
+    m = evaluate.compute_metrics(labels, probs, list("abcde"), 0.5)
+    json.dumps(m, allow_nan=False)  # raises on a NaN
+    for absent in ("d", "e"):
+        assert m["per_class"][absent] == {"images": 0, "recall": 0.0, "precision": 0.0, "f1": 0.0, "roc_auc": None}
+    # one-vs-rest AUCs by hand: a's positives 0.70, 0.20 against 0.10, 0.30, 0.10, 0.25: 6 of 8 pairs;
+    # b's 0.60, 0.40 and c's 0.50, 0.45 beat all their negatives: 1
+    assert m["per_class"]["a"]["roc_auc"] == pytest.approx(6 / 8)
+    assert m["per_class"]["b"]["roc_auc"] == m["per_class"]["c"]["roc_auc"] == pytest.approx(1.0)
+    test = m["test"]
+    assert test["roc_auc"] == pytest.approx((6 / 8 + 1 + 1) / 3)
+    assert evaluate.roc(labels, probs).macro_auc == pytest.approx(test["roc_auc"])
+    # precision a=1 b=1 c=1 d=0/1 e=0/0 -> 0; recall a=1/2 b=1 c=1 d=e=0 (none to find)
+    assert test["precision"] == pytest.approx(3 / 5)
+    assert test["recall"] == pytest.approx(2.5 / 5)
+    assert test["f1"] == pytest.approx((2 / 3 + 1 + 1) / 5)
+    assert test["accuracy"] == pytest.approx(5 / 6)
+    assert test["top3_accuracy"] == 1.0
+    assert test["log_loss"] == pytest.approx(-np.mean(np.log([0.70, 0.20, 0.60, 0.40, 0.50, 0.45])))
+
+
+@pytest.mark.filterwarnings("error")
+def test_log_loss_clips_a_zero_probability_of_the_true_class():
+    """A sure mistake (probability 0 for the true class) costs -log(EPS), not infinity; a sure hit costs 0."""
+    labels = np.array([0, 1])
+    probs = np.array([[0.0, 1.0], [0.5, 0.5]])
+    loss = evaluate.compute_metrics(labels, probs, ["a", "b"], 0.5)["test"]["log_loss"]
+    assert math.isfinite(loss)
+    assert loss == pytest.approx((-math.log(evaluate.EPS) - math.log(0.5)) / 2)
+    three = np.array([[0.0, 0.3, 0.7], [0.0, 1.0, 0.0]])
+    loss = evaluate.compute_metrics(np.array([0, 1]), three, list("abc"), 0.5)["test"]["log_loss"]
+    assert loss == pytest.approx(-math.log(evaluate.EPS) / 2)
+    sure = evaluate.compute_metrics(np.array([2, 1]), three, list("abc"), 0.5)["test"]["log_loss"]  # 0.7, then 1
+    assert sure == pytest.approx(-math.log(0.7) / 2)
