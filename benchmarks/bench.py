@@ -233,7 +233,8 @@ def setup_models(bench: Bench) -> None:
     extractor = backbones.feature_extractor(base, BACKBONE)
     weights = bench.work / "backbone.weights.h5"
     base.save_weights(weights)
-    top = backbones.build_head(tuple(base.output_shape[1:]), 2, bench.params.top)
+    pool = backbones.head_pool(bench.params.top, BACKBONE)
+    top = backbones.build_head(tuple(base.output_shape[1:]), 2, bench.params.top, pool)
     split = first_images(bench, max(bench.sizes.featurize_images, finetune_images(bench)))
     batch = bench.params.featurize.batch_size
     x = np.concatenate([np.asarray(b) for b in images.images_only(split.paths, bench.image_size, batch)])

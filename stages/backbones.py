@@ -32,6 +32,7 @@ class Backbone:
     preprocess: Callable
     block_ends: tuple[str, ...]  # the layer that ends each block, in order; the last ends the backbone
     min_size: int  # smallest input height/width the architecture accepts
+    head_pool: str = "avg"  # how `top.pool: auto` turns its feature map into a vector (see head_pool)
 
 
 REGISTRY: dict[str, Backbone] = {
@@ -43,6 +44,7 @@ REGISTRY: dict[str, Backbone] = {
             applications.vgg16.preprocess_input,
             ("block1_pool", "block2_pool", "block3_pool", "block4_pool", "block5_pool"),
             32,
+            head_pool="flatten",
         ),
         Backbone(
             "resnet50",
@@ -168,12 +170,24 @@ def feature_extractor(base: keras.Model, backbone: str) -> keras.Model:
     return keras.Model(inputs, outputs, name=f"{backbone}_features")
 
 
-def build_head(feature_shape: tuple[int, ...], num_classes: int, params: TopParams) -> keras.Model:
-    """The dense classifier: Flatten, Dense(units, relu), Dropout, then sigmoid (2 classes) or softmax."""
+def head_pool(top: TopParams, backbone: str) -> str:
+    """`top.pool`, with `auto` resolved for `backbone`: `flatten` for VGG16, as in the recipe (at
+    150 px its features are 4x4x512, 8,192 inputs to the dense layer), global average pooling for the
+    others, whose feature maps are deeper (ResNet50 at 150 px: 5x5x2048, which flattened would give
+    the dense layer 51,200 inputs and 13 million weights to learn from a few thousand images)."""
+    return REGISTRY[backbone].head_pool if top.pool == "auto" else top.pool
+
+
+def build_head(feature_shape: tuple[int, ...], num_classes: int, params: TopParams, pool: str) -> keras.Model:
+    """The dense classifier: Flatten or global average pooling (`pool`, see `head_pool`), Dense(units,
+    relu), Dropout, then sigmoid (2 classes) or softmax."""
     if num_classes < 2:
         raise StageError(f"a classifier needs at least 2 classes, got {num_classes}")
     inputs = keras.Input(shape=feature_shape, name="features")
-    x = keras.layers.Flatten(name="flatten")(inputs)
+    if pool == "flatten":
+        x = keras.layers.Flatten(name="flatten")(inputs)
+    else:
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(inputs)
     x = keras.layers.Dense(params.units, activation="relu", name="dense")(x)
     x = keras.layers.Dropout(params.dropout, name="dropout")(x)
     # The output stays float32 under mixed precision, for a numerically stable loss.

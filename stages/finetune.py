@@ -39,7 +39,8 @@ class Finetuned:
 def _parts(params: config.Params, num_classes: int) -> tuple[keras.Model, keras.Model]:
     """A fresh backbone (random init) and head, in the current dtype policy."""
     base = backbones.build_backbone(params.model.backbone, None, params.data.image_size)
-    head = backbones.build_head(tuple(base.output_shape[1:]), num_classes, params.top)
+    pool = backbones.head_pool(params.top, params.model.backbone)
+    head = backbones.build_head(tuple(base.output_shape[1:]), num_classes, params.top, pool)
     return base, head
 
 

@@ -1,7 +1,8 @@
 """Train the dense classifier on cached bottleneck features (seconds, not hours).
 
-The head is `backbones.build_head` (the same one `finetune` continues to train): Flatten,
-Dense(units, relu), Dropout, then a sigmoid for two classes or a softmax for more. Each epoch's
+The head is `backbones.build_head` (the same one `finetune` continues to train): Flatten or global
+average pooling (`top.pool`, see `backbones.head_pool`), Dense(units, relu), Dropout, then a
+sigmoid for two classes or a softmax for more. Each epoch's
 loss and accuracy, train and validation, go to reports/train_top/history.csv (a DVC plot) and MLflow.
 
 Run: dvc repro train_top
@@ -40,11 +41,13 @@ def train_top(
     num_classes: int,
     params: config.TopParams,
     seed: int,
+    pool: str,
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> tuple[keras.Model, dict[str, list[float]]]:
-    """Fit the head on (features, labels); return it and its per-epoch history."""
+    """Fit the head (`pool`: see `backbones.head_pool`) on (features, labels); return it and its
+    per-epoch history."""
     keras.utils.set_random_seed(seed)
-    head = backbones.build_head(train[0].shape[1:], num_classes, params)
+    head = backbones.build_head(train[0].shape[1:], num_classes, params, pool)
     head.compile(optimizer=optimizer(params), loss=backbones.head_loss(num_classes), metrics=["accuracy"])
     history = head.fit(
         train[0],
@@ -117,6 +120,7 @@ def main() -> None:
             len(meta["classes"]),
             params.top,
             params.seed,
+            backbones.head_pool(params.top, params.model.backbone),
             callbacks=[tracking.epoch_logger(f"{name}.")],
         )
         common.save_model(head, args.output)

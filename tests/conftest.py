@@ -7,7 +7,7 @@ from pathlib import Path
 import keras
 import pytest
 
-from stages import config, featurize, prepare, synthetic, train_top
+from stages import backbones, config, featurize, prepare, synthetic, train_top
 
 #: Small images, random backbone weights, one or two epochs: the shape of the real run, in seconds.
 TINY: dict = {
@@ -98,5 +98,6 @@ def top(features, tiny_params) -> keras.Model:
         2,
         tiny_params.top,
         tiny_params.seed,
+        backbones.head_pool(tiny_params.top, tiny_params.model.backbone),
     )
     return head

@@ -97,7 +97,7 @@ def test_a_moved_key_names_its_replacement():
 
 
 def test_unknown_key_is_named_with_the_allowed_ones():
-    with pytest.raises(config.ParamsError, match=r"unknown key 'top.learnig_rate'; allowed keys under top: units"):
+    with pytest.raises(config.ParamsError, match=r"unknown key 'top.learnig_rate'; allowed keys under top: pool, u"):
         config.parse(with_value("top.learnig_rate", 0.1))
     with pytest.raises(config.ParamsError, match=r"unknown key 'modle'"):
         config.parse({"modle": {}})
@@ -174,7 +174,7 @@ def test_a_utf8_file_with_accents_loads(tmp_path):
         ),
         ("seed: 1\nnull: 2\n", r"unknown key 'None' \(read as NoneType None, not a name\); allowed keys: seed"),
         ("on: 1\n", r"unknown key 'True' \(read as bool True, not a name\); allowed keys: seed"),
-        ("top: {1: 2}\n", r"unknown key 'top.1' \(read as int 1, not a name\); allowed keys under top: units, dropout"),
+        ("top: {1: 2}\n", r"unknown key 'top.1' \(read as int 1, not a name\); allowed keys under top: pool, units"),
         ("top: {units: 8, 2.5: x, b: y}\n", r"unknown key 'top.2.5' \(read as float 2.5, not a name\); allowed keys"),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -58,7 +59,12 @@ def test_train_top_trains_the_head_only(features, tiny_params):
     before = digest(features / "backbone.weights.h5")
     train = featurize.load_features(features / "features", "train")
     head, history = train_top.train_top(
-        train, featurize.load_features(features / "features", "validation"), 2, tiny_params.top, tiny_params.seed
+        train,
+        featurize.load_features(features / "features", "validation"),
+        2,
+        tiny_params.top,
+        tiny_params.seed,
+        "flatten",
     )
     assert digest(features / "backbone.weights.h5") == before
     assert [layer.name for layer in head.layers if layer.weights] == ["dense", "prediction"]
@@ -67,8 +73,27 @@ def test_train_top_trains_the_head_only(features, tiny_params):
     assert set(history) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
 
 
+@pytest.mark.parametrize(
+    ("backbone", "pool", "layer", "inputs"),
+    [
+        ("vgg16", "auto", "flatten", 4 * 4 * 512),
+        ("resnet50", "auto", "pool", 2048),
+        ("resnet50", "flatten", "flatten", 5 * 5 * 2048),
+        ("vgg16", "avg", "pool", 512),
+    ],
+)
+def test_the_head_pools_per_backbone_unless_told(tiny_params, backbone, pool, layer, inputs):
+    """auto: the recipe's Flatten for VGG16 (4x4x512 at 150 px); global average pooling for deeper
+    feature maps such as ResNet50's 5x5x2048, which flattened would give the dense layer 51,200 inputs."""
+    top = dataclasses.replace(tiny_params.top, pool=pool)
+    shape = {"vgg16": (4, 4, 512), "resnet50": (5, 5, 2048)}[backbone]
+    head = backbones.build_head(shape, 2, top, backbones.head_pool(top, backbone))
+    assert head.layers[1].name == layer
+    assert head.get_layer("dense").kernel.shape == (inputs, top.units)
+
+
 def test_head_is_softmax_for_more_than_two_classes(tiny_params):
-    head = backbones.build_head((1, 1, 512), 5, tiny_params.top)
+    head = backbones.build_head((1, 1, 512), 5, tiny_params.top, "flatten")
     assert head.output_shape == (None, 5) and head.layers[-1].activation.__name__ == "softmax"
     assert backbones.head_loss(5) == "sparse_categorical_crossentropy"
 
@@ -233,7 +258,7 @@ def test_a_saved_model_is_byte_stable(tmp_path, tiny_params):
     saved = []
     for name in ("a", "b"):
         keras.utils.set_random_seed(3)
-        head = backbones.build_head((2, 2, 8), 3, tiny_params.top)
+        head = backbones.build_head((2, 2, 8), 3, tiny_params.top, "avg")
         common.save_model(head, tmp_path / f"{name}.keras")
         saved.append((tmp_path / f"{name}.keras").read_bytes())
     assert saved[0] == saved[1]
@@ -247,15 +272,13 @@ def test_a_saved_model_is_byte_stable(tmp_path, tiny_params):
 
 @pytest.mark.parametrize("patience", [None, 2])
 def test_early_stopping_keeps_the_weights_of_the_best_epoch(features, tiny_params, patience):
-    import dataclasses
-
     params = dataclasses.replace(tiny_params.top, epochs=12, patience=patience)
     features_, labels = featurize.load_features(features / "features", "validation")
     if patience is not None:
         labels = 1 - labels  # validation disagrees with training: learning raises its loss, so training stops
     validation = (features_, labels)
     head, history = train_top.train_top(
-        featurize.load_features(features / "features", "train"), validation, 2, params, tiny_params.seed
+        featurize.load_features(features / "features", "train"), validation, 2, params, tiny_params.seed, "flatten"
     )
     losses = history["val_loss"]
     kept = train_top.kept_epoch(history, patience)
