@@ -213,11 +213,12 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str], t
         "log_loss": float(loss),
         "images": len(labels),
     }
-    if n > TOP_K:
+    keys = headline_keys(n)
+    if TOP_K_ACCURACY in keys:
         headline[TOP_K_ACCURACY] = float(top_k_accuracy_score(labels, probs, k=TOP_K, labels=indices))
     order = display_order(classes)
     return {
-        "test": {key: headline[key] for key in headline_keys(n)},
+        "test": {key: headline[key] for key in keys},
         "per_class": {
             classes[i]: {
                 "images": int(support[i]),  # test images of the class

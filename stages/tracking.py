@@ -114,7 +114,6 @@ class _Worker:
             env=env,
         )
         self.called = False
-        self.run_open = False  # between `_begin` and `_end_run` or `_abort`
 
     def call(self, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
         assert self.process.stdin is not None and self.process.stdout is not None
@@ -127,27 +126,23 @@ class _Worker:
             raise TrackingError(
                 f"the MLflow logging process of this stage stopped (exit {self.process.poll()})"
             ) from err
-        if fn.__name__ in ("_begin", "_end_run", "_abort"):
-            self.run_open = ok and fn.__name__ == "_begin"
         if ok:
             return value
         raise value
 
     def close(self) -> None:
         """At the stage's exit. A worker never called has nothing to finish (the stage stopped before
-        its run opened): it is stopped. One with a run open ends it as failed: the stage waits for
-        that. Otherwise it is done, and exits on its own."""
+        its run opened): it is stopped. Otherwise the end of its input ends it: at once (it skips the
+        interpreter's teardown), or once it has ended a run left open as failed."""
         if not self.called:
             self.process.kill()
-            return
-        assert self.process.stdin is not None
-        with contextlib.suppress(OSError):
-            self.process.stdin.close()
-        if self.run_open:
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        elif self.process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
 
 
 def prestart(module: str) -> None:
