@@ -32,6 +32,7 @@ class Backbone:
     preprocess: Callable
     block_ends: tuple[str, ...]  # the layer that ends each block, in order; the last ends the backbone
     min_size: int  # smallest input height/width the architecture accepts
+    input_size: int  # the side of the images it was trained on (ImageNet), which an ensemble resizes to
     head_pool: str = "avg"  # how `top.pool: auto` turns its feature map into a vector (see head_pool)
 
 
@@ -44,6 +45,7 @@ REGISTRY: dict[str, Backbone] = {
             applications.vgg16.preprocess_input,
             ("block1_pool", "block2_pool", "block3_pool", "block4_pool", "block5_pool"),
             32,
+            224,
             head_pool="flatten",
         ),
         Backbone(
@@ -52,6 +54,7 @@ REGISTRY: dict[str, Backbone] = {
             applications.resnet50.preprocess_input,
             ("pool1_pool", "conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
             32,
+            224,
         ),
         Backbone(
             "inception_v3",
@@ -59,6 +62,7 @@ REGISTRY: dict[str, Backbone] = {
             applications.inception_v3.preprocess_input,
             tuple(f"mixed{i}" for i in range(11)),
             75,
+            299,
         ),
         Backbone(
             "xception",
@@ -68,6 +72,7 @@ REGISTRY: dict[str, Backbone] = {
             + tuple(f"block{i}_sepconv3_bn" for i in range(5, 13))
             + ("block13_pool", "block14_sepconv2_act"),
             71,
+            299,
         ),
         Backbone(
             "mobilenet_v2",
@@ -75,6 +80,7 @@ REGISTRY: dict[str, Backbone] = {
             applications.mobilenet_v2.preprocess_input,
             ("block_12_add", "block_13_project_BN", "block_14_add", "block_15_add", "out_relu"),
             32,
+            224,
         ),
         Backbone(
             "efficientnet_v2_b0",
@@ -82,6 +88,7 @@ REGISTRY: dict[str, Backbone] = {
             applications.efficientnet_v2.preprocess_input,
             ("block3b_add", "block4c_add", "block5e_add", "top_activation"),
             32,
+            224,
         ),
     )
 }
@@ -168,6 +175,36 @@ def feature_extractor(base: keras.Model, backbone: str) -> keras.Model:
     x = Preprocess(backbone, name="preprocess")(inputs)
     outputs = base(x, training=False)
     return keras.Model(inputs, outputs, name=f"{backbone}_features")
+
+
+def member_size(backbone: str, image_size: int) -> int:
+    """The side an ensemble member sees the ensemble's `image_size` images at: its own input size
+    (224 for ResNet50, 299 for Xception and InceptionV3), or `image_size` when that is smaller, since
+    enlarging adds no detail, only work."""
+    side = min(REGISTRY[backbone].input_size, image_size)
+    _require_size(backbone, (side, side))
+    return side
+
+
+def member(base: keras.Model, backbone: str, image_size: int) -> keras.Model:
+    """An ensemble member: raw 0..255 RGB images of `image_size` -> resized to the backbone's side
+    (`member_size`) -> its own preprocessing -> the frozen backbone (BatchNorm in inference mode) ->
+    global average pooling: one feature vector per image."""
+    side = base.input_shape[1]
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+    x = inputs if side == image_size else keras.layers.Resizing(side, side, name="resize")(inputs)
+    x = Preprocess(backbone, name="preprocess")(x)
+    x = base(x, training=False)
+    outputs = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, outputs, name=f"{backbone}_member")
+
+
+def build_ensemble(members: list[keras.Model], head: keras.Model) -> keras.Model:
+    """Raw images -> every member -> their feature vectors concatenated, in order -> the head."""
+    inputs = keras.Input(shape=members[0].input_shape[1:], name="image")
+    features = [m(inputs) for m in members]
+    x = features[0] if len(features) == 1 else keras.layers.Concatenate(name="features")(features)
+    return keras.Model(inputs, head(x), name="ensemble_classifier")
 
 
 def head_pool(top: TopParams, backbone: str) -> str:

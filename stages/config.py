@@ -231,6 +231,48 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class BaselineParams:
+    """The recipe's small convnet trained from scratch on the same split (the `baseline` stage)."""
+
+    enabled: bool = True  # false: the stage writes empty outputs and logs nothing
+    units: int = 64
+    dropout: float = 0.5
+    learning_rate: float = 1e-3  # of RMSprop, as in the recipe
+    epochs: int = 50
+    batch_size: int = 16
+    patience: int | None = None  # epochs without a better validation loss before stopping; None: all epochs
+
+    def check(self, key: str) -> None:
+        _check_patience(f"{key}.patience", self.patience)
+        _positive(f"{key}.units", self.units)
+        if not 0 <= self.dropout < 1:
+            _fail(f"{key}.dropout", self.dropout, "must be in [0, 1)")
+        _positive(f"{key}.learning_rate", self.learning_rate)
+        _positive(f"{key}.epochs", self.epochs)
+        _positive(f"{key}.batch_size", self.batch_size)
+
+
+@dataclass(frozen=True)
+class EnsembleParams:
+    """A head on the concatenated, average-pooled features of several backbones (the `ensemble` stage)."""
+
+    backbones: tuple[str, ...] = ("resnet50", "xception", "inception_v3")  # empty: no ensemble
+    weights: str | None = "imagenet"  # imagenet | null (random init)
+    image_size: int = 299  # the square images the ensemble model takes; each backbone resizes them down
+
+    def check(self, key: str) -> None:
+        for name in self.backbones:
+            if name not in BACKBONES:
+                _fail(f"{key}.backbones", list(self.backbones), f"each one of {', '.join(BACKBONES)}")
+        if len(set(self.backbones)) != len(self.backbones):
+            _fail(f"{key}.backbones", list(self.backbones), "each backbone at most once")
+        if self.weights not in (None, "imagenet"):
+            _fail(f"{key}.weights", self.weights, "imagenet, or null (random init)")
+        if self.image_size < 32:
+            _fail(f"{key}.image_size", self.image_size, "must be >= 32")
+
+
+@dataclass(frozen=True)
 class FeaturizeParams:
     batch_size: int = 32
 
@@ -249,6 +291,8 @@ class Params:
     top: TopParams = field(default_factory=TopParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    baseline: BaselineParams = field(default_factory=BaselineParams)
+    ensemble: EnsembleParams = field(default_factory=EnsembleParams)
 
     def check(self, key: str) -> None:
         if self.seed < 0:
@@ -269,6 +313,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if value not in allowed:
             _fail(key, value, f"one of {', '.join(map(str, allowed))}")
         return value
+    if origin is tuple and typing.get_args(tp)[1:] == (Ellipsis,):  # tuple[str, ...]: a list of any length
+        if not isinstance(value, (list, tuple)):
+            _fail(key, value, "a list (or [] for none)")
+        return tuple(_convert(typing.get_args(tp)[0], v, key) for v in value)
     if origin is tuple:
         inner = typing.get_args(tp)
         if isinstance(value, int) and not isinstance(value, bool):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
 import os
 import shutil
@@ -25,6 +26,8 @@ import yaml
 from stages import config, tracking
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The folder of the ensemble members' features (dvc.yaml's `ensemble` stage depends on it).
+ENSEMBLE_FEATURES = Path("data/ensemble")
 #: DVC from the Python environment running this, whatever is first on PATH.
 DVC = [sys.executable, "-m", "dvc"]
 
@@ -43,6 +46,9 @@ DEMO_PARAMS: dict[str, Any] = {
     # Orientation is what tells the demo's classes apart (horizontal vs vertical stripes):
     # rotating or shearing them would blur the very difference the model has to learn.
     "finetune": {"epochs": 5, "augment": {"rotation": 0, "shear": 0}},
+    "baseline": {"epochs": 10},
+    # Two small backbones, random weights like the demo's VGG16, at the demo's image size.
+    "ensemble": {"backbones": ["mobilenet_v2", "efficientnet_v2_b0"], "weights": None, "image_size": 96},
 }
 
 
@@ -78,6 +84,11 @@ def make_workspace(dest: Path, overrides: dict, git: bool = False) -> Path:
     shutil.copyfile(ROOT / "dvc.yaml", dest / "dvc.yaml")
     shutil.rmtree(dest / "stages", ignore_errors=True)
     shutil.copytree(ROOT / "stages", dest / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    # The ensemble stage depends on this folder, which holds the members' features: with none it must exist.
+    members = dest / ENSEMBLE_FEATURES
+    if not members.exists():
+        members.mkdir(parents=True)
+        (members / ".gitignore").write_text("")
     if git and not (dest / ".git").exists():
         subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
         # What the pipeline writes outside its DVC outputs: `dvc exp run` must leave it alone.
@@ -104,8 +115,13 @@ def main() -> None:
     test = json.loads((workspace / "reports" / "metrics.json").read_text())["test"]
     os.environ["MLFLOW_TRACKING_URI"] = uri
     print(
-        f"\nDemo finished in {time.perf_counter() - started:.0f} s: test accuracy {test['accuracy']:.3f} "
-        f"on {test['images']} images.\n"
+        f"\nDemo finished in {time.perf_counter() - started:.0f} s. Test accuracy on the same {test['images']} images:"
+    )
+    with open(workspace / "reports" / "models.csv", newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            print(f"  {row['model']:<10} {float(row['accuracy']):.3f}  {row['description']}")
+    print(
+        f"  table:    {workspace / 'reports' / 'models.csv'}\n"
         f"  metrics:  {workspace / 'reports' / 'metrics.json'}\n"
         f"  figures:  {workspace / 'reports' / 'evaluate'}/*.png\n"
         f"  MLflow:   mlflow ui --backend-store-uri {uri}\n"

@@ -441,7 +441,7 @@ def main() -> None:
 
     from stages import backbones  # noqa: F401  registers the custom layers
 
-    with tracking.stage_run("evaluate", params) as run_id:
+    with tracking.stage_run("evaluate", params):
         policy = devices.precision_policy(params.precision)
         model = devices.computing_in(keras.models.load_model(args.model, safe_mode=True), policy)
         log.info("predicting in %s on %s", policy, devices.device_name())
@@ -465,7 +465,6 @@ def main() -> None:
             )
         except Exception as err:
             raise tracking.logging_failed("evaluate", "logging the model", err) from err
-    tracking.log_pipeline_version(params, run_id)
     log.info("test accuracy %.4f on %d images; wrote %s", metrics["test"]["accuracy"], len(split), args.metrics)
 
 

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -71,34 +72,50 @@ def load_features(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         return data["features"], data["labels"]
 
 
-def featurize(prepared: Path, out: Path, params: config.Params) -> tuple[keras.Model, dict]:
-    """Write the features of every split into `out`; return the backbone used and the metadata."""
-    keras.utils.set_random_seed(params.seed)  # reproducible random init with `model.weights: null`
-    base = backbones.build_backbone(params.model.backbone, params.model.weights, params.data.image_size)
-    policy = devices.precision_policy(params.precision)
-    extractor = devices.computing_in(backbones.feature_extractor(base, params.model.backbone), policy)
+def write_splits(
+    prepared: Path,
+    out: Path,
+    extractor: keras.Model,
+    image_size: tuple[int, int],
+    batch_size: int,
+    policy: str,
+    stage: str = "featurize",
+) -> dict[str, Any]:
+    """The features `extractor` gives every split's images (loaded at `image_size`) into `out`, with
+    an ETA and a progress bar named `stage`; return what meta.json records of them: the classes, the feature shape,
+    the policy and the number of images per split."""
     out.mkdir(parents=True, exist_ok=True)
     splits = {name: images.load_split(prepared, name) for name in SPLITS}
     total = sum(len(split) for split in splits.values())
-    pace = eta.Pace("featurize", f"{total:,} images", total, devices.device_name(), policy)
-    with tqdm(total=total, desc="featurize", unit="img", mininterval=5) as bar:
+    pace = eta.Pace(stage, f"{total:,} images", total, devices.device_name(), policy)
+    with tqdm(total=total, desc=stage, unit="img", mininterval=5) as bar:
 
         def done(count: int) -> None:
             bar.update(count)
             pace.batch_done(count)
 
         for name, split in splits.items():
-            write_features(
-                extractor, split, params.data.image_size, params.featurize.batch_size, features_file(out, name), done
-            )
-    meta = {
+            write_features(extractor, split, image_size, batch_size, features_file(out, name), done)
+    return {
         "classes": splits["train"].classes,
-        "backbone": params.model.backbone,
-        "weights": params.model.weights,
-        "image_size": list(params.data.image_size),
         "feature_shape": list(extractor.output_shape[1:]),
         "policy": policy,
         "images": {name: len(split) for name, split in splits.items()},
+    }
+
+
+def featurize(prepared: Path, out: Path, params: config.Params) -> tuple[keras.Model, dict]:
+    """Write the features of every split into `out`; return the backbone used and the metadata."""
+    keras.utils.set_random_seed(params.seed)  # reproducible random init with `model.weights: null`
+    base = backbones.build_backbone(params.model.backbone, params.model.weights, params.data.image_size)
+    policy = devices.precision_policy(params.precision)
+    extractor = devices.computing_in(backbones.feature_extractor(base, params.model.backbone), policy)
+    written = write_splits(prepared, out, extractor, params.data.image_size, params.featurize.batch_size, policy)
+    meta = {
+        "backbone": params.model.backbone,
+        "weights": params.model.weights,
+        "image_size": list(params.data.image_size),
+        **written,
     }
     common.write_json(out / META, meta)
     return base, meta

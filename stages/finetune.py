@@ -23,7 +23,7 @@ import keras
 import tensorflow as tf
 
 from stages import backbones, common, config, devices, eta, images, tracking
-from stages.train_top import early_stopping, final_metrics, kept_epoch, write_history
+from stages.history import early_stopping, final_metrics, kept_epoch, write_history
 
 log = logging.getLogger(__name__)
 

@@ -14,15 +14,17 @@ gets the DVC content hashes of what it wrote (`dvc.out.<path>`, computed as DVC 
 metrics files, its per-epoch histories (live, through `epoch_logger`) and its outputs as
 artifacts. A stage that DVC skips (unchanged, or restored from its run-cache) logs nothing.
 
-`evaluate`, the last stage, then opens the run of the pipeline version (`log_pipeline_version`):
-all params, the key metrics, and a link to the run of every stage, found by the hashes of the
-outputs dvc.lock records for it, so unchanged stages reused from earlier versions are linked too.
+`compare`, the last stage, then opens the run of the pipeline version (`log_pipeline_version`):
+all params, the key metrics of every model, and a link to the run of every stage, found by the
+hashes of the outputs dvc.lock records for it, so unchanged stages reused from earlier versions are
+linked too.
 `python -m stages.tracking find <path>` finds the run that wrote an output.
 
 The sqlite store is shared by experiments running in parallel: every write takes a file lock, so
 none fails with "database is locked". A tracking server that cannot be reached fails the stage at
 its start; a logging failure after the work is saved says how to log it afterwards
-(`python -m stages.tracking log <stage> --run-id <id>`; for evaluate, `dvc repro --force evaluate`).
+(`python -m stages.tracking log <stage> --run-id <id>`; for the stages that log a model or the
+version, `dvc repro --force <stage>`: see RERUN_TO_LOG).
 """
 
 from __future__ import annotations
@@ -61,15 +63,31 @@ PIPELINE_FILE = Path("dvc.yaml")
 LOCK_FILE = Path("dvc.lock")
 PIPELINE_RUN = "pipeline"
 #: The pipeline version's headline metrics, named as in the metrics files (flattened) and in DVC.
-KEY_METRICS = ("top.val_accuracy", "finetune.val_accuracy", "test.accuracy", "test.top3_accuracy", "test.log_loss")
-#: The prefix of each training stage's per-epoch metrics, so the curves of the two can't be confused.
-CURVE_PREFIX = {"train_top": "top.", "finetune": "finetune."}
+KEY_METRICS = (
+    "top.val_accuracy",
+    "finetune.val_accuracy",
+    "test.accuracy",
+    "test.top3_accuracy",
+    "test.log_loss",
+    "baseline.test.accuracy",
+    "ensemble.test.accuracy",
+)
+#: The prefix of each training stage's per-epoch metrics, so the curves of the stages can't be confused.
+CURVE_PREFIX = {"train_top": "top.", "finetune": "finetune.", "baseline": "baseline.", "ensemble": "ensemble."}
 #: Outputs not copied into the tracking store: data and the backbone are too large (DVC keeps
-#: them), and the fine-tuned model is stored once, inside the model evaluate logs and registers.
-NOT_ARTIFACTS = ("data/", "models/backbone.weights.h5", "models/model.keras")
+#: them), and the fine-tuned and ensemble models are stored once, inside the models evaluate and
+#: ensemble log and register.
+NOT_ARTIFACTS = ("data/", "models/backbone.weights.h5", "models/model.keras", "models/ensemble")
 #: Tells the MLflow UI this experiment trains models (its runs table), not a GenAI app (traces).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 REACHABLE_TIMEOUT = 5.0
+#: Stages whose logging is done again by running them again (cheaply: what they say) rather than by
+#: `python -m stages.tracking log`, because a model or the pipeline version is part of it.
+RERUN_TO_LOG = {
+    "evaluate": "it scores the test set again; nothing is trained",
+    "ensemble": "it trains the head again, in seconds, on the cached features",
+    "compare": "it reads the metrics files again",
+}
 
 
 #: When this module was imported: with the pid, names this process where /proc cannot (see `attempt`).
@@ -93,7 +111,19 @@ class TrackingError(StageError):
 
 #: The stage modules whose processes log through a worker.
 STAGE_MODULES = frozenset(
-    f"stages.{name}" for name in ("download", "prepare", "featurize", "train_top", "finetune", "evaluate")
+    f"stages.{name}"
+    for name in (
+        "download",
+        "prepare",
+        "featurize",
+        "train_top",
+        "finetune",
+        "evaluate",
+        "baseline",
+        "ensemble_features",
+        "ensemble",
+        "compare",
+    )
 )
 #: In the worker's environment: the stage's process id (see `attempt`).
 STAGE_PID = "PIPELINE_STAGE_PID"
@@ -187,7 +217,7 @@ def _warm_up(stage: str) -> None:
         if uri.startswith("sqlite:///"):
             with store_lock():
                 mlflow.get_experiment_by_name(experiment_name())
-        if stage == "evaluate":
+        if stage in ("evaluate", "ensemble"):  # they log a model
             import mlflow.pyfunc
             from mlflow.utils import requirements_utils
 
@@ -330,9 +360,38 @@ def _stages() -> dict[str, Any]:
 
 @functools.cache
 def _read_stages(pipeline: Path) -> dict[str, Any]:
+    """dvc.yaml's stages, a `foreach` stage expanded as DVC does: `name@item` for each item of its
+    list (given in place, or as `${key}` of a list in params.yaml), `${item}` replaced in its `do`."""
     if not pipeline.is_file():
         return {}
-    return yaml.safe_load(pipeline.read_text(encoding="utf-8")).get("stages", {})
+    stages: dict[str, Any] = {}
+    for name, spec in (yaml.safe_load(pipeline.read_text(encoding="utf-8")).get("stages") or {}).items():
+        if "foreach" not in spec:
+            stages[name] = spec
+            continue
+        items = spec["foreach"]
+        if isinstance(items, str):
+            items = _param_value(pipeline.parent / config.PARAMS_FILE, items.strip().removeprefix("${").rstrip("}"))
+        for item in items or []:
+            stages[f"{name}@{item}"] = _with_item(spec["do"], str(item))
+    return stages
+
+
+def _param_value(params: Path, key: str) -> Any:
+    value: Any = yaml.safe_load(params.read_text(encoding="utf-8")) if params.is_file() else {}
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _with_item(node: Any, item: str) -> Any:
+    if isinstance(node, str):
+        return node.replace("${item}", item)
+    if isinstance(node, list):
+        return [_with_item(v, item) for v in node]
+    if isinstance(node, dict):
+        return {_with_item(k, item): _with_item(v, item) for k, v in node.items()}
+    return node
 
 
 def _paths(entries: list) -> list[str]:
@@ -462,11 +521,9 @@ def lineage_tags(stage: str) -> dict[str, str]:
 
 def logging_failed(stage: str, action: str, err: Exception, run_id: str | None = None) -> TrackingError:
     """The error for a logging failure after a stage's work is saved: what to do to log it later."""
-    if stage == "evaluate":  # it trains nothing: running it again is the simplest way
-        how = (
-            "log everything, the model included, with\n    dvc repro --force evaluate\n"
-            "(it scores the test set again; nothing is trained)"
-        )
+    if stage in RERUN_TO_LOG:  # running it again is the simplest way
+        included = ", the model included," if stage != "compare" else ""
+        how = f"log everything{included} with\n    dvc repro --force {stage}\n({RERUN_TO_LOG[stage]})"
     else:
         into = f" --run-id {run_id}" if run_id else ""
         how = (
@@ -822,17 +879,29 @@ def runs_that_wrote(outputs: dict[str, str], stage: str | None = None, max_resul
     )
 
 
+def switched_off(params: config.Params) -> set[str]:
+    """The stages that `params` switch off: they run, but write empty outputs and log no run."""
+    off = set()
+    if not params.baseline.enabled:
+        off.add("baseline")
+    if not params.ensemble.backbones:
+        off.add("ensemble")
+    return off
+
+
 @in_worker
-def log_pipeline_version(params: config.Params, run_id: str | None, stage: str = "evaluate") -> str | None:
+def log_pipeline_version(params: config.Params, stage: str = "compare") -> str | None:
     """Open the run of this pipeline version, linking the run of every stage; return its id
     (None when tracking is off).
 
-    Called by the last stage, `stage`, once its own run (`run_id`) is complete. Every other stage's run is
-    the newest that wrote the outputs dvc.lock records for it, so a stage reused unchanged (or
-    restored from DVC's run-cache) links the run that first wrote its outputs. Runs made in this
-    version get it as their parent: they nest under it in the MLflow UI.
+    Called by the last stage, `stage`, which has no run of its own, once dvc.lock records every
+    other stage. Each stage's run is the newest that wrote the outputs dvc.lock records for it, so a
+    stage reused unchanged (or restored from DVC's run-cache) links the run that first wrote its
+    outputs; a stage switched off (`switched_off`) has none. Runs made in this version get it as
+    their parent: they nest under it in the MLflow UI. The version shows the models that evaluate
+    and ensemble logged, and carries evaluate's `model.*` tags (the ensemble's as `ensemble.model.*`).
     """
-    if not enabled() or run_id is None:
+    if not enabled():
         return None
     import mlflow
     from mlflow.entities import Param
@@ -840,10 +909,11 @@ def log_pipeline_version(params: config.Params, run_id: str | None, stage: str =
     client = _client()
     hashes = locked_hashes()
     runs: dict[str, str] = {}
+    skipped = switched_off(params) | {stage}
     for name in _stages():
-        if name == stage:
-            runs[name] = run_id
-        elif found := runs_that_wrote({p: hashes[p] for p in stage_outputs(name) if p in hashes}, name, 1):
+        if name in skipped:
+            continue
+        if found := runs_that_wrote({p: hashes[p] for p in stage_outputs(name) if p in hashes}, name, 1):
             runs[name] = found[0].info.run_id
         else:
             log.warning("no run in %s wrote the %s outputs dvc.lock records: not linked", tracking_uri(), name)
@@ -852,10 +922,11 @@ def log_pipeline_version(params: config.Params, run_id: str | None, stage: str =
     try:
         with store_lock():
             experiment = client.get_experiment_by_name(experiment_name())
-            linked = [client.get_run(run_id) for run_id in runs.values()]
-            new = [r for r in linked if "mlflow.parentRunId" not in r.data.tags]  # made in this version
-            evaluated = client.get_run(run_id)
-            tags |= {k: v for k, v in evaluated.data.tags.items() if k.startswith("model.")}
+            linked = {name: client.get_run(run_id) for name, run_id in runs.items()}
+            new = [r for r in linked.values() if "mlflow.parentRunId" not in r.data.tags]  # made in this version
+            for name, prefix in (("evaluate", ""), ("ensemble", "ensemble.")):
+                if name in linked:
+                    tags |= {prefix + k: v for k, v in linked[name].data.tags.items() if k.startswith("model.")}
             version = client.create_run(
                 experiment.experiment_id,
                 run_name=version_name(params),
@@ -868,7 +939,9 @@ def log_pipeline_version(params: config.Params, run_id: str | None, stage: str =
             for key, value in metrics.items():
                 if key not in curves:  # a curve ends on the final value already
                     client.log_metric(version_id, key, value)
-            _link_models(client, experiment.experiment_id, run_id, version_id)
+            for name in ("evaluate", "ensemble"):
+                if name in runs:
+                    _link_models(client, experiment.experiment_id, runs[name], version_id)
             for other in new:
                 client.set_tag(other.info.run_id, "mlflow.parentRunId", version_id)
             client.set_terminated(version_id)
@@ -931,7 +1004,7 @@ def main() -> None:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     log_cmd = sub.add_parser("log", help="log the saved outputs of a stage whose logging failed")
-    log_cmd.add_argument("stage", choices=[name for name in _stages() if name != "evaluate"])
+    log_cmd.add_argument("stage", choices=[name for name in _stages() if name not in RERUN_TO_LOG])
     log_cmd.add_argument("--run-id", help="the stage's run, as its error message names it (default: a new run)")
     find_cmd = sub.add_parser("find", help="the MLflow runs that wrote an output, found by its DVC hash")
     find_cmd.add_argument("path", help="an output named in dvc.yaml, e.g. models/model.keras")

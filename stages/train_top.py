@@ -12,7 +12,6 @@ Run: dvc repro train_top
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ import numpy as np
 
 from stages import backbones, common, config, devices, tracking
 from stages.featurize import META, load_features
+from stages.history import early_stopping, final_metrics, kept_epoch, write_history
 
 log = logging.getLogger(__name__)
 
@@ -60,47 +60,6 @@ def train_top(
         verbose=2,
     )
     return head, history.history
-
-
-def early_stopping(patience: int | None) -> list[keras.callbacks.Callback]:
-    """Stop after `patience` epochs without a lower validation loss, and end with the weights of the
-    epoch that had the lowest (`kept_epoch`); nothing when patience is None (every epoch, the last kept)."""
-    if patience is None:
-        return []
-    return [keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)]
-
-
-def kept_epoch(history: dict[str, list[float]], patience: int | None) -> int:
-    """The index of the epoch whose weights training ended with: the first lowest validation loss
-    under early stopping (as `EarlyStopping` restores it), else the last."""
-    if patience is None:
-        return len(history["val_loss"]) - 1
-    return int(np.argmin(history["val_loss"]))
-
-
-#: What a training stage records per epoch, and its final values in metrics.json.
-HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
-
-
-def write_history(history: dict[str, list[float]], path: Path) -> None:
-    """Per-epoch metrics as CSV: epoch (1, 2, ... within the stage, as MLflow's steps count them),
-    loss, accuracy, val_loss, val_accuracy. A DVC plot per stage; evaluate's training_curves.png
-    puts both stages on one axis, fine-tuning's epochs after the head's."""
-    with common.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["epoch", *HISTORY_KEYS])
-        for epoch in range(len(history["loss"])):
-            writer.writerow([epoch + 1, *(f"{history[k][epoch]:.6f}" for k in HISTORY_KEYS)])
-
-
-def final_metrics(history: dict[str, list[float]], name: str, kept: int) -> dict[str, dict[str, float]]:
-    """The values of the epoch whose weights were kept (index `kept`, see `kept_epoch`) as the
-    stage's metrics.json: {name: {loss, accuracy, val_loss, val_accuracy, epoch}}, `epoch` counted
-    from 1 as in history.csv. Nested so DVC's flattened column (`top.val_accuracy`) is the name the
-    live per-epoch MLflow curve has (`tracking.epoch_logger(name + ".")`), and nothing else: the
-    metrics files hold the headline numbers `dvc exp show` lists."""
-    values = {k: round(float(history[k][kept]), 6) for k in HISTORY_KEYS}
-    return {name: values | {"epoch": kept + 1}}
 
 
 def main() -> None:

@@ -27,6 +27,9 @@ TINY: dict = {
     "top": {"units": 16, "epochs": 2, "batch_size": 8},
     "finetune": {"learning_rate": 0.01, "epochs": 1, "batch_size": 8},
     "evaluate": {"batch_size": 8},
+    # Switched off here; tests/test_many_classes.py runs both end to end.
+    "baseline": {"enabled": False},
+    "ensemble": {"backbones": []},
 }
 
 

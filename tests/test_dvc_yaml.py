@@ -22,7 +22,10 @@ WRITERS = ("write_json", "save_model", "atomic_path", "atomic_dir", "save_weight
 
 
 def stages() -> dict:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    """dvc.yaml's stages by name; a `foreach` stage by its `do` template (one module for every item)."""
+    return {
+        name: spec.get("do", spec) for name, spec in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()
+    }
 
 
 def imported_stage_modules(module: str) -> set[str]:

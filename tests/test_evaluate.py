@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from stages import evaluate, train_top
+from stages import evaluate
+from stages import history as stage_history
 
 HEADLINE = {"accuracy", "precision", "recall", "f1", "log_loss", "roc_auc", "images"}
 
@@ -56,10 +57,10 @@ def test_training_metrics_are_nested_under_the_stage_prefix():
         "val_accuracy": [0.4, 0.8],
         "learning_rate": [0.1, 0.1],
     }
-    assert train_top.final_metrics(history, "top", 1) == {
+    assert stage_history.final_metrics(history, "top", 1) == {
         "top": {"loss": 0.5, "accuracy": 0.75, "val_loss": 0.6, "val_accuracy": 0.8, "epoch": 2}
     }
-    assert train_top.final_metrics(history, "finetune", 0)["finetune"]["epoch"] == 1
+    assert stage_history.final_metrics(history, "finetune", 0)["finetune"]["epoch"] == 1
 
 
 def test_threshold_moves_the_decision():

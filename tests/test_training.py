@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from stages import backbones, common, eta, evaluate, featurize, finetune, images, train_top
+from stages import history as stage_history
 from stages.demo import ROOT
 
 
@@ -100,7 +101,7 @@ def test_head_is_softmax_for_more_than_two_classes(tiny_params):
 
 def test_history_csv(tmp_path):
     history = {"loss": [0.9, 0.5], "accuracy": [0.5, 0.75], "val_loss": [1.0, 0.6], "val_accuracy": [0.4, 0.8]}
-    train_top.write_history(history, tmp_path / "history.csv")
+    stage_history.write_history(history, tmp_path / "history.csv")
     assert (tmp_path / "history.csv").read_text().splitlines() == [
         "epoch,loss,accuracy,val_loss,val_accuracy",
         "1,0.900000,0.500000,1.000000,0.400000",
@@ -281,7 +282,7 @@ def test_early_stopping_keeps_the_weights_of_the_best_epoch(features, tiny_param
         featurize.load_features(features / "features", "train"), validation, 2, params, tiny_params.seed, "flatten"
     )
     losses = history["val_loss"]
-    kept = train_top.kept_epoch(history, patience)
+    kept = stage_history.kept_epoch(history, patience)
     if patience is None:
         assert len(losses) == 12 and kept == 11
     else:
@@ -289,4 +290,4 @@ def test_early_stopping_keeps_the_weights_of_the_best_epoch(features, tiny_param
         assert len(losses) - 1 - kept == patience, "stopped `patience` epochs after the best"
     # the head ends with the kept epoch's weights: its validation loss is that epoch's
     assert head.evaluate(*validation, verbose=0)[0] == pytest.approx(losses[kept], rel=1e-4)
-    assert train_top.final_metrics(history, "top", kept)["top"]["epoch"] == kept + 1
+    assert stage_history.final_metrics(history, "top", kept)["top"]["epoch"] == kept + 1
