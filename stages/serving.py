@@ -160,8 +160,9 @@ def model_spec(classes: list[str], threshold: float, max_side: int, precision: s
 
 def backbone_of(model_path: Path) -> str | None:
     """The backbone a saved .keras classifier was built on, read from its own config (the backbone
-    its `Preprocess` layer prepares images for); None for a model without one. Read from the file,
-    not from params.yaml, so that the description says what the logged model is."""
+    its `Preprocess` layer prepares images for; an ensemble's, joined by " + "); None for a model
+    without one. Read from the file, not from params.yaml, so that the description says what the
+    logged model is."""
     try:
         with zipfile.ZipFile(model_path) as archive:
             config = json.loads(archive.read("config.json"))
@@ -180,7 +181,7 @@ def backbone_of(model_path: Path) -> str | None:
                 walk(value)
 
     walk(config)
-    return found[0] if found else None
+    return " + ".join(dict.fromkeys(found)) if found else None
 
 
 def describe(

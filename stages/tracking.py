@@ -405,9 +405,9 @@ def stage_param_keys(stage: str) -> list[str]:
     for entry in _stages().get(stage, {}).get("params", []):
         if isinstance(entry, str):
             keys.append(entry)
-        else:  # {params-file: [keys]}
+        else:  # {params-file: [keys]}; {params-file: null} is all of them, as no keys at all
             for names in entry.values():
-                keys.extend(names)
+                keys.extend(names or [])
     return keys
 
 

@@ -1,5 +1,7 @@
-"""End to end with four classes: the real `dvc repro` of the tiny pipeline, then the model it served
-and the `predict` command, in a temporary git repository (the other end-to-end tests use two).
+"""End to end with four classes and all three models: the real `dvc repro` of the tiny pipeline with
+the baseline and an ensemble of two small backbones switched on, then the models it served and the
+`predict` command, in a temporary git repository (the other end-to-end tests use two classes and the
+fine-tuned model alone).
 
 Four classes is more than top-3: evaluate adds `test.top3_accuracy`, macro-averages precision,
 recall and F1, and the softmax model names every class in the served `p.<class>` columns.
@@ -25,6 +27,11 @@ CLASSES = 4
 #: TINY, with four generated classes.
 PARAMS = copy.deepcopy(TINY)
 PARAMS["data"]["synthetic"]["classes"] = CLASSES
+PARAMS["baseline"] = {"enabled": True, "units": 8, "epochs": 1, "batch_size": 8}
+MEMBERS = ["mobilenet_v2", "efficientnet_v2_b0"]
+PARAMS["ensemble"] = {"backbones": MEMBERS, "weights": None, "image_size": 32}
+#: Every stage runs: the ensemble's after one featurize stage per member.
+RAN = [*STAGES[:-2], *(f"ensemble_features@{m}" for m in MEMBERS), *STAGES[-2:]]
 #: The model's class order: sorted names (images.load_split).
 NAMES = sorted(synthetic.PATTERNS[:CLASSES])
 PER_CLASS_TEST = PARAMS["data"]["split"]["test"]
@@ -49,7 +56,7 @@ def test_four_classes_run_through_every_stage_and_serve_and_predict_every_class(
     # the pipeline: every stage runs, and succeeds
     done = dvc("repro", cwd=workspace, env=env)
     assert done.returncode == 0
-    assert ran_stages(done.stdout) == STAGES
+    assert ran_stages(done.stdout) == RAN
     assert json.loads((workspace / "models/classes.json").read_text()) == NAMES
 
     # the headline metrics: top-3 accuracy (more than 3 classes), macro averages
@@ -77,18 +84,50 @@ def test_four_classes_run_through_every_stage_and_serve_and_predict_every_class(
     assert sum(map(sum, cells)) == total
     assert [sum(row) for row in cells] == [PER_CLASS_TEST] * CLASSES, "rows are the actual classes"
 
-    # the model evaluate logged and registered: the pyfunc model names every class
+    # the three models side by side on the same test images, best first, in the pipeline version too
+    with open(workspace / "reports/models.csv", newline="") as f:
+        table = {row["model"]: row for row in csv.DictReader(f)}
+    assert set(table) == {"finetuned", "baseline", "ensemble"}
+    assert {row["images"] for row in table.values()} == {str(total)}
+    assert table["ensemble"]["description"] == "head on mobilenet_v2 + efficientnet_v2_b0 features"
+    accuracies = [float(row["accuracy"]) for row in table.values()]
+    assert accuracies == sorted(accuracies, reverse=True)
+    assert float(table["finetuned"]["accuracy"]) == pytest.approx(test["accuracy"], abs=1e-6)
+
+    # the models evaluate and ensemble logged and registered: each pyfunc model names every class
     pictures = [min((workspace / "data/prepared/test" / name).iterdir()) for name in NAMES[:3]]
+    frame = pd.DataFrame({"image": [p.read_bytes() for p in pictures]})
     mlflow.set_tracking_uri(store)
     try:
         client = mlflow.MlflowClient(store)
         experiment = client.get_experiment_by_name("image-classifier")
-        (evaluated,) = client.search_runs([experiment.experiment_id], "tags.`pipeline.stage` = 'evaluate'")
-        assert client.get_model_version("image-classifier", "1").run_id == evaluated.info.run_id
-        model = mlflow.pyfunc.load_model("models:/image-classifier/1")
-        scored = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in pictures]}))
+        runs = {
+            stage: client.search_runs([experiment.experiment_id], f"tags.`pipeline.stage` = '{stage}'")
+            for stage in ("evaluate", "ensemble", "pipeline")
+        }
+        registered = {v.run_id: v.version for v in client.search_model_versions("name = 'image-classifier'")}
+        (version,) = runs["pipeline"]
+        assert version.data.metrics["ensemble.test.accuracy"] == pytest.approx(
+            float(table["ensemble"]["accuracy"]), abs=1e-6
+        )
+        assert version.data.metrics["baseline.test.accuracy"] == pytest.approx(
+            float(table["baseline"]["accuracy"]), abs=1e-6
+        )
+        assert {version.data.tags[f"run.ensemble_features@{m}"] for m in MEMBERS} <= {
+            r.info.run_id for r in client.search_runs([experiment.experiment_id])
+        }
+        ensemble_version = registered[runs["ensemble"][0].info.run_id]
+        finetuned_version = registered[runs["evaluate"][0].info.run_id]
+        model = mlflow.pyfunc.load_model(f"models:/image-classifier/{finetuned_version}")
+        scored = model.predict(frame)
+        by_ensemble = mlflow.pyfunc.load_model(f"models:/image-classifier/{ensemble_version}").predict(frame)
+        champion = client.get_model_version_by_alias("image-classifier", "champion")
     finally:
         mlflow.set_tracking_uri(None)
+    assert list(by_ensemble.columns) == ["label", "confidence", *(f"p.{name}" for name in NAMES)]
+    # evaluate registered first (RAN): the ensemble is champion only if it scored higher
+    better = float(table["ensemble"]["accuracy"]) > float(table["finetuned"]["accuracy"])
+    assert champion.version == (ensemble_version if better else finetuned_version)
     columns = [f"p.{name}" for name in NAMES]
     assert list(scored.columns) == ["label", "confidence", *columns]
     assert len(scored) == 3

@@ -22,7 +22,18 @@ import yaml
 
 from stages import demo
 from tests.conftest import TINY
-from tests.workspace import STAGES, base_env, dvc, dvc_repro, free_port, locked_hashes, run, set_param
+from tests.workspace import (
+    LOGGED,
+    STAGES,
+    base_env,
+    dvc,
+    dvc_repro,
+    free_port,
+    locked_hashes,
+    ran_stages,
+    run,
+    set_param,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +88,7 @@ def server(tmp_path_factory):
 
 def run_ids(uri: str, version: int = 0) -> dict[str, str]:
     """The run of each stage that the pipeline version made `version`-th latest links."""
-    return {s: pipeline_versions(uri)[version].data.tags[f"run.{s}"] for s in STAGES}
+    return {s: pipeline_versions(uri)[version].data.tags[f"run.{s}"] for s in LOGGED}
 
 
 def pipeline_versions(uri: str) -> list:
@@ -309,15 +320,15 @@ def test_finetune_change_reruns_finetune_and_evaluate_linked_to_earlier_runs(rep
     workspace, c = repo["path"], client(repo["server"])
     before = run_ids(repo["server"])
     set_param(workspace, "finetune", "learning_rate", 0.005)
-    assert dvc_repro(workspace, repo["env"]) == ["finetune", "evaluate"]
+    assert dvc_repro(workspace, repo["env"]) == ["finetune", "evaluate", "compare"]
     after = run_ids(repo["server"])
-    changed = [s for s in STAGES if before[s] != after[s]]
+    changed = [s for s in LOGGED if before[s] != after[s]]
     assert changed == ["finetune", "evaluate"]
     versions = pipeline_versions(repo["server"])
     assert len(versions) == 2
     newest = versions[0]
     assert newest.data.params["finetune.learning_rate"] == "0.005"
-    assert {s: newest.data.tags[f"run.{s}"] for s in STAGES} == after, "unchanged upstream runs are linked"
+    assert {s: newest.data.tags[f"run.{s}"] for s in LOGGED} == after, "unchanged upstream runs are linked"
     # the reused runs keep their first version as parent; the new ones nest under the new version
     assert c.get_run(after["featurize"]).data.tags["mlflow.parentRunId"] == versions[1].info.run_id
     assert c.get_run(after["finetune"]).data.tags["mlflow.parentRunId"] == newest.info.run_id
@@ -332,8 +343,15 @@ def test_finetune_change_reruns_finetune_and_evaluate_linked_to_earlier_runs(rep
 
 
 def test_top_change_reruns_from_train_top_not_featurize(repo):
+    """The stages whose own deps changed (what runs after them follows when their outputs change)."""
+    params = repo["path"] / "params.yaml"
+    committed = params.read_text()
     set_param(repo["path"], "top", "units", 8)
-    assert dvc_repro(repo["path"], repo["env"]) == ["train_top", "finetune", "evaluate"]
+    try:
+        dry = dvc("repro", "--dry", cwd=repo["path"], env=repo["env"]).stdout
+        assert ran_stages(dry) == ["train_top", "finetune", "ensemble", "compare"]  # all read top.units
+    finally:
+        params.write_text(committed)
 
 
 def test_unreachable_tracking_server_fails_fast_before_any_work(repo, tmp_path):
@@ -357,8 +375,9 @@ def test_queued_experiments_run_in_parallel_into_the_embedded_store(repo):
     env = {k: v for k, v in repo["env"].items() if k != "MLFLOW_TRACKING_URI"}  # the default: mlflow.db
     run(["git", "add", "-A"], workspace, env)
     run(["git", "commit", "-qm", "baseline"], workspace, env)
-    for rate in ("0.02", "0.03"):
-        dvc("exp", "run", "--queue", "-S", f"finetune.learning_rate={rate}", cwd=workspace, env=env)
+    # A change that re-runs evaluate (and compare) alone: each experiment logs its own runs and version.
+    for threshold in ("0.3", "0.7"):
+        dvc("exp", "run", "--queue", "-S", f"evaluate.threshold={threshold}", cwd=workspace, env=env)
     dvc("queue", "start", "-j", "2", cwd=workspace, env=env)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -371,28 +390,26 @@ def test_queued_experiments_run_in_parallel_into_the_embedded_store(repo):
     assert status.count("Success") == 2, status + logs
 
     shown = json.loads(dvc("exp", "show", "--json", cwd=workspace, env=env).stdout)
-    rates = set()
+    thresholds = set()
     for baseline in shown:
         for exp in baseline.get("experiments") or []:
             for rev in exp["revs"]:
                 data = rev["data"]
-                rates.add(data["params"]["params.yaml"]["data"]["finetune"]["learning_rate"])
+                thresholds.add(data["params"]["params.yaml"]["data"]["evaluate"]["threshold"])
                 assert "accuracy" in data["metrics"]["reports/metrics.json"]["data"]["test"]
-    assert {0.02, 0.03} <= rates
+    assert {0.3, 0.7} <= thresholds
 
     c = client(f"sqlite:///{workspace / 'mlflow.db'}")
     experiment = c.get_experiment_by_name("image-classifier")
     runs = c.search_runs([experiment.experiment_id])
     versions = [r for r in runs if r.data.tags["pipeline.stage"] == "pipeline"]
-    assert sorted(r.data.params["finetune.learning_rate"] for r in versions) == ["0.02", "0.03"]
+    assert sorted(r.data.params["evaluate.threshold"] for r in versions) == ["0.3", "0.7"]
     for version in versions:
         assert version.data.tags.get("dvc.experiment")
-        rate = version.data.params["finetune.learning_rate"]
-        assert version.info.run_name == f"{version.data.tags['dvc.experiment']} finetune.learning_rate={rate}"
-        for stage in ("finetune", "evaluate"):
-            stage_run = c.get_run(version.data.tags[f"run.{stage}"])
-            assert (
-                stage_run.info.status == "FINISHED"
-                and stage_run.data.tags["dvc.experiment"] == version.data.tags["dvc.experiment"]
-            )
+        threshold = version.data.params["evaluate.threshold"]
+        assert version.info.run_name == f"{version.data.tags['dvc.experiment']} evaluate.threshold={threshold}"
+        evaluated = c.get_run(version.data.tags["run.evaluate"])
+        assert evaluated.info.status == "FINISHED"
+        assert evaluated.data.tags["dvc.experiment"] == version.data.tags["dvc.experiment"]
+        assert evaluated.data.params["evaluate.threshold"] == threshold
     shutil.rmtree(workspace / ".dvc" / "tmp", ignore_errors=True)

@@ -364,3 +364,43 @@ def test_a_stage_logs_through_its_worker_which_ends_a_killed_stage_run_failed(pr
     experiment = client.get_experiment_by_name("image-classifier")
     (row,) = client.search_runs([experiment.experiment_id], "tags.`pipeline.stage` = 'pipeline'")
     assert row.info.run_name == "pipeline (failed at train_top)"
+
+
+def test_a_foreach_stage_is_read_as_the_stages_dvc_makes_of_it(tmp_path, monkeypatch):
+    """ensemble_features is one stage per item of a params.yaml list: its runs, params and outputs
+    are those of `ensemble_features@<item>`."""
+    pipeline = {
+        "stages": {
+            "members": {
+                "foreach": "${ensemble.backbones}",
+                "do": {
+                    "cmd": "python -m stages.ensemble_features ${item} data/prepared data/ensemble/${item}",
+                    "deps": ["data/prepared"],
+                    "params": ["ensemble.image_size"],
+                    "outs": ["data/ensemble/${item}"],
+                },
+            },
+            "listed": {"foreach": ["a", "b"], "do": {"cmd": "echo ${item}", "outs": ["out/${item}"]}},
+        }
+    }
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    (tmp_path / "params.yaml").write_text("ensemble:\n  backbones: [resnet50, xception]\n")
+    monkeypatch.chdir(tmp_path)
+    assert list(tracking._stages()) == ["members@resnet50", "members@xception", "listed@a", "listed@b"]
+    assert tracking.stage_outputs("members@xception") == ["data/ensemble/xception"]
+    assert tracking.data_deps("members@resnet50") == ["data/prepared"]
+    assert tracking.stage_param_keys("members@resnet50") == ["ensemble.image_size"]
+    assert tracking.stage_outputs("listed@b") == ["out/b"]
+
+
+def test_switched_off_stages_link_no_run_and_a_failed_model_log_says_to_run_the_stage_again():
+    assert tracking.switched_off(config.parse({"baseline": {"enabled": False}, "ensemble": {"backbones": []}})) == {
+        "baseline",
+        "ensemble",
+    }
+    assert tracking.switched_off(config.parse({})) == set()
+    err = tracking.logging_failed("ensemble", "logging the model", RuntimeError("gone"))
+    assert "log everything, the model included, with\n    dvc repro --force ensemble\n" in str(err)
+    assert "(it trains the head again, in seconds, on the cached features)" in str(err)
+    err = tracking.logging_failed("compare", "logging the pipeline version", RuntimeError("gone"))
+    assert "log everything with\n    dvc repro --force compare\n(it reads the metrics files again)" in str(err)

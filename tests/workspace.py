@@ -13,7 +13,10 @@ import yaml
 from stages import demo
 from tests.conftest import TINY
 
-STAGES = ["download", "prepare", "featurize", "train_top", "finetune", "evaluate"]
+#: The stages of the tiny pipeline (TINY: baseline and ensemble switched off), in the order `dvc repro` runs them.
+STAGES = ["download", "prepare", "featurize", "train_top", "finetune", "evaluate", "baseline", "ensemble", "compare"]
+#: Those that log a run of their own (compare logs the pipeline version; a stage switched off, nothing).
+LOGGED = STAGES[:6]
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "Test",
     "GIT_AUTHOR_EMAIL": "test@example.org",
@@ -45,12 +48,12 @@ def dvc(*args: str, cwd: Path, env: dict, check: bool = True) -> subprocess.Comp
 
 def ran_stages(output: str) -> list[str]:
     """The stages a `dvc repro` or `dvc exp run` ran (not skipped, not restored), in order."""
-    return re.findall(r"Running stage '(\w+)'", output)
+    return re.findall(r"Running stage '([\w@]+)'", output)
 
 
 def restored_stages(output: str) -> list[str]:
     """The stages DVC restored from its run-cache instead of running them, in order."""
-    return re.findall(r"Stage '(\w+)' is cached - skipping run", output)
+    return re.findall(r"Stage '([\w@]+)' is cached - skipping run", output)
 
 
 def dvc_repro(workspace: Path, env: dict, *args: str) -> list[str]:
