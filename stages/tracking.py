@@ -53,7 +53,7 @@ from typing import Any
 
 import yaml
 
-from stages import config, fetch
+from stages import config, fetch, forkserver
 from stages.common import StageError, project_root
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,8 @@ class TrackingError(StageError):
 # Importing MLflow and opening its store take seconds in every stage. A stage started as
 # `python -m stages.<stage>` (STAGE_MODULES) starts, from stages/__init__.py and before anything
 # imports TensorFlow, a worker process (`python -m stages.tracking serve`) that does that while the
-# stage imports TensorFlow, then does the stage's logging: the functions marked `in_worker` are
+# stage imports TensorFlow (forked, with MLflow imported already, by stages/forkserver.py's server,
+# which outlives the stage to serve the next ones), then does the stage's logging: the functions marked `in_worker` are
 # called there, with the same arguments and results (pickled over a pipe), their errors raised in
 # the stage. Anywhere else (tests, notebooks, this module's commands) they run in-process. A
 # stage killed before it closes its run leaves the worker at the end of its input: it ends the
@@ -137,12 +138,7 @@ class _Worker:
         root = str(Path(__file__).resolve().parent.parent)
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, "PYTHONPATH": path, STAGE_PID: str(os.getpid())}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "stages.tracking", "serve", stage],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-        )
+        self.process = forkserver.start(["-m", "stages.tracking", "serve", stage], env)
         self.called = False
 
     def call(self, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:

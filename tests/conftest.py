@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import keras
 import pytest
 
-from stages import backbones, config, featurize, prepare, synthetic, train_top
+from stages import backbones, config, featurize, forkserver, prepare, synthetic, train_top
+
+# The stages' fork server outlives a test's pipeline by this long, not minutes (the stages of one
+# `dvc repro` here are seconds apart).
+os.environ.setdefault(forkserver.IDLE_VARIABLE, "30")
 
 #: Small images, random backbone weights, one or two epochs: the shape of the real run, in seconds.
 TINY: dict = {

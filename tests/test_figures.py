@@ -156,8 +156,20 @@ def test_dvc_training_plots_draw_each_stage_apart():
     entries = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
     plots = dict(next(iter(entry.items())) for entry in entries if isinstance(entry, dict))
     training = {name: spec for name, spec in plots.items() if any(f.endswith("history.csv") for f in spec["y"])}
-    assert set(training) == {"top_accuracy", "top_loss", "finetune_accuracy", "finetune_loss"}
-    stage_history = {"top": "reports/train_top/history.csv", "finetune": "reports/finetune/history.csv"}
+    assert set(training) == {
+        "top_accuracy",
+        "top_loss",
+        "finetune_accuracy",
+        "finetune_loss",
+        "baseline_accuracy",
+        "ensemble_accuracy",
+    }
+    stage_history = {
+        "top": "reports/train_top/history.csv",
+        "finetune": "reports/finetune/history.csv",
+        "baseline": "reports/baseline/history.csv",
+        "ensemble": "reports/ensemble/history.csv",
+    }
     for name, spec in training.items():
         assert list(spec["y"]) == [stage_history[name.split("_")[0]]], name
         assert spec["x"] == "epoch"
