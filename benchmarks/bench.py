@@ -456,8 +456,8 @@ def tracking_row(bench: Bench) -> Row:
         f"{seconds[True]:.1f} s",
         f"{seconds[False]:.1f} s",
         seconds[True] / seconds[False],
-        "the tests' tiny config (six stages, 32x32, 1-2 epochs): tracking on (sqlite store in the project) "
-        "vs PIPELINE_TRACKING=off; ratio on / off (> 1: slower)",
+        "the tests' tiny config (nine stages, baseline and ensemble switched off; 32x32, 1-2 epochs): "
+        "tracking on (sqlite store in the project) vs PIPELINE_TRACKING=off; ratio on / off (> 1: slower)",
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import keras
@@ -13,6 +14,11 @@ from stages import backbones, config, featurize, forkserver, prepare, synthetic,
 # The stages' fork server outlives a test's pipeline by this long, not minutes (the stages of one
 # `dvc repro` here are seconds apart).
 os.environ.setdefault(forkserver.IDLE_VARIABLE, "30")
+
+# Tests send Ctrl-C to the stages they start. A shell starts a background job with SIGINT ignored,
+# which its children inherit: the tests restore what a terminal's foreground job has.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 #: Small images, random backbone weights, one or two epochs: the shape of the real run, in seconds.
 TINY: dict = {

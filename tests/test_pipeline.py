@@ -155,6 +155,11 @@ def test_first_repro_runs_every_stage_and_writes_outputs(repo):
     confusion = json.loads((workspace / "reports/evaluate/confusion.json").read_text())
     assert confusion["classes"] == ["horizontal", "vertical"]
     assert sum(map(sum, confusion["rows_actual_columns_predicted"])) == metrics["test"]["images"]
+    with open(workspace / "reports/models.csv", newline="") as f:  # the baseline and ensemble are switched off
+        (row,) = csv.DictReader(f)
+    assert row["model"] == "finetuned" and float(row["accuracy"]) == pytest.approx(
+        metrics["test"]["accuracy"], abs=1e-6
+    )
 
     shown = json.loads(dvc("metrics", "show", "--json", cwd=workspace, env=repo["env"]).stdout)
     files = next(iter(shown.values()))["data"]
@@ -162,6 +167,8 @@ def test_first_repro_runs_every_stage_and_writes_outputs(repo):
         "reports/train_top/metrics.json": {"top"},
         "reports/finetune/metrics.json": {"finetune"},
         "reports/metrics.json": {"test"},
+        "reports/baseline/metrics.json": set(),  # switched off in TINY
+        "reports/ensemble/metrics.json": set(),
     }
     plots = json.loads(dvc("plots", "show", "--json", cwd=workspace, env=repo["env"]).stdout)["data"]
     assert set(plots) == {
@@ -169,6 +176,9 @@ def test_first_repro_runs_every_stage_and_writes_outputs(repo):
         "top_loss",
         "finetune_accuracy",
         "finetune_loss",
+        "baseline_accuracy",
+        "ensemble_accuracy",
+        "test_accuracy_by_model",
         "confusion_matrix",
         "roc",
         "reports/evaluate/confusion.png",
