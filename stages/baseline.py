@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stages import common, config, tracking
+from stages.history import write_reports, write_switched_off
 
 if TYPE_CHECKING:
     import keras
@@ -112,14 +113,8 @@ def main() -> None:
     parser.add_argument("reports", type=Path, help="folder for history.csv and metrics.json")
     args = parser.parse_args()
     params = config.load()
-    args.reports.mkdir(parents=True, exist_ok=True)
-    from stages.history import HISTORY_KEYS, final_metrics, kept_epoch, write_history
-
     if not params.baseline.enabled:
-        with common.atomic_dir(args.models):
-            pass
-        write_history({key: [] for key in HISTORY_KEYS}, args.reports / "history.csv")
-        common.write_json(args.reports / "metrics.json", {})
+        write_switched_off(args.models, args.reports)
         log.info("baseline.enabled is false in params.yaml: no baseline trained")
         return
     from stages import devices, evaluate, images
@@ -135,11 +130,7 @@ def main() -> None:
         _, scores = evaluate.evaluate(devices.computing_in(model, policy), split, params)
         with common.atomic_dir(args.models) as tmp:
             common.save_model(model, tmp / MODEL)
-        write_history(history, args.reports / "history.csv")
-        kept = kept_epoch(history, params.baseline.patience)
-        metrics = final_metrics(history, name, kept)
-        metrics[name]["test"] = scores["test"]
-        common.write_json(args.reports / "metrics.json", metrics)
+        kept = write_reports(args.reports, history, name, params.baseline.patience, scores["test"])
     log.info("test accuracy %.4f on %d images (kept epoch %d)", scores["test"]["accuracy"], len(split), kept + 1)
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stages import common, config, tracking
-from stages.history import HISTORY_KEYS, final_metrics, kept_epoch, write_history
+from stages.history import write_reports, write_switched_off
 
 if TYPE_CHECKING:
     import keras
@@ -99,12 +99,8 @@ def main() -> None:
     args = parser.parse_args()
     params = config.load()
     members = params.ensemble.backbones
-    args.reports.mkdir(parents=True, exist_ok=True)
     if not members:
-        with common.atomic_dir(args.models):
-            pass
-        write_history({key: [] for key in HISTORY_KEYS}, args.reports / "history.csv")
-        common.write_json(args.reports / "metrics.json", {})
+        write_switched_off(args.models, args.reports)
         log.info("ensemble.backbones is empty in params.yaml: no ensemble trained")
         return
     from stages import devices, evaluate, images, train_top
@@ -129,11 +125,7 @@ def main() -> None:
         model = assemble(args.features, members, metas, head)
         with common.atomic_dir(args.models) as tmp:
             common.save_model(model, tmp / MODEL)
-        write_history(history, args.reports / "history.csv")
-        kept = kept_epoch(history, params.top.patience)
-        metrics = final_metrics(history, name, kept)
-        metrics[name]["test"] = scores["test"]
-        common.write_json(args.reports / "metrics.json", metrics)
+        write_reports(args.reports, history, name, params.top.patience, scores["test"])
         try:
             tracking.log_model(
                 args.models / MODEL,

@@ -23,7 +23,7 @@ import keras
 import tensorflow as tf
 
 from stages import backbones, common, config, devices, eta, images, tracking
-from stages.history import early_stopping, final_metrics, kept_epoch, write_history
+from stages.history import early_stopping, write_reports
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +135,7 @@ def main() -> None:
         )
         common.save_model(result.model, args.output)
         common.write_json(args.classes, result.classes)
-        args.reports.mkdir(parents=True, exist_ok=True)
-        write_history(result.history, args.reports / "history.csv")
-        kept = kept_epoch(result.history, params.finetune.patience)
-        common.write_json(args.reports / "metrics.json", final_metrics(result.history, name, kept))
+        kept = write_reports(args.reports, result.history, name, params.finetune.patience)
     log.info(
         "kept epoch %d: validation accuracy %.4f; wrote %s", kept + 1, result.history["val_accuracy"][kept], args.output
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -51,7 +51,7 @@ def write_history(history: dict[str, list[float]], path: Path) -> None:
             writer.writerow([epoch + 1, *(f"{history[k][epoch]:.6f}" for k in HISTORY_KEYS)])
 
 
-def final_metrics(history: dict[str, list[float]], name: str, kept: int) -> dict[str, dict[str, float]]:
+def final_metrics(history: dict[str, list[float]], name: str, kept: int) -> dict[str, dict[str, Any]]:
     """The values of the epoch whose weights were kept (index `kept`, see `kept_epoch`) as the
     stage's metrics.json: {name: {loss, accuracy, val_loss, val_accuracy, epoch}}, `epoch` counted
     from 1 as in history.csv. Nested so DVC's flattened column (`top.val_accuracy`) is the name the
@@ -59,3 +59,29 @@ def final_metrics(history: dict[str, list[float]], name: str, kept: int) -> dict
     metrics files hold the headline numbers `dvc exp show` lists."""
     values = {k: round(float(history[k][kept]), 6) for k in HISTORY_KEYS}
     return {name: values | {"epoch": kept + 1}}
+
+
+def write_reports(
+    reports: Path, history: dict[str, list[float]], name: str, patience: int | None, test: dict | None = None
+) -> int:
+    """A training stage's reports: history.csv and metrics.json (`final_metrics` of the kept epoch,
+    with the model's headline `test` metrics under `name` when it was scored on the test split).
+    Returns the index of the kept epoch."""
+    reports.mkdir(parents=True, exist_ok=True)
+    write_history(history, reports / "history.csv")
+    kept = kept_epoch(history, patience)
+    metrics = final_metrics(history, name, kept)
+    if test is not None:
+        metrics[name]["test"] = test
+    common.write_json(reports / "metrics.json", metrics)
+    return kept
+
+
+def write_switched_off(models: Path, reports: Path) -> None:
+    """What a training stage switched off in params.yaml writes: an empty model folder, a history
+    without epochs and no metrics (`{}`), so that DVC finds every output it declares."""
+    with common.atomic_dir(models):
+        pass
+    reports.mkdir(parents=True, exist_ok=True)
+    write_history({key: [] for key in HISTORY_KEYS}, reports / "history.csv")
+    common.write_json(reports / "metrics.json", {})

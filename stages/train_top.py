@@ -22,7 +22,7 @@ import numpy as np
 
 from stages import backbones, common, config, devices, tracking
 from stages.featurize import META, load_features
-from stages.history import early_stopping, final_metrics, kept_epoch, write_history
+from stages.history import early_stopping, write_reports
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,7 @@ def main() -> None:
             callbacks=[tracking.epoch_logger(f"{name}.")],
         )
         common.save_model(head, args.output)
-        args.reports.mkdir(parents=True, exist_ok=True)
-        write_history(history, args.reports / "history.csv")
-        kept = kept_epoch(history, params.top.patience)
-        common.write_json(args.reports / "metrics.json", final_metrics(history, name, kept))
+        kept = write_reports(args.reports, history, name, params.top.patience)
     log.info(
         "kept epoch %d of %d: validation accuracy %.4f; wrote %s",
         kept + 1,
