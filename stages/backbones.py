@@ -186,16 +186,19 @@ def member_size(backbone: str, image_size: int) -> int:
     return side
 
 
-def member(base: keras.Model, backbone: str, image_size: int) -> keras.Model:
+def member(base: keras.Model, backbone: str, image_size: int, pool: str) -> keras.Model:
     """An ensemble member: raw 0..255 RGB images of `image_size` -> resized to the backbone's side
     (`member_size`) -> its own preprocessing -> the frozen backbone (BatchNorm in inference mode) ->
-    global average pooling: one feature vector per image."""
+    one feature vector per image, its feature map flattened or averaged as `pool` says (see `head_pool`)."""
     side = base.input_shape[1]
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
     x = inputs if side == image_size else keras.layers.Resizing(side, side, name="resize")(inputs)
     x = Preprocess(backbone, name="preprocess")(x)
     x = base(x, training=False)
-    outputs = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    if pool == "flatten":
+        outputs = keras.layers.Flatten(name="flatten")(x)
+    else:
+        outputs = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, outputs, name=f"{backbone}_member")
 
 

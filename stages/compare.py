@@ -9,8 +9,8 @@ The last stage of the pipeline, so it also logs the pipeline version to MLflow: 
 params, the key metrics of every model (`test.accuracy`, `baseline.test.accuracy`,
 `ensemble.test.accuracy`, ...) and a link to every stage's run (`tracking.log_pipeline_version`).
 
-Run: dvc repro compare   (or: python -m stages.compare reports/models.csv reports/baseline/metrics.json
-       reports/metrics.json reports/ensemble/metrics.json)
+Run: dvc repro compare   (or: python -m stages.compare reports/models.csv reports/metrics.json
+       reports/baseline/metrics.json reports/ensemble/metrics.json)
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def scores(paths: list[Path]) -> dict[str, dict[str, Any]]:
 
 
 def table(found: dict[str, dict[str, Any]], params: config.Params) -> list[dict[str, Any]]:
-    """One row per model, best test accuracy first (ties: in the order found)."""
+    """One row per model, best test accuracy first (ties: in the order of the metrics files given)."""
     columns = [c for c in COLUMNS if any(c in test for test in found.values())]
     rows = [
         {"model": model, "description": describe(model, params)} | {c: test.get(c) for c in columns}

@@ -254,7 +254,7 @@ class BaselineParams:
 
 @dataclass(frozen=True)
 class EnsembleParams:
-    """A head on the concatenated, average-pooled features of several backbones (the `ensemble` stage)."""
+    """A head on the concatenated features of several backbones (the `ensemble` stage)."""
 
     backbones: tuple[str, ...] = ("resnet50", "xception", "inception_v3")  # empty: no ensemble
     weights: str | None = "imagenet"  # imagenet | null (random init)

@@ -1,6 +1,6 @@
 """A dense head on the concatenated features of several backbones, scored on the same test set.
 
-The members' features (`ensemble_features@<backbone>`, average-pooled vectors) are concatenated in
+The members' features (`ensemble_features@<backbone>`, one vector per image) are concatenated in
 the order of `ensemble.backbones`, and a head like train_top's (`top.units`, `top.dropout`, its
 optimizer, epochs, batch size and patience) is trained on them. Its test metrics come from the cached
 test features (`ensemble.test.accuracy` beside the fine-tuned model's `test.accuracy`), and the model
@@ -86,7 +86,7 @@ def assemble(folder: Path, backbones: tuple[str, ...], metas: list[dict[str, Any
     for name, meta in zip(backbones, metas, strict=True):
         base = parts.build_backbone(name, None, (meta["side"], meta["side"]))
         base.load_weights(folder / name / WEIGHTS)
-        members.append(parts.member(base, name, meta["image_size"]))
+        members.append(parts.member(base, name, meta["image_size"], meta["pool"]))
     return parts.build_ensemble(members, head)
 
 
@@ -116,7 +116,7 @@ def main() -> None:
             len(classes),
             params.top,
             params.seed,
-            "flatten",  # the members' vectors are pooled already
+            "flatten",  # the members' features are vectors already
             callbacks=[tracking.epoch_logger(f"{name}.")],
         )
         features, labels = concatenated(args.features, members, "test")

@@ -1,8 +1,9 @@
 """Features of one ensemble member: a backbone of `ensemble.backbones`, run once over every split.
 
 Each member sees the same images, loaded at `ensemble.image_size`, resized to its own input size
-(`backbones.member_size`) and preprocessed its own way, and its feature map is average-pooled to one
-vector per image (`backbones.member`): exactly what the ensemble model computes when it serves. One
+(`backbones.member_size`) and preprocessed its own way, and its feature map becomes one vector per
+image as `top.pool` says (`auto`: flattened for VGG16, averaged for the deeper maps of the others;
+`backbones.member`): exactly what the ensemble model computes when it serves. One
 DVC stage per member (`ensemble_features@resnet50`, ...), each with its own output folder, so adding
 a backbone to the list featurizes that one only. The folder holds <split>.npz and meta.json, as
 `featurize` writes them, and the member's backbone weights, which the ensemble model is built from.
@@ -42,11 +43,19 @@ def featurize_member(backbone: str, prepared: Path, out: Path, params: config.Pa
     side = backbones.member_size(backbone, size)
     base = backbones.build_backbone(backbone, params.ensemble.weights, (side, side))
     policy = devices.precision_policy(params.precision)
-    extractor = devices.computing_in(backbones.member(base, backbone, size), policy)
+    pool = backbones.head_pool(params.top, backbone)
+    extractor = devices.computing_in(backbones.member(base, backbone, size, pool), policy)
     written = write_splits(
         prepared, out, extractor, (size, size), params.featurize.batch_size, policy, stage_name(backbone)
     )
-    meta = {"backbone": backbone, "weights": params.ensemble.weights, "image_size": size, "side": side, **written}
+    meta = {
+        "backbone": backbone,
+        "weights": params.ensemble.weights,
+        "image_size": size,
+        "side": side,
+        "pool": pool,
+        **written,
+    }
     common.write_json(out / META, meta)
     base.save_weights(out / WEIGHTS)
     return meta

@@ -119,6 +119,7 @@ def test_a_member_sees_the_images_at_its_own_size_never_enlarged():
 def test_member_features_are_pooled_vectors_in_manifest_order(members, prepared):
     meta = json.loads((members / "mobilenet_v2" / "meta.json").read_text())
     assert meta["side"] == 32 and meta["image_size"] == 32 and meta["backbone"] == "mobilenet_v2"
+    assert meta["pool"] == "avg", "top.pool: auto averages the deep maps of all but VGG16"
     assert meta["feature_shape"] == [1280] and meta["images"] == {"train": 24, "validation": 12, "test": 12}
     assert (members / "mobilenet_v2" / ensemble_features.WEIGHTS).is_file()
     features, labels = ensemble.concatenated(members, MEMBERS, "test")
