@@ -85,17 +85,16 @@ def train_baseline(
                 loss=backbones.head_loss(num_classes),
                 metrics=["accuracy"],
             )
-        history = model.fit(
-            images.dataset(train, size, p.batch_size, shuffle=True, seed=params.seed),
-            validation_data=images.dataset(validation, size, p.batch_size),
-            epochs=p.epochs,
-            shuffle=False,  # the dataset shuffles itself, with the seed
-            callbacks=[
-                eta.TimeLeft("baseline", p.epochs, len(train), p.batch_size, devices.device_name(), policy),
-                *callbacks,
-                *early_stopping(p.patience),
-            ],
-            verbose=2,
+        time_left = eta.TimeLeft("baseline", p.epochs, len(train), p.batch_size, devices.device_name(), policy)
+        history = images.fit(
+            model,
+            train,
+            validation,
+            size,
+            p.batch_size,
+            p.epochs,
+            params.seed,
+            [time_left, *callbacks, *early_stopping(p.patience)],
         )
     finally:
         devices.set_policy("float32")
@@ -103,7 +102,7 @@ def train_baseline(
     for layer in saved.layers:
         if layer.weights:
             layer.set_weights(model.get_layer(layer.name).get_weights())
-    return saved, history.history
+    return saved, history
 
 
 def main() -> None:

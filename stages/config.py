@@ -54,6 +54,17 @@ def _check_patience(key: str, value: int | None) -> None:
         _fail(key, value, "a number of epochs >= 1, or null to train every epoch")
 
 
+def _check_dense_training(key: str, params: TopParams | BaselineParams) -> None:
+    """What a dense classifier's training params must be (train_top's head, the baseline)."""
+    _check_patience(f"{key}.patience", params.patience)
+    _positive(f"{key}.units", params.units)
+    if not 0 <= params.dropout < 1:
+        _fail(f"{key}.dropout", params.dropout, "must be in [0, 1)")
+    _positive(f"{key}.learning_rate", params.learning_rate)
+    _positive(f"{key}.epochs", params.epochs)
+    _positive(f"{key}.batch_size", params.batch_size)
+
+
 @dataclass(frozen=True)
 class SplitParams:
     """Images per class in each split: all whole counts, or all fractions of the class."""
@@ -164,13 +175,7 @@ class TopParams:
     patience: int | None = None  # epochs without a better validation loss before stopping; None: all epochs
 
     def check(self, key: str) -> None:
-        _check_patience(f"{key}.patience", self.patience)
-        _positive(f"{key}.units", self.units)
-        if not 0 <= self.dropout < 1:
-            _fail(f"{key}.dropout", self.dropout, "must be in [0, 1)")
-        _positive(f"{key}.learning_rate", self.learning_rate)
-        _positive(f"{key}.epochs", self.epochs)
-        _positive(f"{key}.batch_size", self.batch_size)
+        _check_dense_training(key, self)
 
 
 @dataclass(frozen=True)
@@ -243,13 +248,7 @@ class BaselineParams:
     patience: int | None = None  # epochs without a better validation loss before stopping; None: all epochs
 
     def check(self, key: str) -> None:
-        _check_patience(f"{key}.patience", self.patience)
-        _positive(f"{key}.units", self.units)
-        if not 0 <= self.dropout < 1:
-            _fail(f"{key}.dropout", self.dropout, "must be in [0, 1)")
-        _positive(f"{key}.learning_rate", self.learning_rate)
-        _positive(f"{key}.epochs", self.epochs)
-        _positive(f"{key}.batch_size", self.batch_size)
+        _check_dense_training(key, self)
 
 
 @dataclass(frozen=True)

@@ -126,21 +126,10 @@ def main() -> None:
         with common.atomic_dir(args.models) as tmp:
             common.save_model(model, tmp / MODEL)
         write_reports(args.reports, history, name, params.top.patience, scores["test"])
-        try:
-            tracking.log_model(
-                args.models / MODEL,
-                classes,
-                params.evaluate.threshold,
-                Path(images.load_split(args.prepared, "test").paths[0]),
-                params.evaluate.registered_model,
-                scores["test"]["accuracy"],
-                test_set=tracking.locked_hashes().get(args.prepared.as_posix()),
-                max_side=params.data.max_side,
-                precision=params.precision,
-                metrics=scores["test"],
-            )
-        except Exception as err:
-            raise tracking.logging_failed("ensemble", "logging the model", err) from err
+        example = Path(images.load_split(args.prepared, "test").paths[0])
+        tracking.log_classifier(
+            "ensemble", args.models / MODEL, classes, example, args.prepared, params, scores["test"]
+        )
     accuracy = scores["test"]["accuracy"]
     log.info("ensemble of %s: test accuracy %.4f on %d images", ", ".join(members), accuracy, len(labels))
 

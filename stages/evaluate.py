@@ -450,21 +450,9 @@ def main() -> None:
         with common.atomic_dir(args.reports) as tmp:
             write_reports(tmp, split, probs, metrics, params.evaluate.threshold, args.history)
         common.write_json(args.metrics, {"test": metrics["test"]})  # headline numbers only: DVC's columns
-        try:
-            tracking.log_model(
-                args.model,
-                split.classes,
-                params.evaluate.threshold,
-                Path(split.paths[0]),
-                params.evaluate.registered_model,
-                metrics["test"]["accuracy"],
-                test_set=tracking.locked_hashes().get(args.prepared.as_posix()),
-                max_side=params.data.max_side,
-                precision=params.precision,
-                metrics=metrics["test"],
-            )
-        except Exception as err:
-            raise tracking.logging_failed("evaluate", "logging the model", err) from err
+        tracking.log_classifier(
+            "evaluate", args.model, split.classes, Path(split.paths[0]), args.prepared, params, metrics["test"]
+        )
     log.info("test accuracy %.4f on %d images; wrote %s", metrics["test"]["accuracy"], len(split), args.metrics)
 
 

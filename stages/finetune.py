@@ -93,21 +93,20 @@ def finetune(
                 metrics=["accuracy"],
             )
         log.info("unfrozen: %s", ", ".join(unfrozen))
-        history = model.fit(
-            images.dataset(train, params.data.image_size, p.batch_size, shuffle=True, seed=params.seed),
-            validation_data=images.dataset(validation, params.data.image_size, p.batch_size),
-            epochs=p.epochs,
-            shuffle=False,  # the dataset shuffles itself, with the seed
-            callbacks=[
-                eta.TimeLeft("finetune", p.epochs, len(train), p.batch_size, devices.device_name(), policy),
-                *callbacks,
-                *early_stopping(p.patience),
-            ],
-            verbose=2,
+        time_left = eta.TimeLeft("finetune", p.epochs, len(train), p.batch_size, devices.device_name(), policy)
+        history = images.fit(
+            model,
+            train,
+            validation,
+            params.data.image_size,
+            p.batch_size,
+            p.epochs,
+            params.seed,
+            [time_left, *callbacks, *early_stopping(p.patience)],
         )
     finally:
         devices.set_policy("float32")
-    return Finetuned(inference_model(model, params, num_classes), history.history, unfrozen, train.classes)
+    return Finetuned(inference_model(model, params, num_classes), history, unfrozen, train.classes)
 
 
 def main() -> None:

@@ -95,6 +95,29 @@ def dataset(
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+def fit(
+    model: keras.Model,
+    train: Split,
+    validation: Split,
+    image_size: tuple[int, int],
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    callbacks: list[keras.callbacks.Callback],
+) -> dict[str, list[float]]:
+    """Train `model` on the train split's images, shuffled with `seed`, validated on the validation
+    split each epoch; return its per-epoch history."""
+    history = model.fit(
+        dataset(train, image_size, batch_size, shuffle=True, seed=seed),
+        validation_data=dataset(validation, image_size, batch_size),
+        epochs=epochs,
+        shuffle=False,  # the dataset shuffles itself, with the seed
+        callbacks=callbacks,
+        verbose=2,
+    )
+    return history.history
+
+
 def images_only(paths: list[str], image_size: tuple[int, int], batch_size: int) -> tf.data.Dataset:
     """Batches of the images at `paths`, in order, for prediction."""
     ds = tf.data.Dataset.from_tensor_slices([str(p) for p in paths])

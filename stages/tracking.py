@@ -766,6 +766,35 @@ def log_model(*args: Any, **kwargs: Any) -> str:
     return serving.log_model(*args, **kwargs)
 
 
+def log_classifier(
+    stage: str,
+    model_path: Path,
+    classes: list[str],
+    example: Path,
+    prepared: Path,
+    params: config.Params,
+    test: dict[str, Any],
+) -> None:
+    """Log and register a classifier that `stage` scored on the test split of `prepared` (`log_model`,
+    with evaluate's threshold and registry name, `test` its headline test metrics and `example` an
+    input picture); a failure says how to log it afterwards (`logging_failed`)."""
+    try:
+        log_model(
+            model_path,
+            classes,
+            params.evaluate.threshold,
+            example,
+            params.evaluate.registered_model,
+            test["accuracy"],
+            test_set=locked_hashes().get(prepared.as_posix()),
+            max_side=params.data.max_side,
+            precision=params.precision,
+            metrics=test,
+        )
+    except Exception as err:
+        raise logging_failed(stage, "logging the model", err) from err
+
+
 # The pipeline version -----------------------------------------------------------------------
 
 
