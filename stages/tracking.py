@@ -104,11 +104,11 @@ class TrackingError(StageError):
 # `python -m stages.<stage>` (STAGE_MODULES) starts, from stages/__init__.py and before anything
 # imports TensorFlow, a worker process (`python -m stages.tracking serve`) that does that while the
 # stage imports TensorFlow (forked, with MLflow imported already, by stages/forkserver.py's server,
-# which outlives the stage to serve the next ones), then does the stage's logging: the functions marked `in_worker` are
-# called there, with the same arguments and results (pickled over a pipe), their errors raised in
-# the stage. Anywhere else (tests, notebooks, this module's commands) they run in-process. A
-# stage killed before it closes its run leaves the worker at the end of its input: it ends the
-# run as failed.
+# which outlives the stage to serve the next ones), then does the stage's logging: the functions
+# marked `in_worker` are called there, with the same arguments and results (pickled over a pipe),
+# their errors raised in the stage. Anywhere else (tests, notebooks, this module's commands) they
+# run in-process. A stage killed before it closes its run leaves the worker at the end of its
+# input: it ends the run as failed.
 
 #: The stage modules whose processes log through a worker.
 STAGE_MODULES = frozenset(
