@@ -3,6 +3,8 @@
 # make demo    the same pipeline offline, on generated images, in a few minutes on a CPU
 # make lint    lint, format and type checks alone (make test runs them first); make format fixes
 # make bench   the pipeline's speed against plain Keras, Pillow and DVC on this machine: one markdown table
+# make team-up / make team-down   the team's MLflow server, PostgreSQL and S3 store on this machine
+#              (state in TEAM_DIR, default .team; TEAM_HOST=0.0.0.0 serves other machines)
 # DEVICE=cpu|gpu picks the TensorFlow build; by default gpu when `nvidia-smi` sees a GPU.
 
 PYTHON ?= python3
@@ -13,7 +15,7 @@ STAMP := $(VENV)/.installed-$(DEVICE)
 # Stages run `python -m stages.<name>`: the venv's python must come first.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install repro test lint format demo bench clean-venv
+.PHONY: install repro test lint format demo bench team-up team-down clean-venv
 
 install: $(STAMP)
 
@@ -48,6 +50,14 @@ demo: $(STAMP)
 # About 5 minutes on an idle 2-core CPU; python benchmarks/bench.py --quick checks it in 2-3.
 bench: $(STAMP)
 	python benchmarks/bench.py --device $(DEVICE)
+
+TEAM_HOST ?= 127.0.0.1
+
+team-up: $(STAMP)
+	python -m stages.team up --host $(TEAM_HOST)
+
+team-down: $(STAMP)
+	python -m stages.team down
 
 clean-venv:
 	rm -rf $(VENV)

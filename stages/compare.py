@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("metrics", type=Path, nargs="+", help="the metrics files of the stages that score a model")
     args = parser.parse_args()
     params = config.load()
+    if tracking.enabled():
+        tracking.check_server()  # a refused login fails here, not after the table is written
     rows = table(scores(args.metrics), params)
     write_table(rows, args.output)
     for row in rows:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -297,21 +298,50 @@ def register(
     client.set_model_version_tag(name, version, "test.accuracy", str(accuracy))
     client.set_model_version_tag(name, version, TEST_SET, test_set or "unknown")
     client.set_model_version_tag(name, version, "run_id", run_id)
-    client.set_registered_model_alias(name, "candidate", version)
-    try:
-        champion = client.get_model_version_by_alias(name, "champion")
-    except mlflow.exceptions.MlflowException:
-        champion = None
-    return version, f"{name} v{version}: {_promote(client, name, version, accuracy, test_set, champion)}"
+    set_alias(client, name, "candidate", version)
+    return version, f"{name} v{version}: {settle_champion(client, name, version, accuracy, test_set)}"
 
 
-def _promote(client: Any, name: str, version: str, accuracy: float, test_set: str | None, champion: Any) -> str:
-    """Move `champion` to `version` when it is the first, or beats the champion on the same test set;
-    return what was decided and why."""
-    if champion is None:
-        client.set_registered_model_alias(name, "champion", version)
-        return f"candidate and champion (test accuracy {accuracy:.4f}, the first champion)"
-    best = float(champion.tags.get("test.accuracy", "-inf"))
+#: How many times `settle_champion` moves the alias before it gives up (each move follows a read
+#: that found a better version; only evaluations finishing at the same moment make more than one).
+SETTLE_ROUNDS = 20
+
+
+def settle_champion(client: Any, name: str, version: str, accuracy: float, test_set: str | None) -> str:
+    """Give `champion` to the best version of `name`, and say what that meant for `version` (just
+    registered, with its `test.accuracy` and test set tags).
+
+    The best version is the one with the highest test accuracy among the versions scored on the
+    champion's test set (on `version`'s when there is no champion yet); of equals the earliest, so a
+    newer version must beat it. Accuracies on different test sets are not compared: a champion set by
+    hand to another test set stays until a version on that test set beats it.
+
+    Several evaluations may register versions at once (a team's members logging to one server), and
+    the registry has no lock. So the alias is moved, then the versions read again, until a read finds
+    it on the best version: whichever evaluation reads last sees every version registered before it,
+    and the champion ends on the best of them, whatever the order the moves landed in.
+    """
+    before = _alias(client, name, "champion")
+    champion = before
+    for _ in range(SETTLE_ROUNDS):
+        basis = (test_set or "unknown") if champion is None else champion.tags.get(TEST_SET, "unknown")
+        best = _best_version(client, name, basis)
+        if best is None or (champion is not None and best.version == champion.version):
+            break
+        set_alias(client, name, "champion", best.version)
+        champion = _alias(client, name, "champion")
+    else:
+        log.warning("%s: the champion alias kept moving; it is on v%s", name, champion.version if champion else "?")
+    if champion is None:  # `version`'s accuracy is not a number
+        return f"candidate only (test accuracy {accuracy:.4f} cannot be compared)"
+    if str(champion.version) == str(version):
+        if before is None:
+            return f"candidate and champion (test accuracy {accuracy:.4f}, the first champion)"
+        if str(before.version) == str(version):  # another evaluation moved the alias to it
+            return f"candidate and champion (test accuracy {accuracy:.4f}, the best on its test set)"
+        return (
+            f"candidate and champion (test accuracy {accuracy:.4f} beats v{before.version}'s {_accuracy(before):.4f})"
+        )
     theirs = champion.tags.get(TEST_SET, "unknown")
     if test_set is None or theirs != test_set:
         return (
@@ -319,10 +349,51 @@ def _promote(client: Any, name: str, version: str, accuracy: float, test_set: st
             f"v{champion.version} was scored on test set {theirs[:12]}: accuracies on different test sets "
             "are not compared. To make this version the champion, set its alias by hand)"
         )
-    if accuracy > best:
-        client.set_registered_model_alias(name, "champion", version)
-        return f"candidate and champion (test accuracy {accuracy:.4f} beats v{champion.version}'s {best:.4f})"
-    return f"candidate only (test accuracy {accuracy:.4f} does not beat champion v{champion.version}'s {best:.4f})"
+    best = f"v{champion.version}'s {_accuracy(champion):.4f}"
+    return f"candidate only (test accuracy {accuracy:.4f} does not beat champion {best})"
+
+
+def set_alias(client: Any, name: str, alias: str, version: str) -> None:
+    """Point `alias` of `name` at `version`. A server on PostgreSQL refuses one of two requests that
+    create the same alias at the same moment (a unique key violated): that one is sent again."""
+    import mlflow
+
+    for attempt in range(5):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except mlflow.exceptions.MlflowException as err:
+            if "registered_model_alias" not in str(err) or attempt == 4:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+
+
+def _alias(client: Any, name: str, alias: str) -> Any:
+    """The version of `name` with `alias`, None when no version has it."""
+    import mlflow
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def _accuracy(version: Any) -> float:
+    try:
+        return float(version.tags.get("test.accuracy", "-inf"))
+    except ValueError:
+        return float("-inf")
+
+
+def _best_version(client: Any, name: str, test_set: str) -> Any:
+    """The version of `name` scored on `test_set` with the highest test accuracy (of equals, the
+    earliest); None when there is none."""
+    scored = [
+        v
+        for v in client.search_model_versions(f"name = '{name}'")
+        if v.tags.get(TEST_SET) == test_set and _accuracy(v) > float("-inf")
+    ]
+    return max(scored, key=lambda v: (_accuracy(v), -int(v.version)), default=None)
 
 
 # MLflow loads the model by running this file ("models from code"): no pickled object is stored.

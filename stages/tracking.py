@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import base64
 import contextlib
 import csv
 import fcntl
@@ -45,6 +46,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
@@ -293,7 +295,11 @@ def _use_experiment() -> None:
         location = None
         if uri.startswith("sqlite:///"):
             location = (Path(uri[len("sqlite:///") :].split("?")[0]).parent / "mlartifacts").as_uri()
-        mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+        try:
+            mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+        except mlflow.exceptions.MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise  # else another stage (a teammate's, say) created it meanwhile
     mlflow.set_experiment(name)
 
 
@@ -307,15 +313,42 @@ def _open_run(stage: str, run_id: str | None = None, tags: dict[str, str] | None
     return mlflow.start_run(run_name=stage, tags=lineage_tags(stage) if tags is None else tags)
 
 
-def check_reachable(uri: str) -> None:
-    """Fail within seconds, naming the URI, when a tracking server does not answer."""
+def check_server(uri: str | None = None) -> None:
+    """Fail within seconds, before any work, when a tracking server does not answer or refuses the
+    login (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN): one
+    request, as the stage's runs will make them, without importing MLflow. `uri`: tracking_uri()."""
+    uri = uri or tracking_uri()
     if not fetch.is_url(uri):
         return
+    if urllib.parse.urlsplit(uri).password is not None:
+        raise TrackingError(
+            "MLFLOW_TRACKING_URI holds a password: it would be shown in logs and run links. Put the user name "
+            "and password in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead. Nothing was run."
+        )
+    query = urllib.parse.urlencode({"experiment_name": experiment_name()})
+    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?{query}")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACHABLE_TIMEOUT):
+        with urllib.request.urlopen(request, timeout=REACHABLE_TIMEOUT):
             pass
-    except urllib.error.HTTPError:
-        return  # it answered: a server behind a proxy may not serve /health
+    except urllib.error.HTTPError as err:
+        if err.code == 401:
+            who = f"user {user!r} with the password given" if user and password else "no user name and password"
+            raise TrackingError(
+                f"The MLflow tracking server {uri} refused the login ({who}). Set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD to your login on it (a team member's file from `python -m stages.team "
+                "add-user` exports both), or unset MLFLOW_TRACKING_URI to log to mlflow.db. Nothing was run."
+            ) from err
+        if err.code == 403:
+            raise TrackingError(
+                f"The MLflow tracking server {uri} does not let {user!r} read experiment {experiment_name()!r}: "
+                "ask its admin for EDIT permission on it. Nothing was run."
+            ) from err
+        return  # it answered (404: no such experiment yet; a proxy may answer otherwise)
     except (urllib.error.URLError, OSError) as err:
         raise TrackingError(
             f"The MLflow tracking server {uri} is not reachable ({getattr(err, 'reason', err)}). Start it, "
@@ -544,7 +577,7 @@ def stage_run(stage: str, params: config.Params) -> Iterator[str | None]:
         yield None
         return
     uri = tracking_uri()
-    check_reachable(uri)
+    check_server(uri)
     run_id = _begin(stage, params, lineage_tags(stage))
     log.info("MLflow run %s (%s) at %s", run_id, stage, uri)
     try:
@@ -986,7 +1019,7 @@ def relog(stage: str, run_id: str | None) -> str:
 
     params = config.load()
     uri = tracking_uri()
-    check_reachable(uri)
+    check_server(uri)
     mlflow.set_tracking_uri(uri)
     try:
         with store_lock():

@@ -51,15 +51,10 @@ def exp_run(clone: dict, *sets: str) -> str:
     return dvc("exp", "run", *args, cwd=clone["path"], env=clone["env"]).stdout
 
 
-def test_two_clean_runs_in_two_clones_write_identical_outputs(tmp_path, origin, clone):
+def test_a_clean_run_runs_every_stage_and_records_every_output(clone):
+    # That two clean clones write the same bytes is checked by tests/test_team.py: two members at once.
     assert clone["ran"] == STAGES
-    other = tmp_path / "clone-b"
-    env = base_env(PIPELINE_TRACKING="off")  # and tracking makes no difference to any output
-    run(["git", "clone", "-q", str(origin), str(other)], tmp_path, env)
-    assert dvc_repro(other, env) == STAGES
-    ours, theirs = locked_hashes(clone["path"]), locked_hashes(other)
-    assert len(ours) == 21
-    assert ours == theirs
+    assert len(locked_hashes(clone["path"])) == 21
 
 
 def test_a_comment_in_the_tracking_module_changes_nothing(clone):
