@@ -495,6 +495,8 @@ def start_mlflow(stack: Stack) -> None:
             "AWS_ACCESS_KEY_ID": s["s3_server_key"],
             "AWS_SECRET_ACCESS_KEY": s["s3_server_secret"],
             "AWS_DEFAULT_REGION": "us-east-1",
+            # MLflow's job runner (four more processes) serves GenAI features this pipeline does not use
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         }
         args = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth"]
         args += ["--host", stack.bind, "--port", str(stack.ports["mlflow"]), "--workers", "2"]

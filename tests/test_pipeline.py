@@ -394,7 +394,7 @@ def test_queued_experiments_run_in_parallel_into_the_embedded_store(repo):
         status = dvc("queue", "status", cwd=workspace, env=env).stdout
         if not re.search(r"\b(Queued|Running)\b", status):
             break
-        time.sleep(5)
+        time.sleep(1)
     failed = [line.split()[1] for line in status.splitlines()[1:] if "Failed" in line]
     logs = "".join(dvc("queue", "logs", name, cwd=workspace, env=env, check=False).stdout[-3000:] for name in failed)
     assert status.count("Success") == 2, status + logs
