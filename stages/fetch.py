@@ -81,6 +81,11 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
+def basic_auth(user: str, password: str) -> dict[str, str]:
+    """The HTTP header that sends `user` and `password` by basic auth."""
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")}
+
+
 def _credentials(url: str) -> tuple[str, dict[str, str]]:
     """`url` without its user:password, and the basic-auth header that carries them instead."""
     parts = urllib.parse.urlsplit(url)
@@ -88,9 +93,8 @@ def _credentials(url: str) -> tuple[str, dict[str, str]]:
         return url, {}
     user = urllib.parse.unquote(parts.username or "")
     password = urllib.parse.unquote(parts.password or "")
-    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
     plain = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-    return plain, {"Authorization": f"Basic {token}"}
+    return plain, basic_auth(user, password)
 
 
 class _Transient(Exception):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import pwd
 import secrets
@@ -38,14 +37,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from base64 import b64encode
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages import common
+from stages import common, fetch
 from stages.common import StageError
-
-log = logging.getLogger("stages.team")
 
 DIR_VARIABLE = "TEAM_DIR"
 SERVICES = ("postgres", "s3", "mlflow")
@@ -403,15 +399,16 @@ def _create_databases(stack: Stack, names: tuple[str, ...]) -> None:
         connection.close()
 
 
-def _s3_client(stack: Stack, key: str = "s3_server_key", secret: str = "s3_server_secret"):
+def _s3_client(stack: Stack):
+    """boto3's S3 client, with the MLflow server's key."""
     import boto3
     from botocore.config import Config
 
     return boto3.client(
         "s3",
         endpoint_url=stack.local_s3,
-        aws_access_key_id=stack.secrets[key],
-        aws_secret_access_key=stack.secrets[secret],
+        aws_access_key_id=stack.secrets["s3_server_key"],
+        aws_secret_access_key=stack.secrets["s3_server_secret"],
         region_name="us-east-1",
         config=Config(retries={"max_attempts": 1}, connect_timeout=3, read_timeout=30),
     )
@@ -462,17 +459,13 @@ def start_s3(stack: Stack) -> None:
     _wait_until(buckets_made, stack, "s3", process)
 
 
-def _auth_header(user: str, password: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + b64encode(f"{user}:{password}".encode()).decode()}
-
-
 def api(stack: Stack, method: str, path: str, body: dict | None = None) -> dict:
     """Call the MLflow server's REST API as the admin; the JSON answer."""
     request = urllib.request.Request(
         stack.local_mlflow + "/api/2.0/mlflow/" + path,
         data=json.dumps(body).encode() if body is not None else None,
         method=method,
-        headers={"Content-Type": "application/json", **_auth_header(ADMIN, stack.secrets["admin_password"])},
+        headers={"Content-Type": "application/json", **fetch.basic_auth(ADMIN, stack.secrets["admin_password"])},
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as answer:

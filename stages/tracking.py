@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import base64
 import contextlib
 import csv
 import fcntl
@@ -325,13 +324,13 @@ def check_server(uri: str | None = None) -> None:
             "MLFLOW_TRACKING_URI holds a password: it would be shown in logs and run links. Put the user name "
             "and password in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead. Nothing was run."
         )
-    query = urllib.parse.urlencode({"experiment_name": experiment_name()})
-    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?{query}")
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    if user and password:
-        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
-    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
-        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    login = (
+        fetch.basic_auth(user, password) if user and password else {"Authorization": f"Bearer {token}"} if token else {}
+    )
+    query = urllib.parse.urlencode({"experiment_name": experiment_name()})
+    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?{query}", headers=login)
     try:
         with urllib.request.urlopen(request, timeout=REACHABLE_TIMEOUT):
             pass

@@ -7,6 +7,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -170,6 +171,49 @@ def test_unreachable_server_fails_in_seconds_naming_it(project, monkeypatch):
     with pytest.raises(tracking.TrackingError, match=f"The MLflow tracking server {uri} is not reachable"), stage:
         worked.append(True)
     assert time.monotonic() - started < 5 and not worked
+
+
+def test_a_refused_login_or_a_password_in_the_uri_fails_before_any_work(project, monkeypatch):
+    import http.server
+    import threading
+
+    seen = []
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    worked = []
+    try:
+        for user, password, who in (
+            ("", "", "no user name and password"),
+            ("ann", "pw", "user 'ann' with the password given"),
+        ):
+            monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+            monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+            refused = f"The MLflow tracking server {uri} refused the login ({who}). Set MLFLOW_TRACKING_USERNAME"
+            with (
+                pytest.raises(tracking.TrackingError, match=re.escape(refused)),
+                tracking.stage_run("train_top", config.parse({})),
+            ):
+                worked.append(True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == [None, "Basic YW5uOnB3"] and not worked
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://ann:secret@127.0.0.1:1")
+    with pytest.raises(tracking.TrackingError, match="MLFLOW_TRACKING_URI holds a password") as refused:
+        tracking.check_server()
+    assert "secret" not in str(refused.value)
 
 
 def test_default_store_is_in_the_project_even_from_a_queued_experiment(monkeypatch, tmp_path):
