@@ -115,3 +115,19 @@ def top(features, tiny_params) -> keras.Model:
         backbones.head_pool(tiny_params.top, tiny_params.model.backbone),
     )
     return head
+
+
+@pytest.fixture(scope="session")
+def team_stack():
+    """The team stack (tests/teamstack.py), shared by tests/test_team.py and tests/test_caching.py."""
+    from tests import teamstack
+
+    yield from teamstack.stack()
+
+
+@pytest.fixture(scope="session")
+def team_members(team_stack, tmp_path_factory):
+    """alice and bob, who ran the tiny pipeline against the team stack at the same time."""
+    from tests import teamstack
+
+    return teamstack.members(team_stack, tmp_path_factory)

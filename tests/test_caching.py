@@ -1,7 +1,7 @@
 """DVC re-runs exactly what changed, and restores from its cache what it has run before.
 
 Real `dvc repro` and `dvc exp run` on the tiny config, in git repositories. The tests run in file
-order on one clone (`clone`): each builds on what the previous left.
+order on one clone (`clone`, a team member's): each builds on what the previous left.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ import pytest
 
 from tests.workspace import (
     STAGES,
-    base_env,
     commit,
     dvc,
     dvc_repro,
-    git_repo,
     locked_hashes,
     ran_stages,
     restored_stages,
@@ -29,20 +27,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def origin(tmp_path_factory):
-    """A git repository holding the tiny pipeline, never run."""
-    return git_repo(tmp_path_factory.mktemp("origin") / "repo", base_env())
-
-
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory, origin):
-    """A clone of `origin`, reproduced once with tracking on, its results committed."""
-    path = tmp_path_factory.mktemp("clone-a") / "repo"
-    env = base_env(MLFLOW_TRACKING_URI=f"sqlite:///{path.parent / 'mlflow.db'}")
-    run(["git", "clone", "-q", str(origin), str(path)], path.parent, env)
-    ran = dvc_repro(path, env)
-    commit(path, env, "reproduced")
-    return {"path": path, "env": env, "ran": ran}
+def clone(team_members):
+    """bob's clone of the tiny pipeline (tests/teamstack.py), reproduced once with tracking on (to
+    the team's MLflow server, while alice reproduced hers), its results committed here."""
+    bob = team_members["bob"]
+    run(["git", "add", "-A"], bob["path"], bob["env"])
+    run(["git", "commit", "-qm", "reproduced", "--allow-empty"], bob["path"], bob["env"])
+    return {"path": bob["path"], "env": bob["env"], "ran": ran_stages(bob["log"])}
 
 
 def exp_run(clone: dict, *sets: str) -> str:

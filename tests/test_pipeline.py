@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -67,6 +68,8 @@ def server(tmp_path_factory):
         ],
         stdout=server_log,
         stderr=subprocess.STDOUT,
+        # without the four processes of MLflow's GenAI job runner, which the pipeline does not use
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -307,23 +310,6 @@ def test_second_repro_runs_nothing_and_logs_nothing(repo):
     before = len(c.search_runs([experiment.experiment_id]))
     assert dvc_repro(repo["path"], repo["env"]) == []
     assert len(c.search_runs([experiment.experiment_id])) == before
-
-
-def test_fresh_clone_pulls_everything_and_reproduces_nothing(repo, tmp_path):
-    workspace, env = repo["path"], repo["env"]
-    remote = tmp_path / "remote"
-    dvc("remote", "add", "-d", "team", str(remote), cwd=workspace, env=env)
-    dvc("push", cwd=workspace, env=env)
-    run(["git", "add", "-A"], workspace, env)
-    run(["git", "commit", "-qm", "pipeline"], workspace, env)
-    clone = tmp_path / "clone"
-    run(["git", "clone", "-q", str(workspace), str(clone)], tmp_path, env)
-    assert not (clone / "models/model.keras").exists()
-    dvc("pull", cwd=clone, env=env)
-    assert (clone / "models/model.keras").read_bytes() == (workspace / "models/model.keras").read_bytes()
-    assert (clone / "data/features/train.npz").is_file() and (clone / "data/prepared/manifest.csv").is_file()
-    assert "up to date" in dvc("status", cwd=clone, env=env).stdout
-    assert dvc_repro(clone, env) == []
 
 
 def test_finetune_change_reruns_finetune_and_evaluate_linked_to_earlier_runs(repo):

@@ -1,0 +1,152 @@
+"""The team stack for the tests, shared by the whole session: PostgreSQL, the S3 store and the
+MLflow server with logins, started by `python -m stages.team up` (what `make team-up` runs) on free
+ports of 127.0.0.1, stopped by `down` at the end; and two members, alice and bob, each with a login
+and a clone of one repository, who ran the tiny pipeline at the same time against it: alice with
+her DVC key in the environment, bob with his in .dvc/config.local.
+
+tests/test_team.py tests the stack with them; tests/test_caching.py goes on in bob's clone, which
+saves the suite a run of the pipeline.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stages import team
+from tests.workspace import base_env, commit, dvc, git_repo, locked_hashes, run
+
+PROJECT = Path(team.__file__).resolve().parent.parent
+REMOTE = "s3://dvc/image-classifier"
+#: A stopped server or store fails a request at once, not after MLflow's minutes of retries.
+FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+
+
+def team_cli(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "stages.team", "--dir", str(root), *args], PROJECT, base_env(), check)
+
+
+def member_env(path: Path, *drop: str) -> dict[str, str]:
+    """base_env with the exports of a member's file (but the variables in `drop`)."""
+    exports = dict(re.findall(r"^export (\w+)=(.*)$", path.read_text(), re.MULTILINE))
+    clean = {k: v for k, v in base_env(**FAIL_FAST).items() if not k.startswith(("MLFLOW_TRACKING_", "AWS_"))}
+    return {**clean, **{k: v for k, v in exports.items() if k not in drop}}
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def stack() -> Iterator[dict]:
+    """The `team_stack` fixture (tests/conftest.py): the stack, up until the session ends."""
+    # Not under pytest's private (0700) folder: as root, PostgreSQL runs as `nobody`, who must reach it.
+    base = Path(tempfile.mkdtemp(prefix="team-"))
+    base.chmod(0o711)
+    root = base / ".team"
+    began = time.monotonic()
+    first = team_cli(root, "up")
+    stack = team.load(root)
+    assert stack is not None
+    stack_info = {"stack": stack, "root": root, "up": first.stdout, "seconds": time.monotonic() - began}
+    yield stack_info
+    done = team_cli(root, "down")
+    assert "Stopped mlflow, s3, postgres" in done.stdout
+    assert not any(port_open(stack.ports[p]) for p in ("mlflow", "s3", "postgres"))
+    assert (root / "postgres" / "PG_VERSION").is_file(), "down keeps the data"
+    shutil.rmtree(base)
+
+
+def query(stack: team.Stack, sql: str) -> list[tuple]:
+    """Rows of `sql` in the MLflow database."""
+    connection = team._connect(stack, "mlflow")
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql)
+            return cursor.fetchall()
+    finally:
+        connection.close()
+
+
+def members(team_stack: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """alice and bob, each with a login and a clone; both clones reproduced at the same time.
+
+    What the server and the store held right after is kept in "snapshot": tests/test_caching.py goes
+    on working in bob's clone (logging more runs) before or after tests/test_team.py looks."""
+    stack = team_stack
+    root = stack["root"]
+    base = tmp_path_factory.mktemp("members")
+    origin = git_repo(base / "origin", base_env())
+    dvc("remote", "add", "-d", "team", REMOTE, cwd=origin, env=base_env())
+    dvc("remote", "modify", "team", "endpointurl", stack["stack"].s3_endpoint, cwd=origin, env=base_env())
+    commit(origin, base_env(), "the team's DVC remote")
+    found = {}
+    for name in ("alice", "bob"):
+        out = team_cli(root, "add-user", name).stdout
+        assert f"{name} can log in: hand over {root / 'members' / f'{name}.env'}" in out
+        path = base / name
+        run(["git", "clone", "-q", str(origin), str(path)], base, base_env())
+        found[name] = {"path": path, "env": member_env(root / "members" / f"{name}.env")}
+    # bob keeps his DVC key in .dvc/config.local instead of the environment
+    bob = found["bob"]
+    key, secret = bob["env"].pop("AWS_ACCESS_KEY_ID"), bob["env"].pop("AWS_SECRET_ACCESS_KEY")
+    dvc("remote", "modify", "--local", "team", "access_key_id", key, cwd=bob["path"], env=bob["env"])
+    dvc("remote", "modify", "--local", "team", "secret_access_key", secret, cwd=bob["path"], env=bob["env"])
+    logs = {}
+    running = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "dvc", "repro"],
+            cwd=m["path"],
+            env=m["env"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name, m in found.items()
+    }
+    for name, process in running.items():
+        logs[name] = process.communicate(timeout=900)[0]
+        assert process.returncode == 0, logs[name][-3000:]
+        found[name]["log"] = logs[name]
+    s = stack["stack"]
+    store = team._s3_client(s)
+    found["snapshot"] = {
+        "hashes": {name: locked_hashes(found[name]["path"]) for name in ("alice", "bob")},
+        "runs": query(
+            s,
+            "SELECT r.user_id, r.status, t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+            "AND t.key = 'pipeline.stage'",
+        ),
+        "keys": {
+            o["Key"]
+            for page in store.get_paginator("list_objects_v2").paginate(Bucket="mlflow")
+            for o in page.get("Contents", [])
+        },
+        "evaluate_runs": [
+            r for (r,) in query(s, "SELECT run_uuid FROM tags WHERE key = 'pipeline.stage' AND value = 'evaluate'")
+        ],
+        "versions": [v for (v,) in query(s, "SELECT version FROM model_versions WHERE name = 'image-classifier'")],
+        "champion": [
+            v
+            for (v,) in query(
+                s, "SELECT version FROM registered_model_aliases WHERE name = 'image-classifier' AND alias = 'champion'"
+            )
+        ],
+        "accuracy": dict(
+            query(
+                s,
+                "SELECT version, value FROM model_version_tags WHERE name = 'image-classifier' "
+                "AND key = 'test.accuracy'",
+            )
+        ),
+    }
+    return found
