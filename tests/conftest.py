@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 from pathlib import Path
@@ -126,8 +127,35 @@ def team_stack():
 
 
 @pytest.fixture(scope="session")
-def team_members(team_stack, tmp_path_factory):
-    """alice and bob, who ran the tiny pipeline against the team stack at the same time."""
+def team_members(team_stack, four_classes, tmp_path_factory):
+    """alice and bob, who ran the tiny pipeline against the team stack at the same time.
+
+    `four_classes` is asked for only to start it first: it runs beside their two pipelines, which
+    keep the two cores busier than one pipeline does (a stage spends seconds importing TensorFlow
+    on one core), so the suite is shorter than with the three one after the other."""
     from tests import teamstack
 
     return teamstack.members(team_stack, tmp_path_factory)
+
+
+#: TINY with four generated classes, the baseline and an ensemble of two small backbones: the
+#: pipeline of tests/test_many_classes.py.
+FOUR_CLASSES = copy.deepcopy(TINY)
+FOUR_CLASSES["data"]["synthetic"]["classes"] = 4
+FOUR_CLASSES["baseline"] = {"enabled": True, "units": 8, "epochs": 1, "batch_size": 8}
+FOUR_CLASSES["ensemble"] = {"backbones": ["mobilenet_v2", "efficientnet_v2_b0"], "weights": None, "image_size": 32}
+
+
+@pytest.fixture(scope="session")
+def four_classes(tmp_path_factory):
+    """The FOUR_CLASSES pipeline in a new git repository, logging to its own mlflow.db: its
+    `dvc repro` started in the background ("repro": `finish_repro` waits for it)."""
+    from stages import demo
+    from tests.workspace import base_env, commit, start_repro
+
+    workspace = demo.make_workspace(tmp_path_factory.mktemp("four-classes") / "repo", FOUR_CLASSES, git=True)
+    env = base_env(MLFLOW_TRACKING_URI=f"sqlite:///{workspace / 'mlflow.db'}")
+    commit(workspace, env, "pipeline with four classes")
+    repro = start_repro(workspace, env)
+    yield {"path": workspace, "env": env, "repro": repro}
+    repro.process.kill()

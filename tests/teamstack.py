@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from stages import team
-from tests.workspace import base_env, commit, dvc, git_repo, locked_hashes, run
+from tests.workspace import base_env, commit, dvc, finish_repro, git_repo, locked_hashes, run, start_repro
 
 PROJECT = Path(team.__file__).resolve().parent.parent
 REMOTE = "s3://dvc/image-classifier"
@@ -101,22 +101,9 @@ def members(team_stack: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     key, secret = bob["env"].pop("AWS_ACCESS_KEY_ID"), bob["env"].pop("AWS_SECRET_ACCESS_KEY")
     dvc("remote", "modify", "--local", "team", "access_key_id", key, cwd=bob["path"], env=bob["env"])
     dvc("remote", "modify", "--local", "team", "secret_access_key", secret, cwd=bob["path"], env=bob["env"])
-    logs = {}
-    running = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", "dvc", "repro"],
-            cwd=m["path"],
-            env=m["env"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for name, m in found.items()
-    }
+    running = {name: start_repro(m["path"], m["env"]) for name, m in found.items()}
     for name, process in running.items():
-        logs[name] = process.communicate(timeout=900)[0]
-        assert process.returncode == 0, logs[name][-3000:]
-        found[name]["log"] = logs[name]
+        found[name]["log"] = finish_repro(process)
     s = stack["stack"]
     store = team._s3_client(s)
     found["snapshot"] = {

@@ -1,7 +1,8 @@
 """End to end with four classes and all three models: the real `dvc repro` of the tiny pipeline with
 the baseline and an ensemble of two small backbones switched on, then the models it served and the
 `predict` command, in a temporary git repository (the other end-to-end tests use two classes and the
-fine-tuned model alone).
+fine-tuned model alone). The `four_classes` fixture (tests/conftest.py) runs the pipeline in the
+background, beside the team members' two pipelines.
 
 Four classes is more than top-3: evaluate adds `test.top3_accuracy`, macro-averages precision,
 recall and F1, and the softmax model names every class in the served `p.<class>` columns.
@@ -9,7 +10,6 @@ recall and F1, and the softmax model names every class in the served `p.<class>`
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import re
@@ -17,19 +17,15 @@ import sys
 
 import pytest
 
-from stages import demo, synthetic
-from tests.conftest import TINY
-from tests.workspace import STAGES, base_env, commit, dvc, ran_stages, run
+from stages import synthetic
+from tests.conftest import FOUR_CLASSES
+from tests.workspace import STAGES, finish_repro, ran_stages, run
 
 pytestmark = pytest.mark.slow
 
-CLASSES = 4
-#: TINY, with four generated classes.
-PARAMS = copy.deepcopy(TINY)
-PARAMS["data"]["synthetic"]["classes"] = CLASSES
-PARAMS["baseline"] = {"enabled": True, "units": 8, "epochs": 1, "batch_size": 8}
-MEMBERS = ["mobilenet_v2", "efficientnet_v2_b0"]
-PARAMS["ensemble"] = {"backbones": MEMBERS, "weights": None, "image_size": 32}
+PARAMS = FOUR_CLASSES
+CLASSES = PARAMS["data"]["synthetic"]["classes"]
+MEMBERS = PARAMS["ensemble"]["backbones"]
 #: Every stage runs: the ensemble's after one featurize stage per member.
 RAN = [*STAGES[:-2], *(f"ensemble_features@{m}" for m in MEMBERS), *STAGES[-2:]]
 #: The model's class order: sorted names (images.load_split).
@@ -44,19 +40,14 @@ def printed_as(value: float, text: str) -> bool:
     return any(f"{v:.3f}" == text for v in (value - SAME, value, value + SAME))
 
 
-def test_four_classes_run_through_every_stage_and_serve_and_predict_every_class(tmp_path):
+def test_four_classes_run_through_every_stage_and_serve_and_predict_every_class(four_classes):
     import mlflow
     import pandas as pd
 
-    workspace = demo.make_workspace(tmp_path / "repo", PARAMS, git=True)
-    store = f"sqlite:///{workspace / 'mlflow.db'}"
-    env = base_env(MLFLOW_TRACKING_URI=store)
-    commit(workspace, env, "pipeline with four classes")
-
-    # the pipeline: every stage runs, and succeeds
-    done = dvc("repro", cwd=workspace, env=env)
-    assert done.returncode == 0
-    assert ran_stages(done.stdout) == RAN
+    # the pipeline (started by the `four_classes` fixture, tests/conftest.py): every stage runs, and succeeds
+    workspace, env = four_classes["path"], four_classes["env"]
+    store = env["MLFLOW_TRACKING_URI"]
+    assert ran_stages(finish_repro(four_classes["repro"])) == RAN
     assert json.loads((workspace / "models/classes.json").read_text()) == NAMES
 
     # the headline metrics: top-3 accuracy (more than 3 classes), macro averages

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -59,6 +60,32 @@ def restored_stages(output: str) -> list[str]:
 def dvc_repro(workspace: Path, env: dict, *args: str) -> list[str]:
     """Run `dvc repro`; return the stages it ran, in order."""
     return ran_stages(dvc("repro", *args, cwd=workspace, env=env).stdout)
+
+
+class Repro(NamedTuple):
+    """A `dvc repro` running in the background (`start_repro`), its output going to `log`."""
+
+    process: subprocess.Popen
+    log: Path
+
+
+def start_repro(workspace: Path, env: dict) -> Repro:
+    """`dvc repro` started in `workspace`, its output (both streams) going to a file beside it (a pipe
+    nobody reads yet would fill and stop it); `finish_repro` waits for it."""
+    log = workspace.parent / f"{workspace.name}.repro.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dvc", "repro"], cwd=workspace, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    return Repro(process, log)
+
+
+def finish_repro(repro: Repro, timeout: float = 900) -> str:
+    """The output of a `start_repro`, once it has succeeded."""
+    repro.process.wait(timeout=timeout)
+    output = repro.log.read_text()
+    assert repro.process.returncode == 0, output[-3000:]
+    return output
 
 
 def set_param(workspace: Path, section: str, key: str, value) -> None:
