@@ -4,7 +4,8 @@
 # make lint    lint, format and type checks alone (make test runs them first); make format fixes
 # make bench   the pipeline's speed against plain Keras, Pillow and DVC on this machine: one markdown table
 # make team-up / make team-down   the team's MLflow server, PostgreSQL and S3 store on this machine
-#              (state in TEAM_DIR, default .team; TEAM_HOST=0.0.0.0 serves other machines)
+#              (state in TEAM_DIR, default .team; TEAM_HOST=0.0.0.0 at the first team-up serves other machines,
+#              which reach it as TEAM_PUBLIC_HOST, default this machine's name)
 # DEVICE=cpu|gpu picks the TensorFlow build; by default gpu when `nvidia-smi` sees a GPU.
 
 PYTHON ?= python3
@@ -51,10 +52,8 @@ demo: $(STAMP)
 bench: $(STAMP)
 	python benchmarks/bench.py --device $(DEVICE)
 
-TEAM_HOST ?= 127.0.0.1
-
 team-up: $(STAMP)
-	python -m stages.team up --host $(TEAM_HOST)
+	python -m stages.team up $(if $(TEAM_HOST),--host $(TEAM_HOST)) $(if $(TEAM_PUBLIC_HOST),--public-host $(TEAM_PUBLIC_HOST))
 
 team-down: $(STAMP)
 	python -m stages.team down

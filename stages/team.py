@@ -185,7 +185,8 @@ def _write_config(stack: Stack) -> None:
 
 
 def _public_host(bind: str) -> str:
-    return socket.getfqdn() if bind in ("0.0.0.0", "::") else bind
+    """The name members reach the stack by: the machine's, when it listens on every address."""
+    return socket.gethostname() if bind in ("0.0.0.0", "::") else bind
 
 
 def load(root: Path) -> Stack | None:
@@ -495,10 +496,17 @@ def start_mlflow(stack: Stack) -> None:
         args += ["--host", stack.bind, "--port", str(stack.ports["mlflow"]), "--workers", "2"]
         args += ["--backend-store-uri", stack.database_uri, "--artifacts-destination", ARTIFACTS, "--serve-artifacts"]
         if stack.public_host not in ("127.0.0.1", "localhost"):
-            args += [
-                "--allowed-hosts",
-                f"{stack.public_host},{stack.public_host}:{stack.ports['mlflow']},localhost,127.0.0.1",
+            # MLflow's default (this machine and private addresses), with the name members use
+            private = ["10.*", "192.168.*", *(f"172.{i}.*" for i in range(16, 32))]
+            hosts = [
+                stack.public_host,
+                f"{stack.public_host}:*",
+                "localhost",
+                "localhost:*",
+                "127.0.0.1",
+                "127.0.0.1:*",
             ]
+            args += ["--allowed-hosts", ",".join(hosts + private)]
         process = _spawn(stack, "mlflow", args, env)
     else:
         process = None
@@ -511,12 +519,13 @@ def start_mlflow(stack: Stack) -> None:
     api(stack, "GET", f"users/get?username={ADMIN}")  # the admin's password works
 
 
-def up(root: Path, bind: str = "127.0.0.1", public_host: str | None = None) -> Stack:
-    """Create the stack in `root` if there is none, and start whichever of its services is not running."""
+def up(root: Path, bind: str | None = None, public_host: str | None = None) -> Stack:
+    """Create the stack in `root` if there is none (listening on `bind`, 127.0.0.1 by default), and
+    start whichever of its services is not running."""
     stack = load(root)
     if stack is None:
-        stack = create(root, bind, public_host)
-    elif (bind, public_host or stack.public_host) != (stack.bind, stack.public_host):
+        stack = create(root, bind or "127.0.0.1", public_host)
+    elif (bind or stack.bind, public_host or stack.public_host) != (stack.bind, stack.public_host):
         raise StageError(
             f"the stack in {root} serves on {stack.bind} as {stack.public_host}: edit its stack.json to change that"
         )
@@ -612,7 +621,10 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help=f"the stack's folder (default ${DIR_VARIABLE} or .team)")
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("up", help="create (the first time) and start the stack; print what members need")
-    start.add_argument("--host", default="127.0.0.1", help="address the MLflow server and S3 listen on (0.0.0.0: all)")
+    start.add_argument(
+        "--host",
+        help="where the MLflow server and S3 listen, fixed when the stack is created (default 127.0.0.1; 0.0.0.0: all)",
+    )
     start.add_argument("--public-host", help="the name members reach this machine by (default: from --host)")
     commands.add_parser("down", help="stop the stack; its folder keeps everything")
     commands.add_parser("status", help="which services run")
