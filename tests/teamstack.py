@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,14 +31,15 @@ FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
 
 
 def team_cli(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m stages.team --dir root ...`, as `make team-up` runs it."""
     return run([sys.executable, "-m", "stages.team", "--dir", str(root), *args], PROJECT, base_env(), check)
 
 
-def member_env(path: Path, *drop: str) -> dict[str, str]:
-    """base_env with the exports of a member's file (but the variables in `drop`)."""
+def member_env(path: Path) -> dict[str, str]:
+    """base_env (and FAIL_FAST), with the exports of a member's file instead of any MLflow or AWS login."""
     exports = dict(re.findall(r"^export (\w+)=(.*)$", path.read_text(), re.MULTILINE))
     clean = {k: v for k, v in base_env(**FAIL_FAST).items() if not k.startswith(("MLFLOW_TRACKING_", "AWS_"))}
-    return {**clean, **{k: v for k, v in exports.items() if k not in drop}}
+    return {**clean, **exports}
 
 
 def port_open(port: int) -> bool:
@@ -53,13 +53,13 @@ def stack() -> Iterator[dict]:
     base = Path(tempfile.mkdtemp(prefix="team-"))
     base.chmod(0o711)
     root = base / ".team"
-    began = time.monotonic()
-    first = team_cli(root, "up")
-    stack = team.load(root)
-    assert stack is not None
-    stack_info = {"stack": stack, "root": root, "up": first.stdout, "seconds": time.monotonic() - began}
-    yield stack_info
-    done = team_cli(root, "down")
+    try:
+        first = team_cli(root, "up")
+        stack = team.load(root)
+        assert stack is not None
+        yield {"stack": stack, "root": root, "up": first.stdout}
+    finally:  # whatever started is stopped, even after a failed `up`
+        done = team_cli(root, "down", check=False)
     assert "Stopped mlflow, s3, postgres" in done.stdout
     assert not any(port_open(stack.ports[p]) for p in ("mlflow", "s3", "postgres"))
     assert (root / "postgres" / "PG_VERSION").is_file(), "down keeps the data"
