@@ -165,8 +165,8 @@ def _write_config(stack: Stack) -> None:
         f"database_uri = postgresql+psycopg2://mlflow@127.0.0.1:{stack.ports['postgres']}/mlflow_auth\n"
         f"admin_username = {ADMIN}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-        "# A checked password is remembered for a minute: otherwise every request pays a PBKDF2 hash\n"
-        "# (about half a second of CPU), and a stage makes dozens of requests.\n"
+        "# A checked password is remembered for a minute: otherwise every request pays a password hash\n"
+        "# (a tenth of a second of CPU), and a stage makes dozens of requests.\n"
         "auth_cache_ttl_seconds = 60\n",
     )
     identities = [
