@@ -68,7 +68,7 @@ def test_two_members_at_once_lose_nothing_and_leave_one_champion(team_members):
     assert then["champion"] == [max(accuracy, key=lambda v: (float(accuracy[v]), -v))]
 
 
-def test_concurrent_evaluations_leave_the_best_version_champion(team_stack, tmp_path):
+def test_concurrent_evaluations_leave_the_best_version_champion(team_stack):
     """Five registrations at the same moment, each moving the alias when its read says so."""
     s = team_stack["stack"]
     env = member_env(team_stack["root"] / "members" / "admin.env")
