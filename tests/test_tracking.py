@@ -192,12 +192,20 @@ def test_a_refused_login_or_a_password_in_the_uri_fails_before_any_work(project,
     threading.Thread(target=server.serve_forever, daemon=True).start()
     uri = f"http://127.0.0.1:{server.server_address[1]}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    home = project / "home"
+    monkeypatch.setenv("HOME", str(home))  # no ~/.mlflow/credentials at first
     worked = []
     try:
         for user, password, who in (
             ("", "", "no user name and password"),
             ("ann", "pw", "user 'ann' with the password given"),
+            ("", "", "user 'bob' with the password given"),  # from ~/.mlflow/credentials, as MLflow reads it
         ):
+            if "bob" in who:
+                (home / ".mlflow").mkdir(parents=True, exist_ok=True)
+                (home / ".mlflow" / "credentials").write_text(
+                    "[mlflow]\nmlflow_tracking_username = bob\nmlflow_tracking_password = pw\n"
+                )
             monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
             monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
             refused = f"The MLflow tracking server {uri} refused the login ({who}). Set MLFLOW_TRACKING_USERNAME"
@@ -209,7 +217,7 @@ def test_a_refused_login_or_a_password_in_the_uri_fails_before_any_work(project,
     finally:
         server.shutdown()
         server.server_close()
-    assert seen == [None, "Basic YW5uOnB3"] and not worked
+    assert seen == [None, "Basic YW5uOnB3", "Basic Ym9iOnB3"] and not worked
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://ann:secret@127.0.0.1:1")
     with pytest.raises(tracking.TrackingError, match="MLFLOW_TRACKING_URI holds a password") as refused:
         tracking.check_server()
