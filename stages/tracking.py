@@ -315,8 +315,8 @@ def _open_run(stage: str, run_id: str | None = None, tags: dict[str, str] | None
 def check_server(uri: str | None = None) -> None:
     """Fail within seconds, before any work, when a tracking server does not answer or refuses the
     login (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN): one
-    request, as the stage's runs will make them (MLflow is imported only to read ~/.mlflow/credentials
-    when the environment has no login). `uri`: tracking_uri()."""
+    request, as the stage's runs will make them (MLflow is imported only to read ~/.mlflow/credentials,
+    when the environment has no login and the file is there). `uri`: tracking_uri()."""
     uri = uri or tracking_uri()
     if not fetch.is_url(uri):
         return
@@ -326,8 +326,8 @@ def check_server(uri: str | None = None) -> None:
             "and password in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead. Nothing was run."
         )
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    if not (user and password):  # MLflow's own lookup, which also reads ~/.mlflow/credentials (imports MLflow)
-        from mlflow.utils.credentials import read_mlflow_creds
+    if not (user and password) and Path("~/.mlflow/credentials").expanduser().is_file():
+        from mlflow.utils.credentials import read_mlflow_creds  # MLflow's own reading of that file
 
         user, password = read_mlflow_creds()
     token = os.environ.get("MLFLOW_TRACKING_TOKEN")
