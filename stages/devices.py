@@ -3,7 +3,9 @@
 `precision: auto` (params.yaml) computes in float16 on NVIDIA GPUs with tensor cores (compute
 capability 7.0 or newer, with loss scaling, which Keras adds at compile time), in bfloat16 on CPUs
 that have it natively (`avx512_bf16` or `amx_bf16` in /proc/cpuinfo), and in float32 elsewhere;
-`float32`, `bfloat16` or `float16` force one. Variables stay float32 under every policy, and every
+`float32`, `bfloat16` or `float16` force one. PIPELINE_CPU_FLAGS, when set, stands for the CPU's flags
+(`PIPELINE_CPU_FLAGS=none`: act as a CPU without bfloat16; `=avx512_bf16`: as one with it), so that
+either kind of machine can be tried on the other. Variables stay float32 under every policy, and every
 saved model computes in float32: `computing_in` makes a copy of a saved model that computes in
 another precision, with the same weights. Several devices are used through a MirroredStrategy;
 the same code path runs on several logical CPU devices, which is how the tests exercise it.
@@ -12,6 +14,7 @@ the same code path runs on several logical CPU devices, which is how the tests e
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import keras
@@ -24,6 +27,16 @@ POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixe
 #: CPU flags (Linux /proc/cpuinfo) of native bfloat16 arithmetic.
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 CPUINFO = Path("/proc/cpuinfo")
+#: The CPU flags `auto` sees instead of the CPU's (space or comma separated; `none` for none).
+CPU_FLAGS_VARIABLE = "PIPELINE_CPU_FLAGS"
+
+
+def machine_flags() -> frozenset[str]:
+    """The flags `auto` goes by: PIPELINE_CPU_FLAGS when it is set, else this CPU's."""
+    override = os.environ.get(CPU_FLAGS_VARIABLE)
+    if override is not None:
+        return frozenset(override.replace(",", " ").split()) - {"none"}
+    return cpu_flags()
 
 
 def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
@@ -45,14 +58,15 @@ def _gpu_compute_capability(device: tf.config.PhysicalDevice) -> tuple[int, int]
 
 
 def precision_policy(precision: str, flags: frozenset[str] | None = None) -> str:
-    """The Keras dtype policy for the `precision` param on this machine (`flags`: the CPU's flags)."""
+    """The Keras dtype policy for the `precision` param on this machine (`flags`: the CPU's flags,
+    by default `machine_flags()`)."""
     if precision != "auto":
         return POLICIES[precision]
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         fast = all(_gpu_compute_capability(gpu) >= (7, 0) for gpu in gpus)
         return "mixed_float16" if fast else "float32"
-    return "mixed_bfloat16" if (cpu_flags() if flags is None else flags) & BF16_CPU_FLAGS else "float32"
+    return "mixed_bfloat16" if (machine_flags() if flags is None else flags) & BF16_CPU_FLAGS else "float32"
 
 
 def device_name() -> str:

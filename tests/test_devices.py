@@ -30,6 +30,25 @@ def test_auto_picks_bfloat16_on_cpus_that_have_it_natively(tmp_path, cpuinfo, po
     assert devices.precision_policy("auto", flags) == policy
 
 
+@pytest.mark.parametrize(
+    ("flags", "policy"),
+    [("none", "float32"), ("", "float32"), ("avx512_bf16", "mixed_bfloat16"), ("sse, amx_bf16", "mixed_bfloat16")],
+)
+def test_pipeline_cpu_flags_stand_for_the_cpus_own(monkeypatch, flags, policy):
+    """Either kind of machine can be tried on the other: PIPELINE_CPU_FLAGS is what `auto` goes by."""
+    monkeypatch.setenv("PIPELINE_CPU_FLAGS", flags)
+    assert devices.machine_flags() == frozenset(flags.replace(",", " ").split()) - {"none"}
+    assert devices.precision_policy("auto") == policy
+    assert devices.precision_policy("float32") == "float32"  # a forced precision still wins
+
+
+def test_without_the_override_auto_goes_by_proc_cpuinfo(monkeypatch):
+    monkeypatch.delenv("PIPELINE_CPU_FLAGS", raising=False)
+    assert devices.machine_flags() == devices.cpu_flags()
+    native = bool(devices.cpu_flags() & devices.BF16_CPU_FLAGS)
+    assert devices.precision_policy("auto") == ("mixed_bfloat16" if native else "float32")
+
+
 def test_cpu_flags_are_none_where_the_system_does_not_list_them(tmp_path):
     assert devices.cpu_flags(tmp_path / "missing") == frozenset()
     (tmp_path / "cpuinfo").write_text("processor\t: 0\n")

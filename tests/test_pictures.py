@@ -137,16 +137,24 @@ def test_files_that_are_no_picture_say_why(tmp_path):
     assert (empty.value.reason, text.value.reason) == ("empty", "not_an_image")
 
 
-def test_prepare_predict_and_the_served_model_give_a_picture_the_same_input(tmp_path, monkeypatch, capsys):
+#: How far apart the scores of evaluate, predict and the served model may be, by the precision all
+#: three compute in: float32 gives the same bits; bfloat16 (native on some CPUs, emulated elsewhere)
+#: keeps 8 bits of mantissa, and a batch of another size may round otherwise.
+AGREE = {"float32": 1e-6, "bfloat16": 1e-2}
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_prepare_predict_and_the_served_model_give_a_picture_the_same_input(tmp_path, monkeypatch, capsys, precision):
     """The EXIF-rotated photo and the transparent PNG reach the model identically through prepare's
     JPEG read by evaluate's pipeline, `images.model_input` (predict) and the served pyfunc model,
     where decoding the raw bytes (what predict and the served model did) gives another input; and
-    predict and the served model decide with the threshold, as evaluate does."""
+    predict and the served model decide with the threshold, as evaluate does, all three computing in
+    the `precision` forced here (so on any CPU, whatever `auto` would pick)."""
     import keras
     import pandas as pd
     import yaml
 
-    from stages import evaluate, images, predict, serving
+    from stages import devices, evaluate, images, predict, serving
 
     params = config.parse({"data": {"image_size": [32, 32], "min_side": 16, "max_side": 48}}).data
     raw, staging = tmp_path / "raw", tmp_path / "staging"
@@ -177,20 +185,25 @@ def test_prepare_predict_and_the_served_model_give_a_picture_the_same_input(tmp_
         ]
     )
     model.save(tmp_path / "model.keras")
-    (tmp_path / "spec.json").write_text(json.dumps(serving.model_spec(["cat", "dog"], 0.5, params.max_side, "float32")))
+    spec = serving.model_spec(["cat", "dog"], 0.5, params.max_side, precision)
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
     served = serving.ImageClassifier()
     served.load_context(SimpleNamespace(artifacts={"model": tmp_path / "model.keras", "spec": tmp_path / "spec.json"}))
     out = served.predict(None, pd.DataFrame({"image": [path.read_bytes() for path in sources]}))
 
-    scored = evaluate.class_probabilities(model, [str(p) for p in prepared], params.image_size, 2)
-    np.testing.assert_allclose(out[["p.cat", "p.dog"]].to_numpy(), scored, rtol=1e-6, atol=1e-7)
+    computing = devices.computing_in(model, devices.precision_policy(precision))  # as evaluate's main does
+    scored = evaluate.class_probabilities(computing, [str(p) for p in prepared], params.image_size, 2)
+    np.testing.assert_allclose(out[["p.cat", "p.dog"]].to_numpy(), scored, rtol=0, atol=AGREE[precision])
     assert list(out["label"]) == [["cat", "dog"][i] for i in evaluate.predicted_classes(scored, 0.5)]
     assert abs(scored[0, 1] - scored[1, 1]) > 1e-4, "the model tells the two pictures apart"
+    exact = evaluate.class_probabilities(model, [str(p) for p in prepared], params.image_size, 2)
+    assert (precision == "float32") == np.array_equal(scored, exact), "it computed in the precision asked for"
 
     # predict, with a threshold that decides the less likely class for the photo: printed first.
     dog = scored[0, 1]
     threshold = float(dog / 2 if dog < 0.5 else (dog + 1) / 2)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"image_size": [32, 32], "max_side": 48}}))
+    written = {"precision": precision, "data": {"image_size": [32, 32], "max_side": 48}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(written))
     (tmp_path / "classes.json").write_text(json.dumps(["cat", "dog"]))
     args = ["--model", "model.keras", "--classes", "classes.json", "--threshold", str(threshold), "--top", "2"]
     monkeypatch.chdir(tmp_path)
@@ -199,10 +212,13 @@ def test_prepare_predict_and_the_served_model_give_a_picture_the_same_input(tmp_
     decided = evaluate.predicted_classes(scored, threshold)
     assert decided[0] != scored[0].argmax()
     names = ["cat", "dog"]
-    assert capsys.readouterr().out.splitlines() == [
-        f"{path}: {names[d]} {scored[i, d]:.3f}, {names[1 - d]} {scored[i, 1 - d]:.3f}"
-        for i, (path, d) in enumerate(zip(sources, decided, strict=True))
-    ]
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(": ", 1)[0] for line in printed] == [str(path) for path in sources]
+    for i, (line, d) in enumerate(zip(printed, decided, strict=True)):
+        shown = [part.split(" ") for part in line.split(": ", 1)[1].split(", ")]
+        assert [name for name, _ in shown] == [names[d], names[1 - d]]
+        said = np.array([float(p) for _, p in shown])
+        np.testing.assert_allclose(said, [scored[i, d], scored[i, 1 - d]], rtol=0, atol=5e-4 + AGREE[precision])
 
 
 def test_normalising_a_prepared_picture_again_changes_nothing(tmp_path):
