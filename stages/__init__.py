@@ -4,8 +4,8 @@ Importing the package sets defaults (a value already in the environment wins) th
 of a user's terminal, before TensorFlow or MLflow load: TensorFlow's C++ start-up notices (oneDNN,
 CPU instructions, absl) and MLflow's artifact-transfer progress bars; and it turns off MLflow's
 usage telemetry, which calls out to the network. When the process is a stage (`python -m
-stages.<stage>`), it starts the stage's MLflow worker, which imports MLflow while the stage imports
-TensorFlow (see stages/tracking.py). None of this changes what a stage computes.
+stages.<stage>`, not asked for --help), it starts the stage's MLflow worker, which imports MLflow
+while the stage imports TensorFlow (see stages/tracking.py). None of this changes what a stage computes.
 """
 
 import os
@@ -20,4 +20,4 @@ if "-m" in sys.orig_argv[:-1]:
     if _MAIN.startswith("stages.") and _MAIN != "stages.tracking":
         from stages import tracking
 
-        tracking.prestart(_MAIN)
+        tracking.prestart(_MAIN, sys.argv[1:])

@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -356,16 +355,7 @@ def settle_champion(client: Any, name: str, version: str, accuracy: float, test_
 def set_alias(client: Any, name: str, alias: str, version: str) -> None:
     """Point `alias` of `name` at `version`. A server on PostgreSQL refuses one of two requests that
     create the same alias at the same moment (a unique key violated): that one is sent again."""
-    import mlflow
-
-    for attempt in range(5):
-        try:
-            client.set_registered_model_alias(name, alias, version)
-            return
-        except mlflow.exceptions.MlflowException as err:
-            if "registered_model_alias" not in str(err) or attempt == 4:
-                raise
-            time.sleep(0.1 * (attempt + 1))
+    tracking.retry_conflicts(client.set_registered_model_alias, name, alias, version)
 
 
 def _alias(client: Any, name: str, alias: str) -> Any:

@@ -234,13 +234,34 @@ def _venv_tool(name: str) -> str:
     return found
 
 
-def _postgres_bin(name: str) -> str:
+def _postgres_bin(stack: Stack, name: str) -> str:
+    """The path of PostgreSQL's program `name`, from the pgserver wheel (its binaries, not its server
+    manager). As root, PostgreSQL runs as UNPRIVILEGED: when that user cannot reach the wheel (a venv
+    in a folder only root enters, such as /root), the binaries are run from a copy in the stack's folder."""
     import importlib.util
 
-    spec = importlib.util.find_spec("pgserver")  # the wheel's binaries, not its server manager
+    spec = importlib.util.find_spec("pgserver")
     if spec is None or not spec.submodule_search_locations:
         raise StageError("PostgreSQL is not installed: run `make install` (the pgserver wheel ships it)")
-    return str(Path(spec.submodule_search_locations[0]) / "pginstall" / "bin" / name)
+    package = Path(spec.submodule_search_locations[0])
+    if os.geteuid() == 0 and _blocked_folder(package / "pginstall" / "bin") is not None:
+        copy = stack.path("postgres-bin")
+        if not (copy / "pgserver" / "pginstall" / "bin" / name).is_file():
+            shutil.rmtree(copy, ignore_errors=True)
+            # the binaries find their libraries at $ORIGIN/../../../pgserver.libs: both folders, side by side
+            for folder in ("pgserver/pginstall", "pgserver.libs"):
+                if (package.parent / folder).is_dir():
+                    shutil.copytree(package.parent / folder, copy / folder, symlinks=True)
+        package = copy / "pgserver"
+    return str(package / "pginstall" / "bin" / name)
+
+
+def _blocked_folder(path: Path) -> Path | None:
+    """The first folder above `path` (or `path` itself) that other users cannot pass through; None."""
+    for folder in [*reversed(path.parents), path]:
+        if folder.exists() and not folder.stat().st_mode & 0o001:
+            return folder
+    return None
 
 
 def _as_unprivileged() -> dict:
@@ -279,6 +300,16 @@ def _alive(pid: int, mark: str) -> bool:
     except OSError:
         return False
     return mark in cmdline or mark in environ
+
+
+#: What the services are given of the operator's environment: nothing else of it (logins, keys, tokens)
+#: reaches a process that another user (PostgreSQL's, as root) could read it from.
+PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
+
+
+def _service_env(**extra: str) -> dict[str, str]:
+    """A service's whole environment: PASSED_ENV and `extra`."""
+    return {k: os.environ[k] for k in PASSED_ENV if k in os.environ} | extra
 
 
 def _spawn(stack: Stack, service: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -333,7 +364,7 @@ def start_postgres(stack: Stack) -> None:
         _chown_unprivileged(pwfile)
         try:
             _run_pg(
-                [_postgres_bin("initdb"), "-D", str(data), "-U", "mlflow", f"--pwfile={pwfile}"]
+                [_postgres_bin(stack, "initdb"), "-D", str(data), "-U", "mlflow", f"--pwfile={pwfile}"]
                 + ["--auth=scram-sha-256", "--encoding=UTF8", "--no-instructions"]
             )
         finally:
@@ -347,7 +378,7 @@ def start_postgres(stack: Stack) -> None:
         _chown_unprivileged(logs / "postgres.log")
         options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories=''"
         _run_pg(
-            [_postgres_bin("pg_ctl"), "-D", str(data), "-l", str(logs / "postgres.log"), "-w", "-t", "60"]
+            [_postgres_bin(stack, "pg_ctl"), "-D", str(data), "-l", str(logs / "postgres.log"), "-w", "-t", "60"]
             + ["-o", options, "start"]
         )
     _create_databases(stack, ("mlflow", "mlflow_auth"))
@@ -357,17 +388,18 @@ def _check_reachable_unprivileged(data: Path) -> None:
     """As root, PostgreSQL runs as UNPRIVILEGED, which must pass through every folder above `data`."""
     if os.geteuid() != 0:
         return
-    for folder in data.parents:
-        if folder.exists() and not folder.stat().st_mode & 0o001:
-            raise StageError(
-                f"PostgreSQL refuses to run as root, so it runs as {UNPRIVILEGED!r}, who cannot pass through "
-                f"{folder} (mode {oct(folder.stat().st_mode & 0o777)}). Put the stack where other users can pass "
-                f"({DIR_VARIABLE}=/srv/team, say), allow it with `chmod o+x {folder}`, or run it as a normal user."
-            )
+    folder = _blocked_folder(data.parent)
+    if folder is not None:
+        raise StageError(
+            f"PostgreSQL refuses to run as root, so it runs as {UNPRIVILEGED!r}, who cannot pass through "
+            f"{folder} (mode {oct(folder.stat().st_mode & 0o777)}). Put the stack where other users can pass "
+            f"({DIR_VARIABLE}=/srv/team, say), allow it with `chmod o+x {folder}`, or run it as a normal user."
+        )
 
 
 def _run_pg(args: list[str]) -> None:
-    done = subprocess.run(args, capture_output=True, text=True, check=False, **_as_unprivileged())
+    env = _service_env()
+    done = subprocess.run(args, capture_output=True, text=True, check=False, env=env, **_as_unprivileged())
     if done.returncode != 0:
         raise StageError(
             f"{Path(args[0]).name} failed (exit {done.returncode}): {(done.stderr or done.stdout)[-2000:]}"
@@ -445,7 +477,7 @@ def start_s3(stack: Stack) -> None:
             "-s3.port.lance=0",
             f"-s3.config={stack.path('s3.json')}",
         ]
-        process = _spawn(stack, "s3", args, dict(os.environ))
+        process = _spawn(stack, "s3", args, _service_env(HOME=str(stack.root)))
     else:
         process = None
     client = _s3_client(stack)
@@ -479,7 +511,7 @@ def start_mlflow(stack: Stack) -> None:
     if _pid(stack, "mlflow") is None:
         _port_free(stack.ports["mlflow"])
         s = stack.secrets
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "AWS_"))}
+        env = _service_env(HOME=str(stack.root))
         env |= {
             "PGPASSFILE": str(stack.path("pgpass")),
             "MLFLOW_AUTH_CONFIG_PATH": str(stack.path("basic_auth.ini")),
@@ -491,6 +523,7 @@ def start_mlflow(stack: Stack) -> None:
             "AWS_DEFAULT_REGION": "us-east-1",
             # MLflow's job runner (four more processes) serves GenAI features this pipeline does not use
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",  # no usage reports to MLflow's makers
         }
         args = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth"]
         args += ["--host", stack.bind, "--port", str(stack.ports["mlflow"]), "--workers", "2"]
@@ -543,7 +576,7 @@ def stop(stack: Stack, service: str) -> bool:
     if pid is None:
         return False
     if service == "postgres":
-        _run_pg([_postgres_bin("pg_ctl"), "-D", str(stack.path("postgres")), "-m", "fast", "-w", "stop"])
+        _run_pg([_postgres_bin(stack, "pg_ctl"), "-D", str(stack.path("postgres")), "-m", "fast", "-w", "stop"])
         return True
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)

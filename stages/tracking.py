@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import pickle
+import random
 import re
 import subprocess
 import sys
@@ -54,7 +55,7 @@ from typing import Any
 
 import yaml
 
-from stages import config, fetch, forkserver
+from stages import common, config, fetch
 from stages.common import StageError, project_root
 
 log = logging.getLogger(__name__)
@@ -103,13 +104,14 @@ class TrackingError(StageError):
 #
 # Importing MLflow and opening its store take seconds in every stage. A stage started as
 # `python -m stages.<stage>` (STAGE_MODULES) starts, from stages/__init__.py and before anything
-# imports TensorFlow, a worker process (`python -m stages.tracking serve`) that does that while the
-# stage imports TensorFlow (forked, with MLflow imported already, by stages/forkserver.py's server,
-# which outlives the stage to serve the next ones), then does the stage's logging: the functions
-# marked `in_worker` are called there, with the same arguments and results (pickled over a pipe),
-# their errors raised in the stage. Anywhere else (tests, notebooks, this module's commands) they
-# run in-process. A stage killed before it closes its run leaves the worker at the end of its
-# input: it ends the run as failed.
+# imports TensorFlow, a worker process of its own (`python -m stages.tracking serve`) that imports
+# MLflow while the stage imports TensorFlow, then does the stage's logging: the functions marked
+# `in_worker` are called there, with the same arguments and results (pickled over the two pipes
+# between the stage and its child, which no other process can reach), their errors raised in the
+# stage. Anywhere else (tests, notebooks, this module's commands) they run in-process. The worker
+# opens no store before the stage's first call, so a stage that stops before it (an argument
+# error) leaves nothing behind; one killed before it closes its run leaves the worker at the end of
+# its input: it ends the run as failed.
 
 #: The stage modules whose processes log through a worker.
 STAGE_MODULES = frozenset(
@@ -139,7 +141,12 @@ class _Worker:
         root = str(Path(__file__).resolve().parent.parent)
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, "PYTHONPATH": path, STAGE_PID: str(os.getpid())}
-        self.process = forkserver.start(["-m", "stages.tracking", "serve", stage], env)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "stages.tracking", "serve", stage],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         self.called = False
 
     def call(self, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -172,10 +179,12 @@ class _Worker:
             self.process.kill()
 
 
-def prestart(module: str) -> None:
-    """Start the MLflow worker of the stage `module` (`python -m <module>`), when tracking is on."""
+def prestart(module: str, argv: list[str]) -> None:
+    """Start the MLflow worker of the stage `module` (`python -m <module> <argv>`), when tracking is
+    on and the stage is asked to run (not for its --help)."""
     global _worker
-    if module in STAGE_MODULES and enabled() and _worker is None:
+    asks_help = any(arg in ("-h", "--help") for arg in argv)
+    if module in STAGE_MODULES and enabled() and _worker is None and not asks_help:
         _worker = _Worker(module.removeprefix("stages."))
         atexit.register(_worker.close)
 
@@ -202,16 +211,16 @@ def _portable(err: BaseException) -> BaseException:
 
 
 def _warm_up(stage: str) -> None:
-    """What the stage will need, loaded while it imports TensorFlow: MLflow, an embedded store (a
-    server is not asked anything yet), and for evaluate what logging a model needs (Keras too: MLflow
-    loads the logged model to check that it serves its input example). Failures wait for the call
-    that needs it."""
+    """What the stage will need, loaded while it imports TensorFlow: MLflow, an embedded store that
+    exists already (none is created here, and a server is not asked anything yet), and for evaluate
+    what logging a model needs (Keras too: MLflow loads the logged model to check that it serves its
+    input example). Failures wait for the call that needs it."""
     with contextlib.suppress(Exception):
         import mlflow
 
         uri = tracking_uri()
         mlflow.set_tracking_uri(uri)
-        if uri.startswith("sqlite:///"):
+        if _sqlite_path(uri) and _sqlite_path(uri).is_file():  # type: ignore[union-attr]
             with store_lock():
                 mlflow.get_experiment_by_name(experiment_name())
         if stage in ("evaluate", "ensemble"):  # they log a model
@@ -360,14 +369,46 @@ def check_server(uri: str | None = None) -> None:
         ) from err
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    """The file of an sqlite store's URI; None for any other store."""
+    return Path(uri[len("sqlite:///") :].split("?")[0]) if uri.startswith("sqlite:///") else None
+
+
+def store_uri() -> str:
+    """tracking_uri(), its sqlite store created first if there is none (`create_store`)."""
+    uri = tracking_uri()
+    path = _sqlite_path(uri)
+    if path is not None and not path.is_file():
+        create_store(path)
+    return uri
+
+
+def create_store(path: Path) -> None:
+    """A new sqlite store at `path`, whole or not at all: MLflow builds its tables in a temporary file
+    beside it, which is then renamed to `path`, all under the store's lock, so a creation cut short
+    (Ctrl-C, a stage stopped, two first stages at once) leaves no half-made store for the next stage."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with store_lock():
+        if path.is_file():  # another stage made it while this one waited for the lock
+            return
+        common.clear_stale(path)  # what a creation cut short left (it held the lock: it is gone)
+        tmp = path.with_name(f"{common.TMP_PREFIX}{path.name}.{os.getpid()}")
+        store = SqlAlchemyStore(f"sqlite:///{tmp}", (path.parent / "mlartifacts").as_uri())
+        store.engine.dispose()
+        os.replace(tmp, path)
+    log.info("created the MLflow store %s", path)
+
+
 @contextlib.contextmanager
 def store_lock() -> Iterator[None]:
     """Serialise writes to an sqlite store across processes (parallel experiments share it)."""
-    uri = tracking_uri()
-    if not uri.startswith("sqlite:///"):
+    path = _sqlite_path(tracking_uri())
+    if path is None:
         yield
         return
-    lock_path = Path(uri[len("sqlite:///") :].split("?")[0] + ".lock")
+    lock_path = Path(f"{path}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -380,7 +421,29 @@ def store_lock() -> Iterator[None]:
 def _client():
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri())
+    return mlflow.MlflowClient(store_uri())
+
+
+#: What a store says when two writers insert the same row at the same moment (PostgreSQL through an
+#: MLflow server, sqlite): MLflow's get-or-create of a dataset, tag or alias reads, then inserts.
+CONFLICTS = ("UniqueViolation", "duplicate key value", "UNIQUE constraint failed", "IntegrityError")
+CONFLICT_ATTEMPTS = 8
+
+
+def retry_conflicts(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`call(*args, **kwargs)`, sent again when the store refused it because another writer inserted
+    the same row meanwhile (a teammate's stage logging the same input, say): the refused write was
+    rolled back whole, and the next attempt finds that row and uses it."""
+    import mlflow
+
+    for attempt in range(CONFLICT_ATTEMPTS):
+        try:
+            return call(*args, **kwargs)
+        except mlflow.exceptions.MlflowException as err:
+            if attempt == CONFLICT_ATTEMPTS - 1 or not any(mark in str(err) for mark in CONFLICTS):
+                raise
+            time.sleep(random.uniform(0.02, 0.1) * (attempt + 1))  # spread the retries of writers released together
+    raise AssertionError("unreachable")
 
 
 # What dvc.yaml and dvc.lock say ------------------------------------------------------------
@@ -603,8 +666,8 @@ def _begin(stage: str, params: config.Params, tags: dict[str, str]) -> str:
     import mlflow
 
     uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
     try:
+        mlflow.set_tracking_uri(store_uri())
         with store_lock():
             run = _open_run(stage, tags=tags)
             mlflow.log_params(stage_params(stage, params))
@@ -654,7 +717,7 @@ def _record_failed_attempt(stage: str, params: config.Params) -> None:
         client.log_param(failed.info.run_id, params_key, value)
     for other in runs:
         if "mlflow.parentRunId" not in other.data.tags and other.data.tags.get("pipeline.stage") != PIPELINE_RUN:
-            client.set_tag(other.info.run_id, "mlflow.parentRunId", failed.info.run_id)
+            retry_conflicts(client.set_tag, other.info.run_id, "mlflow.parentRunId", failed.info.run_id)
     client.set_terminated(failed.info.run_id, "FAILED")
 
 
@@ -676,7 +739,7 @@ def _log_inputs(stage: str) -> None:
                 warnings.simplefilter("ignore", UserWarning)
                 source = resolve_dataset_source(str(Path(path).resolve()))
             dataset = MetaDataset(source, name=path, digest=hashes[path])  # type: ignore[abstract]  # concrete at run time
-            mlflow.log_input(dataset, context=stage)
+            retry_conflicts(mlflow.log_input, dataset, context=stage)
 
 
 def _numbers(data: Any, prefix: str = "") -> dict[str, float]:
@@ -907,9 +970,7 @@ def versions_url(base: str = "http://127.0.0.1:5000") -> str:
     accuracy first (the UI takes the filter and the order from the address)."""
     import urllib.parse
 
-    import mlflow
-
-    experiment = mlflow.MlflowClient(tracking_uri()).get_experiment_by_name(experiment_name())
+    experiment = _client().get_experiment_by_name(experiment_name())
     query = urllib.parse.urlencode(
         {
             "searchFilter": f"tags.`pipeline.stage` = '{PIPELINE_RUN}'",
@@ -1005,7 +1066,7 @@ def log_pipeline_version(params: config.Params, stage: str = "compare") -> str |
                 if name in runs:
                     _link_models(client, experiment.experiment_id, runs[name], version_id)
             for other in new:
-                client.set_tag(other.info.run_id, "mlflow.parentRunId", version_id)
+                retry_conflicts(client.set_tag, other.info.run_id, "mlflow.parentRunId", version_id)
             client.set_terminated(version_id)
     except Exception as err:
         raise logging_failed(stage, "logging the pipeline version", err) from err
@@ -1024,7 +1085,7 @@ def relog(stage: str, run_id: str | None) -> str:
     params = config.load()
     uri = tracking_uri()
     check_server(uri)
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(store_uri())
     try:
         with store_lock():
             run = _open_run(stage, run_id)
@@ -1045,7 +1106,7 @@ def find(path: str, md5: str | None) -> list[str]:
     md5 = md5 or locked_hashes().get(path)
     if md5 is None:
         raise StageError(f"dvc.lock records no output {path!r}: give its hash with --md5, or run `dvc repro` first")
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(store_uri())
     runs = runs_that_wrote({path: md5})
     if not runs:
         raise StageError(

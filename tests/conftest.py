@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import copy
-import os
 import signal
 from pathlib import Path
 
 import keras
 import pytest
 
-from stages import backbones, config, featurize, forkserver, prepare, synthetic, train_top
-
-# The stages' fork server outlives a test's pipeline by this long, not minutes (the stages of one
-# `dvc repro` here are seconds apart).
-os.environ.setdefault(forkserver.IDLE_VARIABLE, "30")
+from stages import backbones, config, featurize, prepare, synthetic, train_top
 
 # Tests send Ctrl-C to the stages they start. A shell starts a background job with SIGINT ignored,
 # which its children inherit: the tests restore what a terminal's foreground job has.

@@ -30,9 +30,15 @@ REMOTE = "s3://dvc/image-classifier"
 FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
 
 
+#: In the environment of the operator who starts the stack: no service may be given it.
+OPERATOR_SECRETS = {"AWS_SECRET_ACCESS_KEY": "operator-aws-secret", "MLFLOW_TRACKING_PASSWORD": "operator-password"}
+
+
 def team_cli(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """`python -m stages.team --dir root ...`, as `make team-up` runs it."""
-    return run([sys.executable, "-m", "stages.team", "--dir", str(root), *args], PROJECT, base_env(), check)
+    """`python -m stages.team --dir root ...`, as `make team-up` runs it, by an operator whose
+    environment holds logins of its own (OPERATOR_SECRETS)."""
+    command = [sys.executable, "-m", "stages.team", "--dir", str(root), *args]
+    return run(command, PROJECT, base_env(**OPERATOR_SECRETS), check)
 
 
 def member_env(path: Path) -> dict[str, str]:

@@ -16,7 +16,7 @@ import yaml
 from stages.demo import ROOT
 
 #: Modules that only log to MLflow: no stage depends on them, and they write no DVC output.
-LOGGING_ONLY = {"tracking", "serving", "forkserver"}
+LOGGING_ONLY = {"tracking", "serving"}
 #: How the stages write their outputs: a logging-only module must call none of them.
 WRITERS = ("write_json", "save_model", "atomic_path", "atomic_dir", "save_weights", "write_history")
 

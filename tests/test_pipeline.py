@@ -31,9 +31,11 @@ from tests.workspace import (
     dvc_repro,
     free_port,
     locked_hashes,
+    queue_workers,
     ran_stages,
     run,
     set_param,
+    stop_queue,
 )
 
 pytestmark = pytest.mark.slow
@@ -374,16 +376,34 @@ def test_queued_experiments_run_in_parallel_into_the_embedded_store(repo):
     # A change that re-runs evaluate (and compare) alone: each experiment logs its own runs and version.
     for threshold in ("0.3", "0.7"):
         dvc("exp", "run", "--queue", "-S", f"evaluate.threshold={threshold}", cwd=workspace, env=env)
-    dvc("queue", "start", "-j", "2", cwd=workspace, env=env)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        status = dvc("queue", "status", cwd=workspace, env=env).stdout
-        if not re.search(r"\b(Queued|Running)\b", status):
-            break
-        time.sleep(1)
-    failed = [line.split()[1] for line in status.splitlines()[1:] if "Failed" in line]
-    logs = "".join(dvc("queue", "logs", name, cwd=workspace, env=env, check=False).stdout[-3000:] for name in failed)
-    assert status.count("Success") == 2, status + logs
+    # The workers `queue start` leaves running would hold a pipe of its: its output goes to a file.
+    with open(workspace.parent / "queue-start.log", "w") as out:
+        subprocess.run(
+            [sys.executable, "-m", "dvc", "queue", "start", "-j", "2"],
+            cwd=workspace,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+            check=True,
+        )
+    try:
+        deadline = time.monotonic() + 600
+        while True:  # what the queue says of the experiments, not whether its workers end
+            status = dvc("queue", "status", cwd=workspace, env=env).stdout
+            if not re.search(r"\b(Queued|Running)\b", status):
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"the queued experiments did not end within 600 s:\n{status}")
+            time.sleep(1)
+        failed = [line.split()[1] for line in status.splitlines()[1:] if "Failed" in line]
+        logs = "".join(
+            dvc("queue", "logs", name, cwd=workspace, env=env, check=False).stdout[-3000:] for name in failed
+        )
+        assert status.count("Success") == 2, status + logs
+    finally:
+        stop_queue(workspace, env)
+    assert queue_workers(workspace) == [], "no worker is left behind"
 
     shown = json.loads(dvc("exp", "show", "--json", cwd=workspace, env=env).stdout)
     thresholds = set()

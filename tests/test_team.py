@@ -9,16 +9,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from stages import team
-from tests.teamstack import PROJECT, member_env, query, team_cli
-from tests.workspace import STAGES, dvc, locked_hashes, ran_stages, run
+from tests.teamstack import OPERATOR_SECRETS, PROJECT, member_env, query, team_cli
+from tests.workspace import STAGES, WAIT_FOR_RELEASE, dvc, locked_hashes, ran_stages, released_together, run
 
 pytestmark = pytest.mark.slow
 
@@ -73,34 +76,17 @@ def test_concurrent_evaluations_leave_the_best_version_champion(team_stack):
     s = team_stack["stack"]
     env = member_env(team_stack["root"] / "members" / "admin.env")
     accuracies = [0.70, 0.90, 0.85, 0.90, 0.60]
-    start = time.time() + 8  # every process has imported MLflow by then
     script = (
-        "import sys, time, mlflow\n"
+        "import mlflow\n"
         "from stages import serving\n"
-        "accuracy, start = float(sys.argv[1]), float(sys.argv[2])\n"
         "with mlflow.start_run() as run:\n"
         "    model = mlflow.create_external_model(name='race')\n"
-        "time.sleep(max(0.0, start - time.time()))\n"
-        "uri, run_id = model.model_uri, run.info.run_id\n"
-        "version, outcome = serving.register(uri, 'race', accuracy, 'abc.dir', run_id)\n"
+        + WAIT_FOR_RELEASE
+        + "version, outcome = serving.register(model.model_uri, 'race', {accuracy}, 'abc.dir', run.info.run_id)\n"
         "print('outcome', version, outcome)\n"
     )
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", script, str(a), str(start)],
-            cwd=PROJECT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for a in accuracies
-    ]
-    outcomes = []
-    for process in processes:
-        out, err = process.communicate(timeout=120)
-        assert process.returncode == 0, err[-2000:]
-        outcomes += [line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("outcome ")]
+    outputs = released_together([script.format(accuracy=a) for a in accuracies], PROJECT, env)
+    outcomes = [line.split(" ", 1)[1] for out in outputs for line in out.splitlines() if line.startswith("outcome ")]
     tags = query(s, "SELECT version, value FROM model_version_tags WHERE name = 'race' AND key = 'test.accuracy'")
     assert sorted(float(a) for _, a in tags) == sorted(accuracies)
     best = max(tags, key=lambda t: (float(t[1]), -t[0]))[0]  # 0.90, the earlier of the two
@@ -109,6 +95,63 @@ def test_concurrent_evaluations_leave_the_best_version_champion(team_stack):
     ]
     said = dict(o.split(" ", 1) for o in outcomes)
     assert said[str(best)].startswith(f"race v{best}: candidate and champion (test accuracy 0.9000"), said
+
+
+def test_stages_logging_the_same_input_at_one_instant_all_finish_with_it(team_stack, team_members, tmp_path):
+    """MLflow's server checks whether a dataset exists, then inserts it: two stages logging the same
+    input at once (teammates running the same stage on the same data) race, and PostgreSQL refuses
+    the later insert. Eight runs, opened first, log one new input at the same instant; every one ends
+    FINISHED with it, and the dataset is stored once."""
+    env = member_env(team_stack["root"] / "members" / "alice.env")
+    project = tmp_path / "project"
+    project.mkdir()
+    digest = os.urandom(16).hex()  # a dataset the server has never seen: every writer tries to insert it
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train_top": {"cmd": "true", "deps": ["data/f"]}}}))
+    lock = {"schema": "2.0", "stages": {"featurize": {"cmd": "true", "outs": [{"path": "data/f", "md5": digest}]}}}
+    (project / "dvc.lock").write_text(yaml.safe_dump(lock))
+    script = (
+        "import mlflow\n"
+        "from stages import tracking\n"
+        "mlflow.set_tracking_uri(tracking.tracking_uri())\n"
+        "run = tracking._open_run('train_top', tags={'race': 'inputs'})\n"
+        + WAIT_FOR_RELEASE
+        + "tracking._log_inputs('train_top')\n"
+        "mlflow.end_run()\n"
+        "print('run', run.info.run_id)\n"
+    )
+    env = {**env, "PYTHONPATH": str(PROJECT)}
+    outputs = released_together([script] * 8, project, env)
+    runs = [line.split()[1] for out in outputs for line in out.splitlines() if line.startswith("run ")]
+    assert len(set(runs)) == 8
+    s = team_stack["stack"]
+    listed = ", ".join(f"'{r}'" for r in runs)
+    assert query(s, f"SELECT status FROM runs WHERE run_uuid IN ({listed})") == [("FINISHED",)] * 8
+    datasets = query(s, f"SELECT dataset_uuid FROM datasets WHERE digest = '{digest}'")
+    assert len(datasets) == 1
+    inputs = query(s, f"SELECT destination_id FROM inputs WHERE source_id = '{datasets[0][0]}'")
+    assert sorted(r for (r,) in inputs) == sorted(runs)
+
+
+def test_each_service_gets_only_what_it_needs_of_the_environment(team_stack):
+    """As root, PostgreSQL runs as `nobody`, whose other processes could read its environment: no
+    service is given the operator's logins and keys, only PATH, the locale and its own settings."""
+    s = team_stack["stack"]
+    pids = {name: team._pid(s, name) for name in ("postgres", "s3", "mlflow")}
+    own = {
+        "postgres": set(),
+        "s3": {"HOME"},
+        "mlflow": {"HOME", "PGPASSFILE", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        | {"AWS_DEFAULT_REGION", "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_PASSWORD"}
+        | {"MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "MLFLOW_DISABLE_TELEMETRY"},
+    }
+    for name, pid in pids.items():
+        assert pid is not None, name
+        environ = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+        given = dict(line.split("=", 1) for line in environ if "=" in line)
+        # PostgreSQL adds settings of its own to its environment once started (PG*, LC_*)
+        theirs = {k for k in given if not (name == "postgres" and k.startswith(("PG", "LC_")))}
+        assert theirs <= set(team.PASSED_ENV) | own[name], (name, sorted(theirs))
+        assert not set(OPERATOR_SECRETS.values()) & set(given.values()), name
 
 
 def test_credentials_appear_in_no_log_tag_param_lock_or_commit(team_stack, team_members):
@@ -240,3 +283,38 @@ def test_a_fresh_clone_pulls_everything_and_reproduces_nothing(team_stack, team_
         (alice["path"] / "reports" / "metrics.json").read_text()
     )
     assert os.path.getsize(fresh / "models" / "model.keras") > 0
+
+
+def test_postgresql_runs_from_a_copy_in_the_stack_when_its_user_cannot_reach_the_venv(tmp_path, monkeypatch):
+    """As root in a clone only root can enter (under /root, or a `mktemp -d` folder), `nobody` cannot
+    reach the venv's PostgreSQL: its binaries and libraries are copied into the stack's folder once,
+    and run from there."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pgserver")
+    assert spec is not None and spec.submodule_search_locations
+    venv_copy = Path(spec.submodule_search_locations[0])
+    monkeypatch.setattr(team.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(team, "_blocked_folder", lambda path: path if venv_copy in path.parents else None)
+    stack = team.Stack(root=tmp_path / ".team", bind="127.0.0.1", public_host="127.0.0.1", ports={}, secrets={})
+    initdb = Path(team._postgres_bin(stack, "initdb"))
+    assert initdb == tmp_path / ".team" / "postgres-bin" / "pgserver" / "pginstall" / "bin" / "initdb"
+    done = run([str(initdb), "--version"], tmp_path, {"PATH": os.environ["PATH"]})
+    assert done.stdout.startswith("initdb (PostgreSQL)")
+    before = initdb.stat().st_mtime_ns
+    assert Path(team._postgres_bin(stack, "pg_ctl")).is_file() and initdb.stat().st_mtime_ns == before, "copied once"
+
+
+def test_a_stack_in_a_folder_its_database_user_cannot_pass_says_so_in_one_line(monkeypatch):
+    base = Path(tempfile.mkdtemp(prefix="team-"))  # not under pytest's own folder, which only root passes
+    try:
+        base.chmod(0o711)
+        private = base / "private"
+        (private / ".team").mkdir(parents=True)
+        private.chmod(0o700)
+        monkeypatch.setattr(team.os, "geteuid", lambda: 0)
+        team._check_reachable_unprivileged(base / ".team" / "postgres")  # passable: no error
+        with pytest.raises(team.StageError, match=rf"who cannot pass through {private} \(mode 0o700\)\. Put the"):
+            team._check_reachable_unprivileged(private / ".team" / "postgres")
+    finally:
+        shutil.rmtree(base)

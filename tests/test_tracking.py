@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -368,7 +369,7 @@ STAGE_WITH_WORKER = """
 import os, sys, time
 from pathlib import Path
 from stages import config, tracking
-tracking.prestart("stages.train_top")  # as stages/__init__.py does for `python -m stages.train_top`
+tracking.prestart("stages.train_top", [])  # as stages/__init__.py does for `python -m stages.train_top`
 params = config.parse({"top": {"units": 8}})
 with tracking.stage_run("train_top", params) as run_id:
     tracking.log_metrics({"top.loss": 0.5}, step=0)
@@ -456,3 +457,140 @@ def test_switched_off_stages_link_no_run_and_a_failed_model_log_says_to_run_the_
     assert "(it trains the head again, in seconds, on the cached features)" in str(err)
     err = tracking.logging_failed("compare", "logging the pipeline version", RuntimeError("gone"))
     assert "log everything with\n    dvc repro --force compare\n(it reads the metrics files again)" in str(err)
+
+
+def test_a_write_refused_for_a_row_another_writer_inserted_meanwhile_is_sent_again(monkeypatch):
+    """What PostgreSQL answers the loser of two concurrent inserts of one dataset: sent again, it
+    finds the row; any other refusal is raised at once, and a conflict that never ends after the
+    last attempt."""
+    import mlflow
+
+    monkeypatch.setattr(tracking.time, "sleep", lambda seconds: None)
+    refused = (
+        'BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint "dataset_pk"'
+    )
+    calls = []
+
+    def log_input(name, context):
+        calls.append((name, context))
+        if len(calls) < 3:
+            raise mlflow.exceptions.MlflowException(refused)
+        return "logged"
+
+    assert tracking.retry_conflicts(log_input, "data/features", context="train_top") == "logged"
+    assert calls == [("data/features", "train_top")] * 3
+
+    def other():
+        calls.append("other")
+        raise mlflow.exceptions.MlflowException("RESOURCE_DOES_NOT_EXIST: no such run")
+
+    calls.clear()
+    with pytest.raises(mlflow.exceptions.MlflowException, match="no such run"):
+        tracking.retry_conflicts(other)
+    assert calls == ["other"]
+
+    def always():
+        calls.append("always")
+        raise mlflow.exceptions.MlflowException(refused)
+
+    calls.clear()
+    with pytest.raises(mlflow.exceptions.MlflowException, match="dataset_pk"):
+        tracking.retry_conflicts(always)
+    assert len(calls) == tracking.CONFLICT_ATTEMPTS
+
+
+def test_the_worker_is_a_child_of_its_stage_in_its_folder_and_environment(tmp_path, monkeypatch):
+    """Its calls come over the two pipes between the stage and its own child: nothing under a shared
+    folder that another user could reach."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WHICH_STAGE", "prepare")
+    worker = tracking._Worker("prepare")
+    try:
+        assert worker.call(os.getppid, (), {}) == os.getpid()
+        assert worker.call(os.getcwd, (), {}) == str(tmp_path)
+        assert worker.call(os.getenv, ("WHICH_STAGE",), {}) == "prepare"
+        assert worker.call(os.getenv, (tracking.STAGE_PID,), {}) == str(os.getpid())
+    finally:
+        worker.called = True  # ends at the end of its input, as after a stage's run
+        worker.close()
+    assert worker.process.returncode == 0
+
+
+def stage_command(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_help_and_argument_errors_start_no_logging_and_make_no_store(tmp_path):
+    helped = stage_command(["stages.prepare", "--help"], tmp_path)
+    assert helped.returncode == 0 and "usage:" in helped.stdout
+    wrong = stage_command(["stages.compare", "reports/models.csv", "--no-such-option"], tmp_path)
+    assert wrong.returncode == 2 and "the following arguments are required: metrics" in wrong.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "no store, no lock, nothing half-made"
+
+
+#: Makes the store of MLFLOW_TRACKING_URI and is stopped dead (no clean-up) `argv[1]` seconds into it.
+CUT_SHORT = """
+import os, signal, sys
+import mlflow.store.tracking.sqlalchemy_store  # imported before the clock starts
+from stages import tracking
+signal.signal(signal.SIGALRM, lambda *_: os._exit(9))
+signal.setitimer(signal.ITIMER_REAL, float(sys.argv[1]))
+tracking.store_uri()
+os._exit(0)
+"""
+
+
+def test_a_new_store_is_made_whole_or_not_at_all(project):
+    """A first use of the store stopped dead at several points of its creation leaves either no
+    store or a whole one: the stage after it works and loses no run."""
+    import sqlite3
+
+    import mlflow
+
+    store = project / "mlflow.db"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ends, halves = [], []
+    for cut in (0.01, 0.2, 0.5, 0.8, 1.1):
+        done = subprocess.run(
+            [sys.executable, "-c", CUT_SHORT, str(cut)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode in (0, 9), done.stderr
+        ends.append(done.returncode)
+        halves.append(len(list(project.glob(".tmp-mlflow.db.*"))))
+        if store.exists():  # whole: every migration recorded
+            with contextlib.closing(sqlite3.connect(store)) as db:
+                assert len(db.execute("SELECT version_num FROM alembic_version").fetchall()) == 1
+            store.unlink()  # cut the next creation short from the start again
+    assert ends.count(9) >= 3 and any(halves), (ends, halves)  # cut short before, during, after the tables
+    params = config.parse({"top": {"units": 8}})
+    with tracking.stage_run("train_top", params) as run_id:
+        save_outputs(project)
+    assert mlflow.MlflowClient().get_run(run_id).info.status == "FINISHED"
+    assert not list(project.glob(".tmp-*")), "what the creations cut short left is cleared"
+
+
+def test_two_first_stages_at_one_instant_share_one_new_store(project):
+    import mlflow
+
+    from tests.workspace import WAIT_FOR_RELEASE, released_together
+
+    script = (
+        "from stages import config, tracking\n"
+        + WAIT_FOR_RELEASE
+        + "run = tracking._begin('train_top', config.parse({}), {'first': 'yes'})\n"
+        "tracking._end_run()\n"
+        "print('run', run)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    outputs = released_together([script, script], project, env)
+    runs = [line.split()[1] for out in outputs for line in out.splitlines() if line.startswith("run ")]
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    assert [client.get_run(r).info.status for r in runs] == ["FINISHED", "FINISHED"]

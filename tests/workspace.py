@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
+import pytest
 import yaml
 
 from stages import demo
@@ -36,8 +40,16 @@ def base_env(**extra: str) -> dict:
     return demo.pipeline_env(**GIT_ENV, **extra)
 
 
-def run(args: list[str], cwd: Path, env: dict, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+def run(args: list[str], cwd: Path, env: dict, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`args` run to its end, within `timeout` seconds: past it the test fails with the end of its output."""
+    try:
+        done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as err:
+        out, errors = (
+            text.decode(errors="replace") if isinstance(text, bytes) else text or ""
+            for text in (err.stdout, err.stderr)
+        )
+        pytest.fail(f"{args} did not end within {timeout:.0f} s:\n{out[-3000:]}\n{errors[-3000:]}")
     if check:
         assert done.returncode == 0, f"{args}: {done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
@@ -80,9 +92,15 @@ def start_repro(workspace: Path, env: dict) -> Repro:
     return Repro(process, log)
 
 
-def finish_repro(repro: Repro, timeout: float = 900) -> str:
-    """The output of a `start_repro`, once it has succeeded."""
-    repro.process.wait(timeout=timeout)
+def finish_repro(repro: Repro, timeout: float = 600) -> str:
+    """The output of a `start_repro`, once it has succeeded; past `timeout` seconds, it is stopped and
+    the test fails with the end of its log."""
+    try:
+        repro.process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        repro.process.kill()
+        repro.process.wait()
+        pytest.fail(f"dvc repro did not end within {timeout:.0f} s:\n{repro.log.read_text()[-3000:]}")
     output = repro.log.read_text()
     assert repro.process.returncode == 0, output[-3000:]
     return output
@@ -111,3 +129,68 @@ def locked_hashes(workspace: Path) -> dict[str, str]:
     """{output path: md5} of every stage output in the workspace's dvc.lock."""
     lock = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]
     return {out["path"]: out["md5"] for spec in lock.values() for out in spec["outs"]}
+
+
+#: The line a script run by `released_together` waits at: everything before it is done in every process first.
+WAIT_FOR_RELEASE = "import sys\nprint('ready', flush=True)\nsys.stdin.readline()\n"
+
+
+def released_together(scripts: list[str], cwd: Path, env: dict, timeout: float = 120) -> list[str]:
+    """Run each Python script in its own process, hold each at its WAIT_FOR_RELEASE until all are
+    there, then release them at one instant; the stdout of each (after 'ready'), once all succeeded."""
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for script in scripts
+    ]
+    try:
+        for process in processes:  # each has done its setup (imports, a run opened...)
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            assert line == "ready\n", f"not ready: {line!r} {process.stderr.read()[-3000:] if process.stderr else ''}"
+        for process in processes:
+            assert process.stdin is not None
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        outputs = []
+        for process in processes:
+            out, err = process.communicate(timeout=timeout)
+            assert process.returncode == 0, err[-3000:]
+            outputs.append(out)
+        return outputs
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def queue_workers(workspace: Path) -> list[int]:
+    """The pids of the DVC queue workers (`dvc exp queue-worker`) started in `workspace`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes()
+            where = Path(os.readlink(entry / "cwd"))
+        except OSError:
+            continue
+        if b"queue-worker" in command and where.is_relative_to(workspace):
+            pids.append(int(entry.name))
+    return pids
+
+
+def stop_queue(workspace: Path, env: dict) -> None:
+    """Stop the queue's workers as the README tells a user to, then end any left behind."""
+    run([sys.executable, "-m", "dvc", "queue", "stop", "--kill"], workspace, env, check=False, timeout=60)
+    for pid in queue_workers(workspace):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
