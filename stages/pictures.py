@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,23 +79,26 @@ class Decoded:
 def decode(source: Path | bytes, max_side: int, max_pixels: int | None = None) -> Decoded:
     """Decode a picture (a file or its bytes) completely, as RGB upright on white, reduced when large.
 
-    Every pixel is decoded, so truncated or corrupt data shows here, not later. `max_pixels` sets
-    Pillow's process-wide decompression-bomb limit (Pillow has no per-call limit), and a picture
-    beyond the limit is refused instead of only warned about; None keeps Pillow's current limit.
-    Raises `Unusable` with the reason `prepare` drops such a file for.
+    Every pixel is decoded, so truncated or corrupt data shows here, not later. A picture of more
+    than `max_pixels` pixels (None: Pillow's limit, Image.MAX_IMAGE_PIXELS) is refused from its
+    header, before anything is decoded: a check of this call's own, which threads decoding at once
+    (the served model's) cannot loosen for each other, as they could Pillow's process-wide warning
+    filter. Raises `Unusable` with the reason `prepare` drops such a file for.
     """
     size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
     if size == 0:
         raise Unusable("empty")
-    if max_pixels is not None:
-        Image.MAX_IMAGE_PIXELS = max_pixels  # beyond it Pillow warns (an error below); twice beyond, it refuses
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
-                return _decode_opened(opened, max_side)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
+            width, height = opened.size
+            if limit is not None and width * height > limit:
+                raise Unusable("decompression_bomb", f"{width}x{height} = {width * height} pixels, over {limit}")
+            return _decode_opened(opened, max_side)
+    except Image.DecompressionBombError as err:  # Pillow's own limit, at twice its MAX_IMAGE_PIXELS
         raise Unusable("decompression_bomb", str(err)) from err
+    except Unusable:
+        raise
     except UnidentifiedImageError as err:
         raise Unusable("not_an_image", str(err)) from err
     except OSError as err:

@@ -4,6 +4,7 @@ for prepare, predict and the served model."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -229,3 +230,32 @@ def test_normalising_a_prepared_picture_again_changes_nothing(tmp_path):
     small = pictures.jpeg_bytes(Image.new("RGB", (80, 50), (10, 200, 30)))
     assert pictures.normalised_jpeg(small, max_side=100) == small, "already as prepare writes it: kept as it is"
     assert pictures.normalised_jpeg(small, max_side=60) != small, "too large: shrunk and re-encoded"
+
+
+def test_the_pixel_limit_holds_for_every_thread_decoding_at_once(tmp_path):
+    """The served model decodes requests in threads: a picture over `max_pixels` is refused in every
+    one of them, from its header, however the threads interleave (each with its own limit)."""
+    import concurrent.futures
+
+    over = pictures.jpeg_bytes(Image.new("RGB", (3000, 2000), (10, 20, 30)))  # 6 MP
+    small = pictures.jpeg_bytes(Image.new("RGB", (64, 64), (10, 20, 30)))
+
+    def attempt(i: int) -> str:
+        data, limit = (over, 5_000_000) if i % 2 == 0 else (small, 100_000_000)
+        try:
+            pictures.decode(data, max_side=64, max_pixels=limit)
+        except pictures.Unusable as err:
+            return err.reason
+        return "decoded"
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns every few bytecodes: every interleaving is tried
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(attempt, range(400)))
+    finally:
+        sys.setswitchinterval(switch)
+    assert outcomes[0::2] == ["decompression_bomb"] * 200
+    assert outcomes[1::2] == ["decoded"] * 200
+    with pytest.raises(pictures.Unusable, match=r"3000x2000 = 6000000 pixels, over 5000000"):
+        pictures.decode(over, max_side=64, max_pixels=5_000_000)
