@@ -65,18 +65,26 @@ def decode_bytes(data: tf.Tensor | bytes, image_size: tuple[int, int]) -> tf.Ten
     return image
 
 
-def model_input(data: bytes, image_size: tuple[int, int], max_side: int, max_pixels: int | None = None) -> np.ndarray:
+def model_input(
+    data: bytes, image_size: tuple[int, int], max_side: int, max_pixels: int | None = None, min_side: int = 1
+) -> np.ndarray:
     """An encoded picture (the bytes of its file) as the model gets it: float32 (H, W, 3) RGB, 0..255.
 
     The picture is normalised by `pictures` into the very JPEG bytes `prepare` would write for it
     (upright, transparency on white, longest side `max_side`, re-encoded), then decoded by
     `decode_bytes`, as featurize, finetune and evaluate read the prepared files. So `predict`, the
     served model and evaluate's pipeline give a picture the same input, hence the same answer.
-    Raises `pictures.Unusable` for a file `prepare` would drop as broken (with its reason).
+    Raises `pictures.Unusable` for a file `prepare` would drop (with its reason): broken, over
+    `max_pixels` pixels, or with a side under `min_side` (`data.min_side`: nothing that small was
+    measured, and a score of it would look as sure as any other).
     """
     if not isinstance(data, bytes):
         raise TypeError(f"model_input takes the bytes of an image file, not {type(data).__name__}")
-    jpeg = pictures.normalised_jpeg(data, max_side, max_pixels)
+    decoded = pictures.decode(data, max_side, max_pixels)
+    if min(decoded.original_size) < min_side:
+        width, height = decoded.original_size
+        raise pictures.Unusable("too_small", f"{width}x{height}, under data.min_side = {min_side}")
+    jpeg = pictures.jpeg_file(data, decoded, max_side)
     return np.asarray(decode_bytes(jpeg, image_size), dtype=np.float32)
 
 

@@ -44,6 +44,7 @@ REASONS = {
     "not_an_image": "not an image format Pillow reads (JPEG, PNG, GIF, BMP, WebP, TIFF, ...)",
     "undecodable": "an image format whose data is corrupt",
     "decompression_bomb": "more pixels than allowed (a possible decompression bomb)",
+    "too_small": "smaller than data.min_side, below which prepare drops pictures",
 }
 
 # ImageOps.exif_transpose's mapping from the EXIF orientation to the transposition that turns the

@@ -47,6 +47,12 @@ def read_classes(path: Path) -> list[str]:
         raise StageError(f"{path} is not a JSON list of class names: {err}") from err
     if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
         raise StageError(f"{path} is not a JSON list of class names")
+    twice = sorted({name for name in classes if classes.count(name) > 1})
+    if twice:
+        raise StageError(
+            f"{path} names {', '.join(map(repr, twice))} more than once: two outputs of the model would print the "
+            "same label. Give the classes file written with this model (--classes)"
+        )
     return classes
 
 
@@ -62,6 +68,16 @@ def check_classes(classes: list[str], classes_path: Path, outputs: int, model_pa
         )
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is less than 1")
+    return value
+
+
 def _threshold(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
@@ -72,8 +88,8 @@ def _threshold(text: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, GIF, BMP, WebP, TIFF, ...)")
-    parser.add_argument("--top", type=int, default=3, help="how many classes to show per image (default 3)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per prediction step")
+    parser.add_argument("--top", type=_at_least_one, default=3, help="how many classes to show per image (default 3)")
+    parser.add_argument("--batch-size", type=_at_least_one, default=32, help="images per prediction step")
     parser.add_argument("--model", type=Path, default=Path("models/model.keras"), help="the fine-tuned model")
     parser.add_argument("--classes", type=Path, default=Path("models/classes.json"), help="its class names")
     parser.add_argument(
@@ -104,8 +120,11 @@ def main() -> None:
 
     def model_input(path: Path, size: tuple[int, int]) -> np.ndarray:
         try:
-            return images.model_input(path.read_bytes(), size, params.data.max_side, params.data.max_pixels)
+            data = path.read_bytes()
+            return images.model_input(data, size, params.data.max_side, params.data.max_pixels, params.data.min_side)
         except pictures.Unusable as err:
+            if err.reason == "too_small":
+                raise StageError(f"{path} is too small to classify: {err}") from err
             raise StageError(f"{path} is not an image Pillow can decode: {err}") from err
 
     model = devices.computing_in(

@@ -85,6 +85,8 @@ class ImageClassifier(PythonModel):
         self.classes: list[str] = spec["classes"]
         self.threshold: float = spec["threshold"]
         self.max_side: int = spec["max_side"]
+        self.min_side: int = spec.get("min_side", 1)  # models logged before it was recorded: any size
+        self.max_pixels: int | None = spec.get("max_pixels")
         self.image_size = tuple(self.model.input_shape[1:3])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
@@ -94,13 +96,15 @@ class ImageClassifier(PythonModel):
         inputs = []
         for row, data in enumerate(files):
             try:
-                inputs.append(images.model_input(data, self.image_size, self.max_side))
+                inputs.append(images.model_input(data, self.image_size, self.max_side, self.max_pixels, self.min_side))
             except pictures.Unusable as err:
                 if _is_base64_picture(data):
                     problem = (
                         "is the base64 of a picture, not the picture: it was encoded twice, or sent under inputs "
                         "or instances, whose base64 MLflow does not decode"
                     )
+                elif err.reason == "too_small":
+                    problem = f"is too small to classify: {err}"
                 else:
                     problem = f"is not a usable picture: {pictures.REASONS[err.reason]}"
                 raise BadRequest(f"row {row} {problem}. {WHAT_TO_SEND}") from err
@@ -152,10 +156,25 @@ def _is_base64_picture(data: bytes) -> bool:
         return False
 
 
-def model_spec(classes: list[str], threshold: float, max_side: int, precision: str) -> dict[str, Any]:
+def model_spec(
+    classes: list[str],
+    threshold: float,
+    max_side: int,
+    precision: str,
+    min_side: int = 1,
+    max_pixels: int | None = None,
+) -> dict[str, Any]:
     """The served model's spec.json: its class names, its decision threshold, the `data.max_side`
-    pictures are prepared to and the `precision` param it computes in (`ImageClassifier` reads it back)."""
-    return {"classes": classes, "threshold": threshold, "max_side": max_side, "precision": precision}
+    pictures are prepared to, the `precision` param it computes in, and the `data.min_side` and
+    `data.max_pixels` past which a picture is refused, as prepare drops it (`ImageClassifier` reads it back)."""
+    return {
+        "classes": classes,
+        "threshold": threshold,
+        "max_side": max_side,
+        "precision": precision,
+        "min_side": min_side,
+        "max_pixels": max_pixels,
+    }
 
 
 def backbone_of(model_path: Path) -> str | None:
@@ -232,12 +251,15 @@ def log_model(
     max_side: int,
     precision: str,
     metrics: dict[str, Any] | None = None,
+    min_side: int = 1,
+    max_pixels: int | None = None,
 ) -> str:
     """Log the fine-tuned model to the active run as a pyfunc model (`ImageClassifier`), with its
     signature and an input example; register it with the alias `candidate`, and `champion` too
     when its test accuracy beats the current champion's on the same test set (`test_set`: the DVC
     hash of the prepared data it was scored on). `max_side` is the `data.max_side` its data was
-    prepared with, which the served model prepares pictures to; `precision` the `precision` param,
+    prepared with, which the served model prepares pictures to (refusing those under `min_side` or
+    over `max_pixels`, as prepare drops them); `precision` the `precision` param,
     which it computes in (resolved on the machine that serves it, as `auto` is). The new version's description
     names its classes, backbone (read from the model file) and test set, and its test metrics
     (`accuracy`, and the log loss and number of images of `metrics`: reports/metrics.json's `test`).
@@ -259,7 +281,9 @@ def log_model(
     signature = ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
     with tempfile.TemporaryDirectory() as tmp, tracking.store_lock():
         spec = Path(tmp) / "spec.json"
-        spec.write_text(json.dumps(model_spec(classes, threshold, max_side, precision)), encoding="utf-8")
+        spec.write_text(
+            json.dumps(model_spec(classes, threshold, max_side, precision, min_side, max_pixels)), encoding="utf-8"
+        )
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=__file__,  # models from code: this file, not a pickled object

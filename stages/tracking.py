@@ -888,6 +888,8 @@ def log_classifier(
             test["accuracy"],
             test_set=locked_hashes().get(prepared.as_posix()),
             max_side=params.data.max_side,
+            min_side=params.data.min_side,
+            max_pixels=params.data.max_pixels,
             precision=params.precision,
             metrics=test,
         )

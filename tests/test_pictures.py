@@ -203,7 +203,7 @@ def test_prepare_predict_and_the_served_model_give_a_picture_the_same_input(tmp_
     # predict, with a threshold that decides the less likely class for the photo: printed first.
     dog = scored[0, 1]
     threshold = float(dog / 2 if dog < 0.5 else (dog + 1) / 2)
-    written = {"precision": precision, "data": {"image_size": [32, 32], "max_side": 48}}
+    written = {"precision": precision, "data": {"image_size": [32, 32], "max_side": 48, "min_side": 16}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(written))
     (tmp_path / "classes.json").write_text(json.dumps(["cat", "dog"]))
     args = ["--model", "model.keras", "--classes", "classes.json", "--threshold", str(threshold), "--top", "2"]

@@ -71,6 +71,8 @@ def logged(tmp_path_factory) -> SimpleNamespace:
                 test_set="0123456789abcdef.dir",
                 max_side=48,
                 precision="auto",
+                min_side=16,
+                max_pixels=1_000_000,
                 metrics={"accuracy": 0.875, "log_loss": 0.3125, "roc_auc": 0.9, "images": 80},
             )
         uri = f"runs:/{run.info.run_id}/model"
@@ -220,6 +222,29 @@ def test_the_python_api_refuses_in_the_same_words(logged):
     with pytest.raises(MlflowException) as refused:
         logged.model.predict(pd.DataFrame({"image": [b"not a picture"]}))
     assert refused.value.message == f"row 0 is not a usable picture: {NOT_AN_IMAGE}. {SEND}"
+    assert refused.value.get_http_status_code() == 400
+
+
+def test_a_picture_prepare_would_drop_is_refused_not_scored(logged):
+    """prepare drops pictures under data.min_side and over data.max_pixels: the served model has never
+    been measured on such a picture, so it refuses one rather than score it as confidently as any."""
+    from mlflow.exceptions import MlflowException
+    from PIL import Image
+
+    from stages import pictures
+
+    dot = pictures.jpeg_bytes(Image.new("RGB", (1, 1), (200, 30, 30)))
+    huge = pictures.jpeg_bytes(Image.new("RGB", (1200, 1000), (200, 30, 30)))
+    fine = pictures.jpeg_bytes(Image.new("RGB", (40, 16), (200, 30, 30)))
+    assert len(logged.model.predict(pd.DataFrame({"image": [fine]}))) == 1
+    with pytest.raises(MlflowException) as refused:
+        logged.model.predict(pd.DataFrame({"image": [fine, dot]}))
+    assert refused.value.message == (
+        f"row 1 is too small to classify: {pictures.REASONS['too_small']} (1x1, under data.min_side = 16). {SEND}"
+    )
+    with pytest.raises(MlflowException) as refused:
+        logged.model.predict(pd.DataFrame({"image": [huge]}))
+    assert refused.value.message == f"row 0 is not a usable picture: {pictures.REASONS['decompression_bomb']}. {SEND}"
     assert refused.value.get_http_status_code() == 400
 
 
@@ -375,4 +400,37 @@ def test_predict_names_the_missing_image_and_asks_for_a_build_only_without_a_mod
     assert err == (
         f"error: not found: {tmp_path / 'none.keras'} (build the model with `dvc repro` first, or name it with "
         "--model and --classes)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("--top", "0", "argument --top: 0 is less than 1"),
+        ("--top", "-1", "argument --top: -1 is less than 1"),
+        ("--batch-size", "0", "argument --batch-size: 0 is less than 1"),
+        ("--batch-size", "-1", "argument --batch-size: -1 is less than 1"),
+        ("--top", "two", "argument --top: 'two' is not a whole number"),
+    ],
+)
+def test_predict_refuses_a_count_under_one_instead_of_printing_nothing(
+    tmp_path, monkeypatch, capsys, option, value, said
+):
+    picture = rotated_jpeg(tmp_path / "phone.jpg")
+    code, err = run_predict(monkeypatch, capsys, str(picture), option, value)
+    assert code == 2 and err.splitlines()[-1].endswith(said)
+
+
+def test_predict_refuses_a_classes_file_that_names_a_class_twice(tmp_path, monkeypatch, capsys):
+    tiny_classifier(3).save(tmp_path / "model.keras")
+    names = tmp_path / "classes.json"
+    names.write_text(json.dumps(["cat", "dog", "cat"]))
+    picture = rotated_jpeg(tmp_path / "phone.jpg")
+    code, err = run_predict(
+        monkeypatch, capsys, str(picture), "--model", str(tmp_path / "model.keras"), "--classes", str(names)
+    )
+    assert code == 2
+    assert err == (
+        f"error: {names} names 'cat' more than once: two outputs of the model would print the same label. "
+        "Give the classes file written with this model (--classes)\n"
     )
