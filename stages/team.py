@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import pwd
@@ -37,6 +38,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -552,9 +554,28 @@ def start_mlflow(stack: Stack) -> None:
     api(stack, "GET", f"users/get?username={ADMIN}")  # the admin's password works
 
 
+@contextlib.contextmanager
+def exclusive(root: Path) -> Iterator[None]:
+    """Hold the stack's lock (`root`/.lock): one `up`, `down` or `stop` at a time on a stack, so two
+    first `make team-up` at once do not both create it. A second one says so, and waits."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"another `team up`, `down` or `stop` is running on {root}: waiting for it to finish", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def up(root: Path, bind: str | None = None, public_host: str | None = None) -> Stack:
     """Create the stack in `root` if there is none (listening on `bind`, 127.0.0.1 by default), and
     start whichever of its services is not running."""
+    with exclusive(root):
+        return _up(root, bind, public_host)
+
+
+def _up(root: Path, bind: str | None, public_host: str | None) -> Stack:
     stack = load(root)
     if stack is None:
         stack = create(root, bind or "127.0.0.1", public_host)
@@ -678,7 +699,8 @@ def main() -> None:
     if stack is None:
         raise StageError(f"no team stack in {root}: `make team-up` creates one")
     if args.command == "down":
-        stopped = down(stack)
+        with exclusive(root):
+            stopped = down(stack)
         print(f"Stopped {', '.join(stopped) or 'nothing (nothing was running)'}; everything stays in {root}.")
     elif args.command == "status":
         for service in SERVICES:
@@ -688,7 +710,9 @@ def main() -> None:
         path = add_user(stack, args.name)
         print(f"{args.name} can log in: hand over {path} (it holds the password), to `source` in the project.")
     elif args.command == "stop":
-        print(f"{args.service}: {'stopped' if stop(stack, args.service) else 'was not running'}")
+        with exclusive(root):
+            stopped_one = stop(stack, args.service)
+        print(f"{args.service}: {'stopped' if stopped_one else 'was not running'}")
 
 
 if __name__ == "__main__":

@@ -318,3 +318,25 @@ def test_a_stack_in_a_folder_its_database_user_cannot_pass_says_so_in_one_line(m
             team._check_reachable_unprivileged(private / ".team" / "postgres")
     finally:
         shutil.rmtree(base)
+
+
+def test_a_second_up_on_the_same_stack_says_it_waits_for_the_first(tmp_path):
+    """Two first `make team-up` at once on a new folder would both create the stack: the second waits
+    for the first's lock, saying so, then finds the stack made (and its services running)."""
+    root = tmp_path / ".team"
+    script = "from pathlib import Path\nfrom stages import team\nwith team.exclusive(Path('.team')):\n    print('in')\n"
+    with team.exclusive(root):
+        second = subprocess.Popen(
+            [sys.executable, "-c", script],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(PROJECT)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert second.stdout is not None
+        said = second.stdout.readline()
+        assert said == "another `team up`, `down` or `stop` is running on .team: waiting for it to finish\n"
+        time.sleep(0.5)
+        assert second.poll() is None, "it waits while the first holds the lock"
+    out, _ = second.communicate(timeout=60)
+    assert (out, second.returncode) == ("in\n", 0)
