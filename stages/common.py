@@ -64,6 +64,14 @@ def run(main: Callable[[], None]) -> None:
     except (StageError, ParamsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except PermissionError as err:
+        what = err.filename or "a file"
+        print(
+            f"error: permission denied on {what}: {err.strerror}. Give your user access to it (`ls -l` shows its "
+            "owner and mode), or run as the user who owns it.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     except (KeyboardInterrupt, Terminated) as err:
         how = "interrupted (Ctrl-C)" if isinstance(err, KeyboardInterrupt) else "stopped (SIGTERM)"
         print(f"{name}: {how}; nothing unfinished was kept: run it again to redo it", file=sys.stderr)

@@ -40,6 +40,11 @@ MOVED = {
 }
 
 
+#: Seeds reach numpy's and TensorFlow's generators, which take 32 bits.
+SEED_LIMIT = 2**32
+SEED_RANGE = f"must be >= 0 and < 2**32 ({SEED_LIMIT})"
+
+
 def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
     raise ParamsError(f"{PARAMS_FILE}: {key} = {value!r} is not valid: {allowed}")
 
@@ -130,8 +135,8 @@ class DataParams:
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
 
     def check(self, key: str) -> None:
-        if self.seed < 0:
-            _fail(f"{key}.seed", self.seed, "must be >= 0")
+        if not 0 <= self.seed < SEED_LIMIT:
+            _fail(f"{key}.seed", self.seed, SEED_RANGE)
         if not self.source:
             _fail(f"{key}.source", self.source, f"one of {', '.join(PRESETS)}, an http(s) URL, or a local path")
         if self.sha256 is not None and (
@@ -294,8 +299,8 @@ class Params:
     ensemble: EnsembleParams = field(default_factory=EnsembleParams)
 
     def check(self, key: str) -> None:
-        if self.seed < 0:
-            _fail("seed", self.seed, "must be >= 0")
+        if not 0 <= self.seed < SEED_LIMIT:
+            _fail("seed", self.seed, SEED_RANGE)
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:

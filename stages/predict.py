@@ -127,9 +127,14 @@ def main() -> None:
                 raise StageError(f"{path} is too small to classify: {err}") from err
             raise StageError(f"{path} is not an image Pillow can decode: {err}") from err
 
-    model = devices.computing_in(
-        keras.models.load_model(args.model, safe_mode=True), devices.precision_policy(params.precision)
-    )
+    try:
+        saved = keras.models.load_model(args.model, safe_mode=True)
+    except (ValueError, OSError) as err:  # Keras says "File not found" of a file that is no model
+        raise StageError(
+            f"{args.model} is not a Keras model file (.keras, as `dvc repro` writes models/model.keras): "
+            f"{str(err).splitlines()[0]}"
+        ) from err
+    model = devices.computing_in(saved, devices.precision_policy(params.precision))
     classes = read_classes(args.classes)
     check_classes(classes, args.classes, model.output_shape[-1], args.model)
     # The model's own input size: the one it was trained at, whatever params.yaml says now.

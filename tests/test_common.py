@@ -106,3 +106,18 @@ def test_ctrl_c_during_prepare_prints_one_line_not_a_traceback_per_worker(tmp_pa
         == "prepare: interrupted (Ctrl-C); nothing unfinished was kept: run it again to redo it"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "raw"]
+
+
+def test_a_file_the_user_may_not_read_is_one_line_naming_it(capsys):
+    """As another user than the file's owner (root reads everything, so the error is raised here)."""
+
+    def main():
+        raise PermissionError(errno.EACCES, "Permission denied", "models/classes.json")
+
+    with pytest.raises(SystemExit) as stopped:
+        common.run(main)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: permission denied on models/classes.json: Permission denied. Give your user access to it "
+        "(`ls -l` shows its owner and mode), or run as the user who owns it.\n"
+    )

@@ -434,3 +434,17 @@ def test_predict_refuses_a_classes_file_that_names_a_class_twice(tmp_path, monke
         f"error: {names} names 'cat' more than once: two outputs of the model would print the same label. "
         "Give the classes file written with this model (--classes)\n"
     )
+
+
+def test_predict_says_a_model_file_that_is_no_keras_model_is_not_one(tmp_path, monkeypatch, capsys):
+    (tmp_path / "model.keras").write_bytes(b"these bytes are no model")
+    names = tmp_path / "classes.json"
+    names.write_text(json.dumps(CLASSES))
+    picture = rotated_jpeg(tmp_path / "phone.jpg")
+    model = tmp_path / "model.keras"
+    code, err = run_predict(monkeypatch, capsys, str(picture), "--model", str(model), "--classes", str(names))
+    assert code == 2
+    assert err.startswith(
+        f"error: {model} is not a Keras model file (.keras, as `dvc repro` writes models/model.keras)"
+    )
+    assert len(err.splitlines()) == 1
