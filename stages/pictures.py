@@ -108,6 +108,18 @@ def decode(source: Path | bytes, max_side: int, max_pixels: int | None = None) -
         raise Unusable("undecodable", f"{type(err).__name__}: {err}") from err
 
 
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as the picture's header gives them, nothing decoded; None when `data` has no
+    header Pillow reads. Raises `Unusable` for one so large that Pillow refuses to open it."""
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            return opened.size
+    except Image.DecompressionBombError as err:
+        raise Unusable("decompression_bomb", str(err)) from err
+    except Exception:  # noqa: BLE001  not a picture: decoding it says why
+        return None
+
+
 def _decode_opened(opened: Image.Image, max_side: int) -> Decoded:
     original = opened.size
     if min(original) >= 2 * max_side:

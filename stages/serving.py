@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,13 @@ WHAT_TO_SEND = (
     f"Send each picture's file, base64-encoded, in a column '{COLUMN}' of dataframe_split or dataframe_records "
     "JSON (its bytes in a pandas DataFrame)."
 )
+#: What one request may ask of the served model (README, "Serving the model"): past any of these it
+#: is refused with HTTP 400 before any picture is decoded, so the work and memory of a request are
+#: bounded whatever it holds.
+MAX_ROWS = 64
+MAX_REQUEST_BYTES = 48 * 2**20  # the pictures' files together
+MAX_PICTURE_PIXELS = 25_000_000  # one picture, as its header says (data.max_pixels, when lower)
+MAX_REQUEST_PIXELS = 100_000_000  # the pictures of one request together
 #: A registered version's description names at most this many classes.
 DESCRIBED_CLASSES = 10
 
@@ -88,11 +96,19 @@ class ImageClassifier(PythonModel):
         self.min_side: int = spec.get("min_side", 1)  # models logged before it was recorded: any size
         self.max_pixels: int | None = spec.get("max_pixels")
         self.image_size = tuple(self.model.input_shape[1:3])
+        # One request at a time decodes and predicts: the server's threads wait here, so memory holds
+        # one request's pictures, not one per thread.
+        self.busy = threading.Lock()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        files = _pictures(model_input)
+        check_limits(files, self.max_pixels)
+        with self.busy:
+            return self._predict(files)
+
+    def _predict(self, files: list[bytes]) -> pd.DataFrame:
         from stages import evaluate, images, pictures
 
-        files = _pictures(model_input)
         inputs = []
         for row, data in enumerate(files):
             try:
@@ -117,6 +133,42 @@ class ImageClassifier(PythonModel):
         for i, name in enumerate(self.classes):
             out[f"p.{name}"] = probs[:, i]
         return out
+
+
+def check_limits(files: list[bytes], max_pixels: int | None = None) -> None:
+    """Refuse a request over the served model's limits (MAX_ROWS, MAX_REQUEST_BYTES, and from the
+    pictures' headers, MAX_PICTURE_PIXELS or `max_pixels` and MAX_REQUEST_PIXELS) with `BadRequest`."""
+    from stages import pictures
+
+    if len(files) > MAX_ROWS:
+        raise BadRequest(f"{len(files)} pictures in one request; at most {MAX_ROWS}: send them in several requests")
+    size = sum(map(len, files))
+    if size > MAX_REQUEST_BYTES:
+        raise BadRequest(
+            f"{size} bytes of pictures in one request; at most {MAX_REQUEST_BYTES}: send them in several requests"
+        )
+    limit = min(MAX_PICTURE_PIXELS, max_pixels or MAX_PICTURE_PIXELS)
+    total = 0
+    for row, data in enumerate(files):
+        try:
+            shape = pictures.header_size(data)
+        except pictures.Unusable as err:
+            raise BadRequest(
+                f"row {row} is not a usable picture: {pictures.REASONS[err.reason]}. {WHAT_TO_SEND}"
+            ) from err
+        if shape is None:
+            continue  # no picture: decoding it says what it is
+        pixels = shape[0] * shape[1]
+        if pixels > limit:
+            raise BadRequest(
+                f"row {row} is {shape[0]}x{shape[1]} = {pixels} pixels; at most {limit} per picture: send it smaller"
+            )
+        total += pixels
+        if total > MAX_REQUEST_PIXELS:
+            raise BadRequest(
+                f"the pictures up to row {row} hold {total} pixels; at most {MAX_REQUEST_PIXELS} in one request: "
+                "send fewer or smaller pictures in each"
+            )
 
 
 def _pictures(frame: Any) -> list[bytes]:

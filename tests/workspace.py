@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -150,11 +151,20 @@ def released_together(scripts: list[str], cwd: Path, env: dict, timeout: float =
         )
         for script in scripts
     ]
+    # Past `timeout`, every process is stopped: a reading below then ends, and the test fails.
+    deadline = threading.Timer(timeout, lambda: [p.kill() for p in processes])
+    deadline.start()
     try:
         for process in processes:  # each has done its setup (imports, a run opened...)
-            assert process.stdout is not None
-            line = process.stdout.readline()
-            assert line == "ready\n", f"not ready: {line!r} {process.stderr.read()[-3000:] if process.stderr else ''}"
+            assert process.stdout is not None and process.stderr is not None
+            before = []  # what it printed first (MLflow prints a link to each run it ends)
+            while (line := process.stdout.readline()) not in ("ready\n", ""):
+                before.append(line)
+            if not line:
+                for other in processes:
+                    other.kill()
+                pytest.fail(f"a process never got ready: {''.join(before)[-2000:]}\n{process.stderr.read()[-3000:]}")
+        deadline.cancel()
         for process in processes:
             assert process.stdin is not None
             process.stdin.write("go\n")
@@ -166,6 +176,7 @@ def released_together(scripts: list[str], cwd: Path, env: dict, timeout: float =
             outputs.append(out)
         return outputs
     finally:
+        deadline.cancel()
         for process in processes:
             if process.poll() is None:
                 process.kill()
