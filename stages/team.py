@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages import common, fetch
+from stages import common, fetch, storesecurity
 from stages.common import StageError
 
 DIR_VARIABLE = "TEAM_DIR"
@@ -144,6 +144,7 @@ def create(root: Path, bind: str, public_host: str | None) -> Stack:
             "s3_server_secret": _secret(40),
             "s3_dvc_key": "dvc-" + secrets.token_hex(6),
             "s3_dvc_secret": _secret(40),
+            **{name: _secret(40) for name in storesecurity.JWT_SECRETS},
         },
     )
     stack.path("stack.json").write_text(
@@ -157,6 +158,11 @@ def create(root: Path, bind: str, public_host: str | None) -> Stack:
 
 def _write_config(stack: Stack) -> None:
     s = stack.secrets
+    missing = [name for name in storesecurity.JWT_SECRETS if name not in s]
+    if missing:  # a stack made before the store had keys below S3
+        s.update({name: _secret(40) for name in missing})
+        _write_private(stack.path("secrets.json"), json.dumps(s, indent=2) + "\n")
+    storesecurity.write(stack.root, s, _write_private)
     _write_private(stack.path("pgpass"), f"127.0.0.1:{stack.ports['postgres']}:*:mlflow:{s['postgres_password']}\n")
     _write_private(
         stack.path("basic_auth.ini"),
@@ -455,6 +461,7 @@ def start_s3(stack: Stack) -> None:
         for name in ("s3", "s3_grpc", "master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc"):
             _port_free(p[name])
         stack.path("s3").mkdir(exist_ok=True)
+        stack.path("s3").chmod(0o700)  # the store's files (every artifact and DVC object): its user's alone
         args = [
             _venv_tool("weed"),
             "server",
@@ -478,8 +485,15 @@ def start_s3(stack: Stack) -> None:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             f"-s3.config={stack.path('s3.json')}",
+            # Below S3, nothing without a key (stages/storesecurity.py): no HTTP API on the master and
+            # the filer, certificates on every gRPC port, signed requests on the volume server's.
+            "-disableHttp",
+            "-filer.disableHttp",
+            *storesecurity.socket_flags(stack.path("s3")),
         ]
-        process = _spawn(stack, "s3", args, _service_env(HOME=str(stack.root)))
+        # TMPDIR: where it puts its gRPC unix sockets, in its private folder rather than /tmp
+        private = str(stack.path("s3"))
+        process = _spawn(stack, "s3", args, _service_env(HOME=str(stack.root), TMPDIR=private))
     else:
         process = None
     client = _s3_client(stack)

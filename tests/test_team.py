@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,7 @@ def test_up_prints_what_members_need_with_a_new_admin_password_and_restarts_noth
     assert s.secrets["admin_password"] not in out
     assert oct((root / "secrets.json").stat().st_mode & 0o777) == "0o600"
     assert oct((root / "members" / "admin.env").stat().st_mode & 0o777) == "0o600"
+    assert oct((root / "s3").stat().st_mode & 0o777) == "0o700", "the store's files are the stack user's alone"
     # the admin's password is the generated one; MLflow's old default opens nothing
     assert team.api(s, "GET", "users/get?username=admin")["user"]["is_admin"] is True
     for password in ("password1234", "wrong"):
@@ -148,8 +151,9 @@ def test_each_service_gets_only_what_it_needs_of_the_environment(team_stack):
         assert pid is not None, name
         environ = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
         given = dict(line.split("=", 1) for line in environ if "=" in line)
-        # PostgreSQL adds settings of its own to its environment once started (PG*, LC_*)
-        theirs = {k for k in given if not (name == "postgres" and k.startswith(("PG", "LC_")))}
+        # PostgreSQL adds settings of its own to its environment once started (PG*, LC_*), and pg_ctl
+        # starts it through a shell (PWD)
+        theirs = {k for k in given if not (name == "postgres" and (k.startswith(("PG", "LC_")) or k == "PWD"))}
         assert theirs <= set(team.PASSED_ENV) | own[name], (name, sorted(theirs))
         assert not set(OPERATOR_SECRETS.values()) & set(given.values()), name
 
@@ -340,3 +344,60 @@ def test_a_second_up_on_the_same_stack_says_it_waits_for_the_first(tmp_path):
         assert second.poll() is None, "it waits while the first holds the lock"
     out, _ = second.communicate(timeout=60)
     assert (out, second.returncode) == ("in\n", 0)
+
+
+def http_status(url: str, data: bytes | None = None, method: str = "GET") -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, method=method), timeout=5) as answer:
+            return answer.status
+    except urllib.error.HTTPError as refused:
+        return refused.code
+
+
+def speak_tls_without_a_certificate(port: int, trusting) -> bytes:
+    """What a gRPC port answers a client that trusts its authority but shows no certificate of its own."""
+    import socket
+
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        trusting.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        return tls.recv(100)
+
+
+def test_the_object_store_takes_nothing_without_a_key_below_s3(team_stack):
+    """What a local user without the S3 keys tried: list the buckets, read an artifact, plant a file in
+    the mlflow bucket, through the master's, the filer's and the volume server's own ports."""
+    import socket
+    import ssl
+
+    s = team_stack["stack"]
+    p = s.ports
+    client = team._s3_client(s)
+    client.put_object(Bucket="mlflow", Key="probe/artifact.txt", Body=b"an artifact")
+    assert client.get_object(Bucket="mlflow", Key="probe/artifact.txt")["Body"].read() == b"an artifact"
+    master, filer, volume = (f"http://127.0.0.1:{p[name]}" for name in ("master", "filer", "volume"))
+    # the master's and the filer's HTTP APIs are off
+    for url in (f"{master}/dir/assign", f"{master}/col/delete?collection=mlflow", f"{filer}/buckets/"):
+        assert http_status(url) == 404, url
+    assert http_status(f"{filer}/buckets/mlflow/probe/artifact.txt") == 404
+    assert http_status(f"{filer}/buckets/mlflow/planted.txt", b"planted", "PUT") == 404
+    # the volume server's data needs a JWT signed with the stack's keys
+    assert http_status(f"{volume}/1,01637037d6") == 401
+    assert http_status(f"{volume}/1,01637037d6", b"planted", "POST") == 401
+    # every gRPC port: no answer in plain text, and TLS only with a certificate of the stack's authority
+    trusting = ssl.create_default_context(cafile=str(s.root / "tls" / "ca.crt"))
+    for name in ("master_grpc", "volume_grpc", "filer_grpc", "s3_grpc"):
+        with socket.create_connection(("127.0.0.1", p[name]), timeout=5) as raw:
+            raw.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            assert raw.recv(100) == b"", name
+        with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED|certificate required"):
+            speak_tls_without_a_certificate(p[name], trusting)
+    # its unix sockets: in its private folder, or (gRPC's, which it always puts in /tmp) closed to other users
+    assert {path.name for path in (s.root / "s3").glob("*.sock")} == {"filer.sock", "s3.sock"}
+    for name in ("master_grpc", "volume_grpc", "filer_grpc", "s3_grpc"):
+        for path in Path("/tmp").glob(f"seaweedfs-*-{p[name]}.sock"):
+            assert not path.stat().st_mode & 0o022, f"{path} lets other users connect"
+    assert not (s.root / "s3").stat().st_mode & 0o077 and not (s.root / "tls").stat().st_mode & 0o077
+    assert oct((s.root / "security.toml").stat().st_mode & 0o777) == "0o600"
