@@ -220,7 +220,8 @@ def _warm_up(stage: str) -> None:
 
         uri = tracking_uri()
         mlflow.set_tracking_uri(uri)
-        if _sqlite_path(uri) and _sqlite_path(uri).is_file():  # type: ignore[union-attr]
+        store = _sqlite_path(uri)
+        if store is not None and store.is_file():
             with store_lock():
                 mlflow.get_experiment_by_name(experiment_name())
         if stage in ("evaluate", "ensemble"):  # they log a model
