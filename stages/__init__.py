@@ -3,21 +3,12 @@
 Importing the package sets defaults (a value already in the environment wins) that keep noise out
 of a user's terminal, before TensorFlow or MLflow load: TensorFlow's C++ start-up notices (oneDNN,
 CPU instructions, absl) and MLflow's artifact-transfer progress bars; and it turns off MLflow's
-usage telemetry, which calls out to the network. When the process is a stage (`python -m
-stages.<stage>`, not asked for --help), it starts the stage's MLflow worker, which imports MLflow
-while the stage imports TensorFlow (see stages/tracking.py). None of this changes what a stage computes.
+usage telemetry, which calls out to the network. It starts no process and opens no store. None of
+this changes what a stage computes.
 """
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no usage reports to MLflow's makers
-
-if "-m" in sys.orig_argv[:-1]:
-    _MAIN = sys.orig_argv[sys.orig_argv.index("-m") + 1]
-    if _MAIN.startswith("stages.") and _MAIN != "stages.tracking":
-        from stages import tracking
-
-        tracking.prestart(_MAIN, sys.argv[1:])

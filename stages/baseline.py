@@ -116,6 +116,7 @@ def main() -> None:
         write_switched_off(args.models, args.reports)
         log.info("baseline.enabled is false in params.yaml: no baseline trained")
         return
+    tracking.start_worker("baseline")  # its arguments and params are good: the run will open
     from stages import devices, evaluate, images
 
     devices.set_determinism(params.deterministic)

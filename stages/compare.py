@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("metrics", type=Path, nargs="+", help="the metrics files of the stages that score a model")
     args = parser.parse_args()
     params = config.load()
+    tracking.start_worker("compare")  # its arguments and params are good: the run will open
     if tracking.enabled():
         tracking.check_server()  # a refused login fails here, not after the table is written
     rows = table(scores(args.metrics), params)

@@ -611,6 +611,7 @@ def main() -> None:
     parser.add_argument("output", type=Path, help="folder to fill with one subfolder per class")
     args = parser.parse_args()
     params = config.load()
+    tracking.start_worker("download")  # its arguments and params are good: the run will open
     with tracking.stage_run("download", params):
         with common.atomic_dir(args.output) as tmp:
             record = download(params.data, params.data.seed, tmp)

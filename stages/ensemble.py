@@ -103,6 +103,7 @@ def main() -> None:
         write_switched_off(args.models, args.reports)
         log.info("ensemble.backbones is empty in params.yaml: no ensemble trained")
         return
+    tracking.start_worker("ensemble")  # its arguments and params are good: the run will open
     from stages import devices, evaluate, images, train_top
 
     devices.set_determinism(params.deterministic)

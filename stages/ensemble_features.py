@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("output", type=Path, help="folder for <split>.npz, meta.json and the backbone's weights")
     args = parser.parse_args()
     params = config.load()
+    tracking.start_worker("ensemble_features")  # its arguments and params are good: the run will open
     devices.set_determinism(params.deterministic)
     backbones.member_size(args.backbone, params.ensemble.image_size)  # too small fails now, not after loading
     with tracking.stage_run(stage_name(args.backbone), params), common.atomic_dir(args.output) as tmp:

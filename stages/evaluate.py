@@ -436,6 +436,7 @@ def main() -> None:
     parser.add_argument("--history", type=Path, action="append", default=[], help="a history.csv to plot")
     args = parser.parse_args()
     params = config.load()
+    tracking.start_worker("evaluate")  # its arguments and params are good: the run will open
     devices.set_determinism(params.deterministic)
     import keras
 

@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("backbone_weights", type=Path, help="where to save the backbone's weights (.weights.h5)")
     args = parser.parse_args()
     params = config.load()
+    tracking.start_worker("featurize")  # its arguments and params are good: the run will open
     devices.set_determinism(params.deterministic)
     backbones.check(params)  # finetune's block count too: fail now, not after training the head
     with tracking.stage_run("featurize", params):

@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("reports", type=Path, help="folder for history.csv and metrics.json")
     args = parser.parse_args()
     params = config.load()
+    tracking.start_worker("finetune")  # its arguments and params are good: the run will open
     devices.set_determinism(params.deterministic)
     name = "finetune"  # the metrics' prefix, live in MLflow and in metrics.json: finetune.val_accuracy
     with tracking.stage_run("finetune", params):

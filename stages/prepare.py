@@ -333,6 +333,7 @@ def main() -> None:
     parser.add_argument("report", type=Path, help="JSON report of the counts")
     args = parser.parse_args()
     params = config.load()
+    tracking.start_worker("prepare")  # its arguments and params are good: the run will open
     with tracking.stage_run("prepare", params):
         with common.atomic_dir(args.output) as tmp:
             report = prepare(args.raw, tmp, params.data, params.data.seed)

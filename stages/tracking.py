@@ -102,16 +102,15 @@ class TrackingError(StageError):
 
 # The stage's MLflow worker ------------------------------------------------------------------
 #
-# Importing MLflow and opening its store take seconds in every stage. A stage started as
-# `python -m stages.<stage>` (STAGE_MODULES) starts, from stages/__init__.py and before anything
-# imports TensorFlow, a worker process of its own (`python -m stages.tracking serve`) that imports
-# MLflow while the stage imports TensorFlow, then does the stage's logging: the functions marked
-# `in_worker` are called there, with the same arguments and results (pickled over the two pipes
-# between the stage and its child, which no other process can reach), their errors raised in the
-# stage. Anywhere else (tests, notebooks, this module's commands) they run in-process. The worker
-# opens no store before the stage's first call, so a stage that stops before it (an argument
-# error) leaves nothing behind; one killed before it closes its run leaves the worker at the end of
-# its input: it ends the run as failed.
+# Importing MLflow and opening its store take seconds in every stage. A stage, once its arguments
+# and params are read, starts a worker process of its own (`start_worker`: `python -m
+# stages.tracking serve`) that imports MLflow while the stage loads its data and builds its model,
+# then does the stage's logging: the functions marked `in_worker` are called there, with the same
+# arguments and results (pickled over the two pipes between the stage and its child, which no other
+# process can reach), their errors raised in the stage. Anywhere else (tests, notebooks, this
+# module's commands) they run in-process. A stage asked for --help, or stopped by a wrong argument
+# or param, has started nothing; one killed before it closes its run leaves the worker at the end
+# of its input: it ends the run as failed.
 
 #: The stage modules whose processes log through a worker.
 STAGE_MODULES = frozenset(
@@ -179,13 +178,12 @@ class _Worker:
             self.process.kill()
 
 
-def prestart(module: str, argv: list[str]) -> None:
-    """Start the MLflow worker of the stage `module` (`python -m <module> <argv>`), when tracking is
-    on and the stage is asked to run (not for its --help)."""
+def start_worker(stage: str) -> None:
+    """Start the MLflow worker of `stage` (one of STAGE_MODULES), when tracking is on: called by the
+    stage's main once its arguments and params are read."""
     global _worker
-    asks_help = any(arg in ("-h", "--help") for arg in argv)
-    if module in STAGE_MODULES and enabled() and _worker is None and not asks_help:
-        _worker = _Worker(module.removeprefix("stages."))
+    if f"stages.{stage}" in STAGE_MODULES and enabled() and _worker is None:
+        _worker = _Worker(stage)
         atexit.register(_worker.close)
 
 
@@ -211,7 +209,7 @@ def _portable(err: BaseException) -> BaseException:
 
 
 def _warm_up(stage: str) -> None:
-    """What the stage will need, loaded while it imports TensorFlow: MLflow, an embedded store that
+    """What the stage will need, loaded while it does its first work: MLflow, an embedded store that
     exists already (none is created here, and a server is not asked anything yet), and for evaluate
     what logging a model needs (Keras too: MLflow loads the logged model to check that it serves its
     input example). Failures wait for the call that needs it."""
@@ -292,24 +290,32 @@ def experiment_name() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
 
 
-def _use_experiment() -> None:
-    """Make the experiment current, creating it if needed. With the embedded sqlite store its
-    artifacts go to mlartifacts/ beside the database, wherever the stage runs; a server decides
-    for itself (--serve-artifacts)."""
+def _experiment(client: Any) -> Any:
+    """The experiment, created if there is none yet (a team server on which every stage so far was
+    restored from DVC rather than run, say). With the embedded sqlite store its artifacts go to
+    mlartifacts/ beside the database, wherever the stage runs; a server decides for itself
+    (--serve-artifacts)."""
     import mlflow
 
     name = experiment_name()
-    uri = tracking_uri()
-    if mlflow.get_experiment_by_name(name) is None:
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (Path(uri[len("sqlite:///") :].split("?")[0]).parent / "mlartifacts").as_uri()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        store = _sqlite_path(tracking_uri())
+        location = (store.parent / "mlartifacts").as_uri() if store is not None else None
         try:
-            mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+            client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
         except mlflow.exceptions.MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise  # else another stage (a teammate's, say) created it meanwhile
-    mlflow.set_experiment(name)
+        experiment = client.get_experiment_by_name(name)
+    return experiment
+
+
+def _use_experiment() -> None:
+    """Make the experiment current, creating it if needed (`_experiment`)."""
+    import mlflow
+
+    mlflow.set_experiment(experiment_id=_experiment(_client()).experiment_id)
 
 
 def _open_run(stage: str, run_id: str | None = None, tags: dict[str, str] | None = None):
@@ -707,7 +713,7 @@ def _record_failed_attempt(stage: str, params: config.Params) -> None:
     """A failed row for the attempt a stage failed in, with the attempt's stage runs nested under it,
     so that a failure stands with its version's params, not as a lone run among the versions."""
     client = _client()
-    experiment = client.get_experiment_by_name(experiment_name())
+    experiment = _experiment(client)
     tags = lineage_tags(PIPELINE_RUN) | {"pipeline.failed_stage": stage}
     runs = client.search_runs(
         [experiment.experiment_id], f"tags.`pipeline.attempt` = '{tags['pipeline.attempt']}'", max_results=100
@@ -1047,7 +1053,7 @@ def log_pipeline_version(params: config.Params, stage: str = "compare") -> str |
     tags = lineage_tags(PIPELINE_RUN) | {f"run.{name}": run_id for name, run_id in runs.items()}
     try:
         with store_lock():
-            experiment = client.get_experiment_by_name(experiment_name())
+            experiment = _experiment(client)
             linked = {name: client.get_run(run_id) for name, run_id in runs.items()}
             new = [r for r in linked.values() if "mlflow.parentRunId" not in r.data.tags]  # made in this version
             for name, prefix in (("evaluate", ""), ("ensemble", "ensemble.")):

@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("reports", type=Path, help="folder for history.csv and metrics.json")
     args = parser.parse_args()
     params = config.load()
+    tracking.start_worker("train_top")  # its arguments and params are good: the run will open
     devices.set_determinism(params.deterministic)
     meta = json.loads((args.features / META).read_text())
     name = "top"  # the metrics' prefix, live in MLflow and in metrics.json: top.val_accuracy

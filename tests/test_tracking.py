@@ -369,7 +369,7 @@ STAGE_WITH_WORKER = """
 import os, sys, time
 from pathlib import Path
 from stages import config, tracking
-tracking.prestart("stages.train_top", [])  # as stages/__init__.py does for `python -m stages.train_top`
+tracking.start_worker("train_top")  # as `python -m stages.train_top` does once its params are read
 params = config.parse({"top": {"units": 8}})
 with tracking.stage_run("train_top", params) as run_id:
     tracking.log_metrics({"top.loss": 0.5}, step=0)
@@ -594,3 +594,20 @@ def test_two_first_stages_at_one_instant_share_one_new_store(project):
     runs = [line.split()[1] for out in outputs for line in out.splitlines() if line.startswith("run ")]
     client = mlflow.MlflowClient(tracking.tracking_uri())
     assert [client.get_run(r).info.status for r in runs] == ["FINISHED", "FINISHED"]
+
+
+def test_the_version_is_logged_to_a_store_that_has_no_experiment_yet(project, caplog):
+    """Every stage restored by DVC (`dvc pull` on a new team server), then `dvc repro --force compare`
+    as the README says to log the version afterwards: the experiment is made then, as a stage's run
+    would have made it."""
+    import mlflow
+
+    params = config.parse({"top": {"units": 32}})
+    with caplog.at_level("WARNING", logger="stages.tracking"):
+        version_id = tracking.log_pipeline_version(params, stage="compare")
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    experiment = client.get_experiment_by_name("image-classifier")
+    assert client.get_run(version_id).info.experiment_id == experiment.experiment_id
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.artifact_location == (project / "mlartifacts").as_uri()
+    assert "no run in" in caplog.text, "train_top ran nowhere it logs: said, and not linked"
