@@ -247,10 +247,12 @@ def test_a_stopped_server_mid_stage_keeps_the_outputs_and_says_how_to_log_them(t
     )
     try:
         deadline = time.monotonic() + 120
+        # The run is open once its inputs are logged (the last of what opening it writes): from then
+        # on the stage trains, and the server stops under it.
         while not query(
             s,
             "SELECT 1 FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'pipeline.stage' "
-            "AND t.value = 'finetune' WHERE r.status = 'RUNNING'",
+            "AND t.value = 'finetune' JOIN inputs i ON i.destination_id = r.run_uuid WHERE r.status = 'RUNNING'",
         ):
             assert stage.poll() is None and time.monotonic() < deadline, "finetune's run never opened"
             time.sleep(0.2)
