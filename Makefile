@@ -20,13 +20,15 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-$(DEVICE).txt constraints.txt
+$(STAMP): requirements.txt requirements-$(DEVICE).txt constraints.txt pyproject.toml
 	@if [ "$(DEVICE)" != cpu ] && [ "$(DEVICE)" != gpu ]; then echo "DEVICE must be cpu or gpu, not '$(DEVICE)'"; exit 2; fi
 	@# tensorflow-cpu and tensorflow cannot share a venv: switching builds starts afresh.
 	@if ls $(VENV)/.installed-* >/dev/null 2>&1 && [ ! -f $@ ]; then echo "switching to the $(DEVICE) build: recreating $(VENV)"; rm -rf $(VENV); fi
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11 or newer is needed: make PYTHON=python3.11 ..."; exit 2; }
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet -r requirements-$(DEVICE).txt -c constraints.txt
+	@# The project's own packages (classifier, ops), editable: an edit takes effect without reinstalling.
+	$(VENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $@
 
 repro: $(STAMP)
@@ -46,17 +48,17 @@ format: $(STAMP)
 	ruff format .
 
 demo: $(STAMP)
-	python -m stages.demo
+	python -m ops.demo
 
 # About 5 minutes on an idle 2-core CPU; python benchmarks/bench.py --quick checks it in 2-3.
 bench: $(STAMP)
 	python benchmarks/bench.py --device $(DEVICE)
 
 team-up: $(STAMP)
-	python -m stages.team up $(if $(TEAM_HOST),--host $(TEAM_HOST)) $(if $(TEAM_PUBLIC_HOST),--public-host $(TEAM_PUBLIC_HOST))
+	python -m ops.team up $(if $(TEAM_HOST),--host $(TEAM_HOST)) $(if $(TEAM_PUBLIC_HOST),--public-host $(TEAM_PUBLIC_HOST))
 
 team-down: $(STAMP)
-	python -m stages.team down
+	python -m ops.team down
 
 clean-venv:
 	rm -rf $(VENV)

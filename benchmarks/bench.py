@@ -46,12 +46,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 # Only modules without TensorFlow here: prepare's worker processes are spawned, and each one
 # imports this script again. TensorFlow, Keras and the test helpers are imported where used.
 from benchmarks.prepare import generate
-from stages import config, pictures, prepare
+from classifier import config
+from classifier.data import cleaning, pictures
 
 BACKBONE = "vgg16"
 PHOTO_SIZE = (500, 375)  # generated photos, as in benchmarks/prepare.py
@@ -168,7 +167,7 @@ def prepare_rows(bench: Bench) -> tuple[Row, Row]:
     bench.prepared = bench.work / "prepared"
     reset_peak_rss()
     started = time.perf_counter()
-    report = prepare.prepare(raw, bench.prepared, data, data.seed, workers=workers)
+    report = cleaning.prepare(raw, bench.prepared, data, data.seed, workers=workers)
     stage = len(files) / (time.perf_counter() - started)
     main_peak = peak_rss_mb()
     worker_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -177,7 +176,7 @@ def prepare_rows(bench: Bench) -> tuple[Row, Row]:
     staging.mkdir()
     started = time.perf_counter()
     for path in files:  # the stage's work on each file, without the worker processes
-        prepare.clean_file(path, path.parent.name, raw, staging, data)
+        cleaning.clean_file(path, path.parent.name, raw, staging, data)
     per_file = len(files) / (time.perf_counter() - started)
     progress(f"prepare: prepare.clean_file alone, in this process, {per_file:.0f} img/s")
     total = main_peak + workers * worker_peak
@@ -205,7 +204,7 @@ def prepare_rows(bench: Bench) -> tuple[Row, Row]:
 
 def first_images(bench: Bench, count: int) -> Any:
     """The first `count` images of the prepared train split, as an `images.Split`."""
-    from stages import images
+    from classifier.model import images
 
     assert bench.prepared is not None, "prepare runs first"
     split = images.load_split(bench.prepared, "train")
@@ -225,7 +224,7 @@ def setup_models(bench: Bench) -> None:
     progress(f"importing TensorFlow, building {BACKBONE} at {bench.image_size[0]}x{bench.image_size[1]}")
     import keras
 
-    from stages import backbones, devices, images
+    from classifier.model import backbones, devices, heads, images
 
     devices.set_determinism(bench.params.deterministic)
     keras.utils.set_random_seed(bench.params.seed)
@@ -233,8 +232,8 @@ def setup_models(bench: Bench) -> None:
     extractor = backbones.feature_extractor(base, BACKBONE)
     weights = bench.work / "backbone.weights.h5"
     base.save_weights(weights)
-    pool = backbones.head_pool(bench.params.top, BACKBONE)
-    top = backbones.build_head(tuple(base.output_shape[1:]), 2, bench.params.top, pool)
+    pool = heads.head_pool(bench.params.top, BACKBONE)
+    top = heads.build_head(tuple(base.output_shape[1:]), 2, bench.params.top, pool)
     split = first_images(bench, max(bench.sizes.featurize_images, finetune_images(bench)))
     batch = bench.params.featurize.batch_size
     x = np.concatenate([np.asarray(b) for b in images.images_only(split.paths, bench.image_size, batch)])
@@ -262,7 +261,7 @@ def cpu_note(speeds: dict[str, Speed], *names: str) -> str:
 @contextlib.contextmanager
 def dtype_policy(policy: str) -> Iterator[None]:
     """The global dtype policy while building, compiling and training, as `finetune.finetune` sets it."""
-    from stages import devices
+    from classifier.model import devices
 
     devices.set_policy(policy)
     try:
@@ -275,18 +274,18 @@ def measure_inference(bench: Bench) -> None:
     """Images/s of featurize's loop, plain predict in float32 and plain predict in low precision, on
     the same images: one warm-up batch each, then rounds that run each in turn (the best round counts,
     so load from elsewhere on the machine weighs on all three alike)."""
-    from stages import devices, featurize
+    from classifier.model import bottleneck, devices
 
     batch, count = bench.params.featurize.batch_size, bench.sizes.featurize_images
     size, extractor = bench.image_size, bench.shared["extractor"]
     split, x = first_images(bench, count), bench.shared["x"][:count]
     low_model = devices.computing_in(extractor, bench.low)
     progress(f"featurize: warm-up (one batch each of the pipeline, float32 and {bench.low} predict)")
-    featurize.write_features(extractor, first_images(bench, batch), size, batch, bench.work / "warm.npz")
+    bottleneck.write_features(extractor, first_images(bench, batch), size, batch, bench.work / "warm.npz")
     extractor.predict(x[:batch], batch_size=batch, verbose=0)
     low_model.predict(x[:batch], batch_size=batch, verbose=0)
     runs: dict[str, Callable[[], Any]] = {
-        "pipeline": lambda: featurize.write_features(extractor, split, size, batch, bench.work / "train.npz"),
+        "pipeline": lambda: bottleneck.write_features(extractor, split, size, batch, bench.work / "train.npz"),
         "plain": lambda: extractor.predict(x, batch_size=batch, verbose=0),
         "low": lambda: low_model.predict(x, batch_size=batch, verbose=0),
     }
@@ -307,15 +306,15 @@ def training_model(bench: Bench, policy: str) -> Any:
     """The fine-tuning model as the stage assembles and compiles it, in `policy`."""
     import keras
 
-    from stages import backbones, finetune
+    from classifier.model import finetuning, heads
 
     p = bench.params.finetune
     keras.utils.set_random_seed(bench.params.seed)
     with dtype_policy(policy):
-        model, _ = finetune.assemble(bench.params, bench.shared["weights"], bench.shared["top"], 2)
+        model, _ = finetuning.assemble(bench.params, bench.shared["weights"], bench.shared["top"], 2)
         model.compile(
             optimizer=keras.optimizers.SGD(learning_rate=p.learning_rate, momentum=p.momentum),
-            loss=backbones.head_loss(2),
+            loss=heads.head_loss(2),
             metrics=["accuracy"],
         )
     return model
@@ -326,7 +325,7 @@ def fit_once(bench: Bench, model: Any, policy: str, pipeline: bool) -> tuple[int
     tf.data input (`pipeline`, with the stage's ETA callback) or on in-memory arrays (plain Keras)."""
     import keras
 
-    from stages import devices, eta, images
+    from classifier.model import devices, eta, images
 
     p = bench.params.finetune
     count = finetune_images(bench)
@@ -428,7 +427,7 @@ def low_finetune_row(bench: Bench) -> Row:
 def tiny_workspace(bench: Bench, name: str) -> tuple[Path, dict]:
     """The tests' tiny pipeline in a new git repository (committed, nothing run), and its environment."""
     from benchmarks.caching import git
-    from stages import demo
+    from ops import demo
     from tests.conftest import TINY
     from tests.workspace import GIT_ENV
 
@@ -464,7 +463,7 @@ def tracking_row(bench: Bench) -> Row:
 def noop_row(bench: Bench) -> Row:
     """After `tracking_row`: the reproduced pipeline committed, then timed as benchmarks/caching.py does."""
     from benchmarks.caching import git, summary, timed
-    from stages import demo
+    from ops import demo
 
     workspace, env = bench.shared["tiny"]
     git(["add", "-A"], workspace, env)
@@ -504,7 +503,7 @@ def header(bench: Bench) -> str:
     import keras
     import tensorflow as tf
 
-    from stages import devices
+    from classifier.model import devices
 
     flags = sorted(devices.cpu_flags() & devices.BF16_CPU_FLAGS)
     gpus = tf.config.list_physical_devices("GPU")

@@ -7,7 +7,8 @@ Builds the pipeline in a temporary git repository (tracking to an sqlite store t
 once, commits, then times, each from the state the previous one left:
 
 - a no-op `dvc repro`;
-- `dvc repro` after a comment is added to the MLflow module (stages/tracking.py);
+- `dvc repro` after a comment is added to the MLflow code (ops/tracking/runs.py): nothing runs;
+- `dvc repro` after a comment is added to the figures' code (classifier/metrics/figures.py): evaluate;
 - `dvc exp run` with another finetune.learning_rate, then back to the committed one;
 - `dvc repro --force --single-item train_top` (a retrain with identical params), then `dvc repro`.
 
@@ -26,9 +27,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from stages import demo
+from ops import demo
 from tests.conftest import TINY
 from tests.workspace import GIT_ENV, ran_stages, restored_stages
 
@@ -72,10 +71,12 @@ def main() -> None:
         git(["add", "-A"], workspace, env)
         git(["commit", "-qm", "reproduced"], workspace, env)
         measure("no-op dvc repro", demo.DVC + ["repro"])
-        tracking = workspace / "stages" / "tracking.py"
-        tracking.write_text(tracking.read_text() + "\n# a comment\n")
-        measure("comment in stages/tracking.py", demo.DVC + ["repro"])
-        git(["checkout", "stages/tracking.py"], workspace, env)
+        for module in ("ops/tracking/runs.py", "classifier/metrics/figures.py"):
+            source = workspace / module
+            source.write_text(source.read_text() + "\n# a comment\n")
+            measure(f"comment in {module}", demo.DVC + ["repro"])
+            git(["checkout", module], workspace, env)
+            measure("dvc repro, the comment taken back", demo.DVC + ["repro"])
         measure(
             f"exp run finetune.learning_rate={rate * 2:g}",
             demo.DVC + ["exp", "run", "-S", f"finetune.learning_rate={rate * 2:g}"],

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,9 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from stages import config, prepare
+from classifier import config
+from classifier.data import cleaning
 
 
 def generate(folder: Path, images: int, size: tuple[int, int], seed: int = 0) -> None:
@@ -60,7 +58,7 @@ def main() -> None:
             {"data": {"split": {"train": per_class // 2, "validation": per_class // 4, "test": per_class // 4}}}
         ).data
         started = time.perf_counter()
-        report = prepare.prepare(raw, Path(tmp) / "prepared", params, seed=0, workers=args.workers)
+        report = cleaning.prepare(raw, Path(tmp) / "prepared", params, seed=0, workers=args.workers)
         seconds = time.perf_counter() - started
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     itself = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

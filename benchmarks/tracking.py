@@ -1,13 +1,16 @@
-"""What MLflow logging adds to a tiny `dvc repro`: the same pipeline with tracking on and off.
+"""What MLflow logging adds to `dvc repro`, per stage, the ways a stage can log.
 
-    python benchmarks/tracking.py            # both, in temporary projects; prints a table
-    python benchmarks/tracking.py --team     # and a third, logging to a team stack (stages/team.py)
+    python benchmarks/tracking.py                 # the tiny config; prints a table
+    python benchmarks/tracking.py --demo          # and the demo's config (minutes)
+    python benchmarks/tracking.py --team          # and a team stack (ops/team), the tiny config
 
-Tracking on logs to an sqlite store in the project (the default); off is PIPELINE_TRACKING=off.
-With --team, a new team stack (PostgreSQL, S3, the MLflow server with logins) is brought up in a
-temporary folder, a login made for the run, and the stack stopped at the end.
-Both run the test suite's tiny configuration (32x32 images, random weights, 1-2 epochs), where
-the fixed costs of logging weigh the most. Nothing here is a pass/fail threshold.
+The ways: `off` (PIPELINE_TRACKING=off, nothing logged), `in-process` (the stage imports MLflow
+itself when its run opens: the stages' `tracking.start_worker` calls removed from the workspace's
+copy) and `worker` (what the stages do: a child process imports MLflow while the stage works and
+does its logging). Each way runs a first `dvc repro`, which makes the store, then `--rounds` times
+`dvc repro --force` on that existing store; the table gives the mean of those, and what logging
+adds per stage run against `off`. The tiny config (32x32 images, random weights, 1-2 epochs) is
+where the fixed costs of logging weigh the most. Nothing here is a pass/fail threshold.
 """
 
 from __future__ import annotations
@@ -15,29 +18,46 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from stages import demo
+from ops import demo
+from ops.code import ROOT
 from tests.conftest import TINY
 
-ROOT = demo.ROOT
+WAYS = ("off", "in-process", "worker")
 
 
-def repro(workspace: Path, tracking: bool, login: dict[str, str] | None = None) -> float:
-    """Seconds of a first `dvc repro` in `workspace`; `login`: the exports of a team member's file."""
+def repro(workspace: Path, way: str, force: bool, login: dict[str, str] | None = None) -> tuple[float, int]:
+    """Seconds of one `dvc repro` in `workspace` and the number of stages it ran."""
     env = demo.pipeline_env(
-        MLFLOW_TRACKING_URI=f"sqlite:///{workspace / 'mlflow.db'}", PIPELINE_TRACKING="on" if tracking else "off"
+        MLFLOW_TRACKING_URI=f"sqlite:///{workspace / 'mlflow.db'}", PIPELINE_TRACKING="off" if way == "off" else "on"
     )
     env.update(login or {})
     started = time.perf_counter()
-    subprocess.run(demo.DVC + ["repro", "-q"], cwd=workspace, env=env, check=True, capture_output=True)
-    return time.perf_counter() - started
+    done = subprocess.run(
+        demo.DVC + ["repro", *(["--force"] if force else [])],
+        cwd=workspace,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return time.perf_counter() - started, len(re.findall(r"^Running stage ", done.stdout, re.MULTILINE))
+
+
+def workspace_for(where: Path, way: str, overrides: dict) -> Path:
+    """The pipeline in `where`; for `in-process`, its stages start no worker."""
+    workspace = demo.make_workspace(where, overrides)
+    if way == "in-process":
+        for stage in (workspace / "stages").glob("*.py"):
+            text = stage.read_text()
+            stage.write_text(text.replace("tracking.start_worker(", "(lambda stage: None)("))
+    return workspace
 
 
 def team_login(tmp: Path) -> dict[str, str]:
@@ -45,33 +65,47 @@ def team_login(tmp: Path) -> dict[str, str]:
     root = tmp / ".team"
     tmp.chmod(0o711)  # as root, PostgreSQL runs as another user, who must reach its folder
     for args in (["up"], ["add-user", "bench"]):
-        command = [sys.executable, "-m", "stages.team", "--dir", str(root), *args]
+        command = [sys.executable, "-m", "ops.team", "--dir", str(root), *args]
         subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     return dict(re.findall(r"^export (\w+)=(.*)$", (root / "members" / "bench.env").read_text(), re.MULTILINE))
 
 
+def measure(tmp: Path, config: str, overrides: dict, rounds: int, login: dict[str, str] | None) -> list[tuple]:
+    rows = []
+    for way in WAYS:
+        workspace = workspace_for(tmp / f"{config}-{way}".replace(" ", "-"), way, overrides)
+        first, _ = repro(workspace, way, force=False, login=login)
+        again = [repro(workspace, way, force=True, login=login) for _ in range(rounds)]
+        rows.append((config, way, first, statistics.mean(s for s, _ in again), again[0][1]))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--team", action="store_true", help="also log to a team stack brought up for the run")
+    parser.add_argument("--demo", action="store_true", help="also the demo's config (a few minutes a run)")
+    parser.add_argument("--team", action="store_true", help="also the tiny config logging to a team stack")
+    parser.add_argument("--rounds", type=int, default=2, help="`dvc repro --force` runs per way (default 2)")
     args = parser.parse_args()
-    rows = []
     tmp = Path(tempfile.mkdtemp(prefix="tracking-bench-"))
+    rows = []
     try:
-        for name in ("off", "sqlite") + (("team server",) if args.team else ()):
-            login = team_login(tmp) if name == "team server" else None
-            workspace = demo.make_workspace(tmp / name.replace(" ", "-"), TINY)
-            rows.append((name, repro(workspace, name != "off", login)))
+        rows += measure(tmp, "tiny", TINY, args.rounds, None)
+        if args.demo:
+            rows += measure(tmp, "demo", demo.DEMO_PARAMS, 1, None)
+        if args.team:
+            rows += measure(tmp, "tiny, team", TINY, args.rounds, team_login(tmp))
     finally:
         if args.team and (tmp / ".team").exists():
             subprocess.run(
-                [sys.executable, "-m", "stages.team", "--dir", str(tmp / ".team"), "down"], cwd=ROOT, check=False
+                [sys.executable, "-m", "ops.team", "--dir", str(tmp / ".team"), "down"], cwd=ROOT, check=False
             )
         shutil.rmtree(tmp, ignore_errors=True)
-    off = rows[0][1]
-    print(f"\n{'tracking':<13}{'dvc repro (s)':>15}{'added (s)':>11}")
-    for name, seconds in rows:
-        print(f"{name:<13}{seconds:>15.1f}{seconds - off:>+11.1f}   ({(seconds - off) / off:+.0%})")
-    print("six stage runs, a pipeline version, a registered model; baseline and ensemble switched off")
+    print("\n| config | logging | first repro (s) | repro --force (s) | stages | added per stage (s) |")
+    print("|---|---|---:|---:|---:|---:|")
+    off = {config: again for config, way, _, again, _ in rows if way == "off"}
+    for config, way, first, again, stages in rows:
+        added = (again - off[config]) / stages if stages else 0.0
+        print(f"| {config} | {way} | {first:.1f} | {again:.1f} | {stages} | {added:+.2f} |")
 
 
 if __name__ == "__main__":

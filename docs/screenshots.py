@@ -22,9 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from stages import demo, tracking
+from ops import demo, tracking
+from ops.code import ROOT
 from tests.workspace import free_port
 
 DOCS = Path(__file__).resolve().parent
@@ -37,7 +36,7 @@ HIDDEN = ["Dataset", "Source"]
 
 def build(where: Path) -> Path:
     """The demo, plus one experiment with twice the fine-tuning learning rate."""
-    subprocess.run([sys.executable, "-m", "stages.demo", "--dir", str(where)], cwd=demo.ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "ops.demo", "--dir", str(where)], cwd=ROOT, check=True)
     env = demo.pipeline_env(MLFLOW_TRACKING_URI=f"sqlite:///{where.resolve() / 'mlflow.db'}")
     subprocess.run(demo.DVC + ["exp", "run", "-S", "finetune.learning_rate=0.0002"], cwd=where, env=env, check=True)
     return where

@@ -16,65 +16,14 @@ Run: dvc repro compare   (or: python -m stages.compare reports/models.csv report
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
 from pathlib import Path
-from typing import Any
 
-from stages import common, config, tracking
+from classifier import config
+from classifier.metrics.table import scores, table, write_table
+from ops import runner, tracking
 
 log = logging.getLogger(__name__)
-
-#: The model whose scores are the top-level `test` object (evaluate's metrics.json).
-FINETUNED = "finetuned"
-#: The columns after `model` and `description`, in order, as far as some model has them.
-COLUMNS = ("accuracy", "top3_accuracy", "f1", "log_loss", "roc_auc", "images")
-
-
-def describe(model: str, params: config.Params) -> str:
-    """What a model of the table is, in a few words."""
-    if model == "baseline":
-        return "small convnet trained from scratch"
-    if model == FINETUNED:
-        blocks = params.finetune.blocks
-        return f"{params.model.backbone}, last {blocks} block{'s' if blocks > 1 else ''} fine-tuned"
-    if model == "ensemble":
-        return f"head on {' + '.join(params.ensemble.backbones)} features"
-    return model
-
-
-def scores(paths: list[Path]) -> dict[str, dict[str, Any]]:
-    """{model: its `test` object} from metrics files: a top-level `test` is the fine-tuned model's,
-    `<name>.test` the model `name`'s. A file without any (a stage switched off) adds none."""
-    found: dict[str, dict[str, Any]] = {}
-    for path in paths:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data.get("test"), dict):
-            found[FINETUNED] = data["test"]
-        for name, value in data.items():
-            if isinstance(value, dict) and isinstance(value.get("test"), dict):
-                found[name] = value["test"]
-    return found
-
-
-def table(found: dict[str, dict[str, Any]], params: config.Params) -> list[dict[str, Any]]:
-    """One row per model, best test accuracy first (ties: in the order of the metrics files given)."""
-    columns = [c for c in COLUMNS if any(c in test for test in found.values())]
-    rows = [
-        {"model": model, "description": describe(model, params)} | {c: test.get(c) for c in columns}
-        for model, test in found.items()
-    ]
-    return sorted(rows, key=lambda row: -(row.get("accuracy") or 0.0))
-
-
-def write_table(rows: list[dict[str, Any]], path: Path) -> None:
-    """models.csv; numbers with 6 decimals, an undefined value (None) left empty."""
-    with common.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(list(rows[0]) if rows else ["model", "description"])
-        for row in rows:
-            writer.writerow(["" if v is None else f"{v:.6f}" if isinstance(v, float) else v for v in row.values()])
 
 
 def main() -> None:
@@ -94,4 +43,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    common.run(main)
+    runner.run(main)

@@ -17,48 +17,13 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
 
-import keras
-
-from stages import backbones, common, config, devices, tracking
-from stages.featurize import META, write_splits
+from classifier import config, saving
+from classifier.model import backbones, devices
+from classifier.model.members import featurize_member, stage_name
+from ops import runner, tracking
 
 log = logging.getLogger(__name__)
-
-#: The member's backbone weights, in its features folder.
-WEIGHTS = "backbone.weights.h5"
-
-
-def stage_name(backbone: str) -> str:
-    """The DVC stage (and MLflow run) of one member."""
-    return f"ensemble_features@{backbone}"
-
-
-def featurize_member(backbone: str, prepared: Path, out: Path, params: config.Params) -> dict[str, Any]:
-    """Write the member's features of every split, its meta.json and its backbone's weights into `out`;
-    return the metadata."""
-    keras.utils.set_random_seed(params.seed)  # reproducible random init with `ensemble.weights: null`
-    size = params.ensemble.image_size
-    side = backbones.member_size(backbone, size)
-    base = backbones.build_backbone(backbone, params.ensemble.weights, (side, side))
-    policy = devices.precision_policy(params.precision)
-    pool = backbones.head_pool(params.top, backbone)
-    extractor = devices.computing_in(backbones.member(base, backbone, size, pool), policy)
-    written = write_splits(
-        prepared, out, extractor, (size, size), params.featurize.batch_size, policy, stage_name(backbone)
-    )
-    meta = {
-        "backbone": backbone,
-        "weights": params.ensemble.weights,
-        "image_size": size,
-        "side": side,
-        "pool": pool,
-        **written,
-    }
-    common.write_json(out / META, meta)
-    base.save_weights(out / WEIGHTS)
-    return meta
 
 
 def main() -> None:
@@ -71,10 +36,10 @@ def main() -> None:
     tracking.start_worker("ensemble_features")  # its arguments and params are good: the run will open
     devices.set_determinism(params.deterministic)
     backbones.member_size(args.backbone, params.ensemble.image_size)  # too small fails now, not after loading
-    with tracking.stage_run(stage_name(args.backbone), params), common.atomic_dir(args.output) as tmp:
+    with tracking.stage_run(stage_name(args.backbone), params), saving.atomic_dir(args.output) as tmp:
         meta = featurize_member(args.backbone, args.prepared, tmp, params)
     log.info("wrote %s: %s features of %d images", args.output, meta["feature_shape"], sum(meta["images"].values()))
 
 
 if __name__ == "__main__":
-    common.run(main)
+    runner.run(main)

@@ -15,110 +15,14 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import keras
-import numpy as np
-from tqdm import tqdm
-
-from stages import backbones, common, config, devices, eta, images, tracking
-from stages.manifest import SPLITS
+from classifier import config, saving
+from classifier.model import backbones, devices
+from classifier.model.bottleneck import featurize
+from ops import runner, tracking
 
 log = logging.getLogger(__name__)
-
-META = "meta.json"
-
-
-def features_file(folder: Path, split: str) -> Path:
-    return Path(folder) / f"{split}.npz"
-
-
-def write_features(
-    extractor: keras.Model,
-    split: images.Split,
-    image_size: tuple[int, int],
-    batch_size: int,
-    path: Path,
-    done: Callable[[int], None] = lambda images: None,
-) -> None:
-    """Features of every image of `split`, in order, with its labels, into one .npz file; `done`
-    is told the number of images of each batch as it finishes."""
-    shape = tuple(extractor.output_shape[1:])
-    buffer = path.with_suffix(".tmp.npy")
-    features = np.lib.format.open_memmap(buffer, mode="w+", dtype=np.float32, shape=(len(split), *shape))
-    try:
-        start = 0
-        for batch in images.images_only(split.paths, image_size, batch_size):
-            out = np.asarray(extractor.predict_on_batch(batch), dtype=np.float32)
-            features[start : start + len(out)] = out
-            start += len(out)
-            done(len(out))
-        assert start == len(split), f"read {start} images of {len(split)}"
-        features.flush()
-        np.savez(path, features=features, labels=split.labels)  # copies from the memmap in chunks
-    finally:
-        del features
-        buffer.unlink(missing_ok=True)
-
-
-def load_features(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(features, labels) of one split."""
-    path = features_file(folder, split)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the featurize stage first (dvc repro featurize)")
-    with np.load(path) as data:
-        return data["features"], data["labels"]
-
-
-def write_splits(
-    prepared: Path,
-    out: Path,
-    extractor: keras.Model,
-    image_size: tuple[int, int],
-    batch_size: int,
-    policy: str,
-    stage: str = "featurize",
-) -> dict[str, Any]:
-    """The features `extractor` gives every split's images (loaded at `image_size`) into `out`, with
-    an ETA and a progress bar named `stage`; return what meta.json records of them: the classes, the feature shape,
-    the policy and the number of images per split."""
-    out.mkdir(parents=True, exist_ok=True)
-    splits = {name: images.load_split(prepared, name) for name in SPLITS}
-    total = sum(len(split) for split in splits.values())
-    pace = eta.Pace(stage, f"{total:,} images", total, devices.device_name(), policy)
-    with tqdm(total=total, desc=stage, unit="img", mininterval=5) as bar:
-
-        def done(count: int) -> None:
-            bar.update(count)
-            pace.batch_done(count)
-
-        for name, split in splits.items():
-            write_features(extractor, split, image_size, batch_size, features_file(out, name), done)
-    return {
-        "classes": splits["train"].classes,
-        "feature_shape": list(extractor.output_shape[1:]),
-        "policy": policy,
-        "images": {name: len(split) for name, split in splits.items()},
-    }
-
-
-def featurize(prepared: Path, out: Path, params: config.Params) -> tuple[keras.Model, dict]:
-    """Write the features of every split into `out`; return the backbone used and the metadata."""
-    keras.utils.set_random_seed(params.seed)  # reproducible random init with `model.weights: null`
-    base = backbones.build_backbone(params.model.backbone, params.model.weights, params.data.image_size)
-    policy = devices.precision_policy(params.precision)
-    extractor = devices.computing_in(backbones.feature_extractor(base, params.model.backbone), policy)
-    written = write_splits(prepared, out, extractor, params.data.image_size, params.featurize.batch_size, policy)
-    meta = {
-        "backbone": params.model.backbone,
-        "weights": params.model.weights,
-        "image_size": list(params.data.image_size),
-        **written,
-    }
-    common.write_json(out / META, meta)
-    return base, meta
 
 
 def main() -> None:
@@ -133,9 +37,9 @@ def main() -> None:
     backbones.check(params)  # finetune's block count too: fail now, not after training the head
     with tracking.stage_run("featurize", params):
         started = time.perf_counter()
-        with common.atomic_dir(args.output) as tmp:
+        with saving.atomic_dir(args.output) as tmp:
             base, meta = featurize(args.prepared, tmp, params)
-        with common.atomic_path(args.backbone_weights) as tmp_weights:
+        with saving.atomic_path(args.backbone_weights) as tmp_weights:
             base.save_weights(tmp_weights)
         seconds = time.perf_counter() - started
         tracking.log_metrics({"images_per_second": sum(meta["images"].values()) / seconds})
@@ -143,4 +47,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    common.run(main)
+    runner.run(main)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import signal
+import sys
 from pathlib import Path
 
 import keras
 import pytest
 
-from stages import backbones, config, featurize, prepare, synthetic, train_top
+from classifier import config
+from classifier.data import cleaning, synthetic
+from classifier.model import bottleneck, heads, training
 
 # Tests send Ctrl-C to the stages they start. A shell starts a background job with SIGINT ignored,
 # which its children inherit: the tests restore what a terminal's foreground job has.
@@ -19,7 +22,7 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 #: Small images, random backbone weights, one or two epochs: the shape of the real run, in seconds.
 TINY: dict = {
     "seed": 7,
-    "precision": "float32",  # the same numbers on every CPU; tests/test_devices.py covers the others
+    "precision": "float32",  # the same numbers on every CPU; tests/classifier/model/test_devices.py covers the others
     "data": {
         "source": "synthetic",
         "seed": 7,
@@ -34,10 +37,22 @@ TINY: dict = {
     "top": {"units": 16, "epochs": 2, "batch_size": 8},
     "finetune": {"learning_rate": 0.01, "epochs": 1, "batch_size": 8},
     "evaluate": {"batch_size": 8},
-    # Switched off here; tests/test_many_classes.py runs both end to end.
+    # Switched off here; tests/e2e/test_many_classes.py runs both end to end.
     "baseline": {"enabled": False},
     "ensemble": {"backbones": []},
 }
+
+
+def pytest_runtest_teardown(item):
+    """Loading an MLflow model puts its code folder first on sys.path (MLflow's doing), for good. A
+    logged classifier's folder holds only the part of the `classifier` package it answers with, so
+    a process started later with `spawn` (prepare's workers) would import that part, not the
+    project: after each test, the folders MLflow added are taken off again."""
+    sys.path[:] = [
+        entry
+        for entry in sys.path
+        if not (Path(entry).name == "code" and ((Path(entry).parent / "MLmodel").is_file() or not Path(entry).exists()))
+    ]
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +78,7 @@ def raw(tmp_path_factory, tiny_params) -> Path:
 def prepared(tmp_path_factory, raw, tiny_params) -> Path:
     """The prepare stage's output for `raw`: split images and manifest.csv."""
     out = tmp_path_factory.mktemp("prepared") / "prepared"
-    prepare.prepare(raw, out, tiny_params.data, tiny_params.data.seed, workers=1)
+    cleaning.prepare(raw, out, tiny_params.data, tiny_params.data.seed, workers=1)
     return out
 
 
@@ -95,27 +110,27 @@ def http_root(tmp_path):
 def features(tmp_path_factory, prepared, tiny_params) -> Path:
     """featurize's outputs for the tiny data: <split>.npz, meta.json and the backbone's weights."""
     out = tmp_path_factory.mktemp("features")
-    base, _ = featurize.featurize(prepared, out / "features", tiny_params)
+    base, _ = bottleneck.featurize(prepared, out / "features", tiny_params)
     base.save_weights(out / "backbone.weights.h5")
     return out
 
 
 @pytest.fixture(scope="session")
 def top(features, tiny_params) -> keras.Model:
-    head, _ = train_top.train_top(
-        featurize.load_features(features / "features", "train"),
-        featurize.load_features(features / "features", "validation"),
+    head, _ = training.train_top(
+        bottleneck.load_features(features / "features", "train"),
+        bottleneck.load_features(features / "features", "validation"),
         2,
         tiny_params.top,
         tiny_params.seed,
-        backbones.head_pool(tiny_params.top, tiny_params.model.backbone),
+        heads.head_pool(tiny_params.top, tiny_params.model.backbone),
     )
     return head
 
 
 @pytest.fixture(scope="session")
 def team_stack():
-    """The team stack (tests/teamstack.py), shared by tests/test_team.py and tests/test_caching.py."""
+    """The team stack (tests/teamstack.py), shared by tests/ops/test_team.py and tests/e2e/test_caching.py."""
     from tests import teamstack
 
     yield from teamstack.stack()
@@ -134,7 +149,7 @@ def team_members(team_stack, four_classes, tmp_path_factory):
 
 
 #: TINY with four generated classes, the baseline and an ensemble of two small backbones: the
-#: pipeline of tests/test_many_classes.py.
+#: pipeline of tests/e2e/test_many_classes.py.
 FOUR_CLASSES = copy.deepcopy(TINY)
 FOUR_CLASSES["data"]["synthetic"]["classes"] = 4
 FOUR_CLASSES["baseline"] = {"enabled": True, "units": 8, "epochs": 1, "batch_size": 8}
@@ -145,7 +160,7 @@ FOUR_CLASSES["ensemble"] = {"backbones": ["mobilenet_v2", "efficientnet_v2_b0"],
 def four_classes(tmp_path_factory):
     """The FOUR_CLASSES pipeline in a new git repository, logging to its own mlflow.db: its
     `dvc repro` started in the background ("repro": `finish_repro` waits for it)."""
-    from stages import demo
+    from ops import demo
     from tests.workspace import base_env, commit, start_repro
 
     workspace = demo.make_workspace(tmp_path_factory.mktemp("four-classes") / "repo", FOUR_CLASSES, git=True)

@@ -1,10 +1,10 @@
 """The team stack for the tests, shared by the whole session: PostgreSQL, the S3 store and the
-MLflow server with logins, started by `python -m stages.team up` (what `make team-up` runs) on free
+MLflow server with logins, started by `python -m ops.team up` (what `make team-up` runs) on free
 ports of 127.0.0.1, stopped by `down` at the end; and two members, alice and bob, each with a login
 and a clone of one repository, who ran the tiny pipeline at the same time against it: alice with
 her DVC key in the environment, bob with his in .dvc/config.local.
 
-tests/test_team.py tests the stack with them; tests/test_caching.py goes on in bob's clone, which
+tests/ops/test_team.py tests the stack with them; tests/e2e/test_caching.py goes on in bob's clone, which
 saves the suite a run of the pipeline.
 """
 
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from stages import team
+from ops.team import postgres, services, state
 from tests.workspace import base_env, commit, dvc, finish_repro, git_repo, locked_hashes, run, start_repro
 
-PROJECT = Path(team.__file__).resolve().parent.parent
+PROJECT = Path(state.__file__).resolve().parents[2]
 REMOTE = "s3://dvc/image-classifier"
 #: A stopped server or store fails a request at once, not after MLflow's minutes of retries.
 FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
@@ -35,9 +35,9 @@ OPERATOR_SECRETS = {"AWS_SECRET_ACCESS_KEY": "operator-aws-secret", "MLFLOW_TRAC
 
 
 def team_cli(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """`python -m stages.team --dir root ...`, as `make team-up` runs it, by an operator whose
+    """`python -m ops.team --dir root ...`, as `make team-up` runs it, by an operator whose
     environment holds logins of its own (OPERATOR_SECRETS)."""
-    command = [sys.executable, "-m", "stages.team", "--dir", str(root), *args]
+    command = [sys.executable, "-m", "ops.team", "--dir", str(root), *args]
     return run(command, PROJECT, base_env(**OPERATOR_SECRETS), check)
 
 
@@ -61,7 +61,7 @@ def stack() -> Iterator[dict]:
     root = base / ".team"
     try:
         first = team_cli(root, "up")
-        stack = team.load(root)
+        stack = state.load(root)
         assert stack is not None
         yield {"stack": stack, "root": root, "up": first.stdout}
     finally:  # whatever started is stopped, even after a failed `up`
@@ -72,9 +72,9 @@ def stack() -> Iterator[dict]:
     shutil.rmtree(base)
 
 
-def query(stack: team.Stack, sql: str) -> list[tuple]:
+def query(stack: state.Stack, sql: str) -> list[tuple]:
     """Rows of `sql` in the MLflow database."""
-    connection = team._connect(stack, "mlflow")
+    connection = postgres._connect(stack, "mlflow")
     try:
         with connection.cursor() as cursor:
             cursor.execute(sql)
@@ -86,8 +86,8 @@ def query(stack: team.Stack, sql: str) -> list[tuple]:
 def members(team_stack: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """alice and bob, each with a login and a clone; both clones reproduced at the same time.
 
-    What the server and the store held right after is kept in "snapshot": tests/test_caching.py goes
-    on working in bob's clone (logging more runs) before or after tests/test_team.py looks."""
+    What the server and the store held right after is kept in "snapshot": tests/e2e/test_caching.py goes
+    on working in bob's clone (logging more runs) before or after tests/ops/test_team.py looks."""
     stack = team_stack
     root = stack["root"]
     base = tmp_path_factory.mktemp("members")
@@ -111,7 +111,7 @@ def members(team_stack: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     for name, process in running.items():
         found[name]["log"] = finish_repro(process)
     s = stack["stack"]
-    store = team._s3_client(s)
+    store = services._s3_client(s)
     found["snapshot"] = {
         "hashes": {name: locked_hashes(found[name]["path"]) for name in ("alice", "bob")},
         "runs": query(

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import pytest
 import yaml
 
-from stages import demo
+from ops import demo
 from tests.conftest import TINY
 
 #: The stages of the tiny pipeline (TINY: baseline and ensemble switched off), in the order `dvc repro` runs them.

@@ -1,0 +1,153 @@
+"""The PNG figures of evaluate: the confusion matrix, the ROC curve, and the training curves of both
+training stages on one axis (fine-tuning's epochs after the head's)."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from classifier.metrics.scores import Roc
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+#: Above this many classes the confusion matrix PNG shows colours only, no counts.
+MAX_ANNOTATED_CLASSES = 20
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt
+
+
+def confusion_figure(confusion: np.ndarray, classes: Sequence[str], accuracy: float) -> Figure:
+    """The confusion matrix as a heat map: rows are the actual class, columns the predicted one,
+    both in the order of `classes`; each cell shows its count (up to MAX_ANNOTATED_CLASSES classes)."""
+    plt = _pyplot()
+    n = len(classes)
+    side = 3.0 + (0.45 if n <= MAX_ANNOTATED_CLASSES else 0.2) * n
+    longest = max((len(c) for c in classes), default=1)
+    fig, ax = plt.subplots(figsize=(side + 0.07 * longest + 1.2, side + 0.07 * longest), layout="constrained")
+    image = ax.imshow(confusion, cmap="Blues", vmin=0)
+    font = 10 if n <= MAX_ANNOTATED_CLASSES else 6
+    ax.set_xticks(range(n), classes, rotation=90 if n > 6 or longest > 10 else 0, fontsize=font)
+    ax.set_yticks(range(n), classes, fontsize=font)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    if n <= MAX_ANNOTATED_CLASSES:
+        high = confusion.max() / 2 if confusion.size else 0
+        for (i, j), v in np.ndenumerate(confusion):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > high else "black", fontsize=font)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="images")
+    ax.set_title(f"Test confusion matrix\naccuracy {accuracy:.3f} on {int(confusion.sum())} images", fontsize=11)
+    return fig
+
+
+def roc_figure(curve: Roc, classes: Sequence[str]) -> Figure:
+    """The ROC curve with its AUC; for more than two classes the title and legend say it is the
+    micro-average of the one-vs-rest curves, and give the macro-average AUC too."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5), layout="constrained")
+
+    def auc_text(value: float | None) -> str:
+        return "undefined" if value is None else f"{value:.3f}"
+
+    if curve.classes == 2:
+        title = f"Test ROC, '{classes[1]}' as positive\nAUC {auc_text(curve.auc)}"
+        label = f"model (AUC {auc_text(curve.auc)})"
+    else:
+        title = (
+            f"Test ROC, micro-average of {curve.classes} one-vs-rest curves\n"
+            f"micro-average AUC {auc_text(curve.auc)}, macro-average AUC {auc_text(curve.macro_auc)}"
+        )
+        label = f"micro-average (AUC {auc_text(curve.auc)})"
+    ax.plot(curve.fpr, curve.tpr, label=label)
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="chance (AUC 0.5)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right")
+    return fig
+
+
+def training_figure(histories: Sequence[Path]) -> Figure:
+    """Loss and accuracy per epoch, train (solid) and validation (dashed), of each training stage
+    in its own colour on one epoch axis: the head's epochs, then fine-tuning's, with a line where
+    fine-tuning starts. Epoch ticks are whole numbers."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    series = training_series(histories)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
+        for (stage, epochs, history), colour in zip(series, ("tab:blue", "tab:orange", "tab:green"), strict=False):
+            # Markers (filled: train, hollow: validation) keep a stage of one epoch visible.
+            style = {"color": colour, "marker": "o" if len(epochs) <= 30 else None, "markersize": 5}
+            ax.plot(epochs, history[key], label=f"{stage} train", **style)
+            ax.plot(epochs, history[f"val_{key}"], "--", markerfacecolor="white", label=f"{stage} validation", **style)
+        for _, epochs, _ in series[1:]:
+            if len(epochs):
+                ax.axvline(epochs[0] - 0.5, color="grey", linestyle=":", linewidth=1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch (" + ", then ".join(stage for stage, _, _ in series) + ")" if series else "epoch")
+        ax.set_title(key)
+        if series:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no training history", ha="center", va="center", transform=ax.transAxes)
+    return fig
+
+
+def write_figures(
+    out: Path, metrics: dict[str, Any], curve: Roc, classes: Sequence[str], histories: Sequence[Path]
+) -> None:
+    """confusion.png, roc.png and training_curves.png into `out`; `classes` in the model's order."""
+    plt = _pyplot()
+    confusion = metrics["confusion"]
+    figures = {
+        "confusion.png": confusion_figure(
+            np.array(confusion["rows_actual_columns_predicted"]), confusion["classes"], metrics["test"]["accuracy"]
+        ),
+        "roc.png": roc_figure(curve, classes),
+        "training_curves.png": training_figure(histories),
+    }
+    for name, fig in figures.items():
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+
+
+def read_history(path: Path) -> dict[str, np.ndarray]:
+    """A history.csv as {column: values}."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = rows[0].keys() if rows else ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+    return {key: np.array([float(r[key]) for r in rows]) for key in columns}
+
+
+def training_series(histories: Sequence[Path]) -> list[tuple[str, np.ndarray, dict[str, np.ndarray]]]:
+    """(stage, epochs, history) of each history.csv that exists, in the order given, each stage's
+    epochs continuing the previous one's (fine-tuning's first epoch follows the head's last), so
+    both stages fit on one axis without overlapping. The stage is named as its metrics are
+    (`top`, `finetune`): the history's folder without `train_`."""
+    series = []
+    offset = 0
+    for path in histories:
+        if not path.is_file():
+            continue
+        history = read_history(path)
+        epochs = history["epoch"] + offset
+        if len(epochs):
+            offset = int(epochs[-1])
+        series.append((path.parent.name.removeprefix("train_"), epochs, history))
+    return series

@@ -1,0 +1,57 @@
+"""The dense head on a backbone's features, and the classifier that puts the two together.
+
+Flatten or global average pooling (`top.pool`, see `head_pool`), Dense(units, relu), Dropout, then
+a sigmoid for two classes or a softmax for more.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from classifier.config import TopParams
+from classifier.errors import StageError
+from classifier.model.backbones import REGISTRY, Preprocess
+
+
+def head_pool(top: TopParams, backbone: str) -> str:
+    """`top.pool`, with `auto` resolved for `backbone`: `flatten` for VGG16, as in the recipe (at
+    150 px its features are 4x4x512, 8,192 inputs to the dense layer), global average pooling for the
+    others, whose feature maps are deeper (ResNet50 at 150 px: 5x5x2048, which flattened would give
+    the dense layer 51,200 inputs and 13 million weights to learn from a few thousand images)."""
+    return REGISTRY[backbone].head_pool if top.pool == "auto" else top.pool
+
+
+def build_head(feature_shape: tuple[int, ...], num_classes: int, params: TopParams, pool: str) -> keras.Model:
+    """The dense classifier: Flatten or global average pooling (`pool`, see `head_pool`), Dense(units,
+    relu), Dropout, then sigmoid (2 classes) or softmax."""
+    if num_classes < 2:
+        raise StageError(f"a classifier needs at least 2 classes, got {num_classes}")
+    inputs = keras.Input(shape=feature_shape, name="features")
+    if pool == "flatten":
+        x = keras.layers.Flatten(name="flatten")(inputs)
+    else:
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(inputs)
+    x = keras.layers.Dense(params.units, activation="relu", name="dense")(x)
+    x = keras.layers.Dropout(params.dropout, name="dropout")(x)
+    # The output stays float32 under mixed precision, for a numerically stable loss.
+    if num_classes == 2:
+        outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="prediction")(x)
+    else:
+        outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="prediction")(x)
+    return keras.Model(inputs, outputs, name="top")
+
+
+def head_loss(num_classes: int) -> str:
+    return "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
+
+
+def build_classifier(
+    base: keras.Model, head: keras.Model, backbone: str, augmentation: keras.Layer | None = None
+) -> keras.Model:
+    """Raw images -> [augmentation] -> preprocessing -> frozen-BN backbone -> head."""
+    inputs = keras.Input(shape=base.input_shape[1:], name="image")
+    x = augmentation(inputs) if augmentation is not None else inputs
+    x = Preprocess(backbone, name="preprocess")(x)
+    x = base(x, training=False)  # BatchNorm stays in inference mode even when unfrozen
+    outputs = head(x)
+    return keras.Model(inputs, outputs, name=f"{backbone}_classifier")

@@ -1,0 +1,230 @@
+"""The stack's services started and stopped: the S3 store, the MLflow server with logins, and the
+whole stack (`up`, `down`); member logins (`add_user`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from classifier.data import fetch
+from classifier.errors import StageError
+from ops.team import security
+from ops.team.postgres import _postgres_bin, _run_pg, start_postgres
+from ops.team.processes import (
+    GRACE,
+    _group_alive,
+    _pid,
+    _port_free,
+    _service_env,
+    _spawn,
+    _venv_tool,
+    _wait_until,
+)
+from ops.team.state import (
+    ADMIN,
+    ARTIFACTS,
+    DVC_BUCKET,
+    SERVICES,
+    Stack,
+    _secret,
+    _write_config,
+    create,
+    exclusive,
+    load,
+    write_member,
+)
+
+
+def _s3_client(stack: Stack):
+    """boto3's S3 client, with the MLflow server's key."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=stack.local_s3,
+        aws_access_key_id=stack.secrets["s3_server_key"],
+        aws_secret_access_key=stack.secrets["s3_server_secret"],
+        region_name="us-east-1",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=3, read_timeout=30),
+    )
+
+
+def start_s3(stack: Stack) -> None:
+    if _pid(stack, "s3") is None:
+        p = stack.ports
+        for name in ("s3", "s3_grpc", "master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc"):
+            _port_free(p[name])
+        stack.path("s3").mkdir(exist_ok=True)
+        stack.path("s3").chmod(0o700)  # the store's files (every artifact and DVC object): its user's alone
+        args = [
+            _venv_tool("weed"),
+            "server",
+            f"-dir={stack.path('s3')}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.ip.bind={stack.bind}",
+            f"-master.port={p['master']}",
+            f"-master.port.grpc={p['master_grpc']}",
+            f"-volume.port={p['volume']}",
+            f"-volume.port.grpc={p['volume_grpc']}",
+            "-volume.max=0",  # as many volumes as the disk holds
+            "-volume.preStopSeconds=1",  # stop in a second, not ten
+            "-master.volumeSizeLimitMB=1024",
+            "-filer",
+            f"-filer.port={p['filer']}",
+            f"-filer.port.grpc={p['filer_grpc']}",
+            "-s3",
+            f"-s3.port={p['s3']}",
+            f"-s3.port.grpc={p['s3_grpc']}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.config={stack.path('s3.json')}",
+            # Below S3, nothing without a key (stages/storesecurity.py): no HTTP API on the master and
+            # the filer, certificates on every gRPC port, signed requests on the volume server's.
+            "-disableHttp",
+            "-filer.disableHttp",
+            *security.socket_flags(stack.path("s3")),
+        ]
+        # TMPDIR: where it puts its gRPC unix sockets, in its private folder rather than /tmp
+        private = str(stack.path("s3"))
+        process = _spawn(stack, "s3", args, _service_env(HOME=str(stack.root), TMPDIR=private))
+    else:
+        process = None
+    client = _s3_client(stack)
+
+    def buckets_made() -> bool:
+        have = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        for bucket in ("mlflow", DVC_BUCKET):
+            if bucket not in have:
+                client.create_bucket(Bucket=bucket)
+        return True
+
+    _wait_until(buckets_made, stack, "s3", process)
+
+
+def api(stack: Stack, method: str, path: str, body: dict | None = None) -> dict:
+    """Call the MLflow server's REST API as the admin; the JSON answer."""
+    request = urllib.request.Request(
+        stack.local_mlflow + "/api/2.0/mlflow/" + path,
+        data=json.dumps(body).encode() if body is not None else None,
+        method=method,
+        headers={"Content-Type": "application/json", **fetch.basic_auth(ADMIN, stack.secrets["admin_password"])},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return json.loads(answer.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        raise StageError(f"the MLflow server refused {path}: HTTP {err.code} {err.read()[:300]!r}") from err
+
+
+def start_mlflow(stack: Stack) -> None:
+    if _pid(stack, "mlflow") is None:
+        _port_free(stack.ports["mlflow"])
+        s = stack.secrets
+        env = _service_env(HOME=str(stack.root))
+        env |= {
+            "PGPASSFILE": str(stack.path("pgpass")),
+            "MLFLOW_AUTH_CONFIG_PATH": str(stack.path("basic_auth.ini")),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": s["admin_password"],  # read on the first start only
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": s["flask_secret_key"],
+            "MLFLOW_S3_ENDPOINT_URL": stack.local_s3,
+            "AWS_ACCESS_KEY_ID": s["s3_server_key"],
+            "AWS_SECRET_ACCESS_KEY": s["s3_server_secret"],
+            "AWS_DEFAULT_REGION": "us-east-1",
+            # MLflow's job runner (four more processes) serves GenAI features this pipeline does not use
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",  # no usage reports to MLflow's makers
+        }
+        args = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth"]
+        args += ["--host", stack.bind, "--port", str(stack.ports["mlflow"]), "--workers", "2"]
+        args += ["--backend-store-uri", stack.database_uri, "--artifacts-destination", ARTIFACTS, "--serve-artifacts"]
+        if stack.public_host not in ("127.0.0.1", "localhost"):
+            # MLflow's default (this machine and private addresses), with the name members use
+            private = ["10.*", "192.168.*", *(f"172.{i}.*" for i in range(16, 32))]
+            hosts = [
+                stack.public_host,
+                f"{stack.public_host}:*",
+                "localhost",
+                "localhost:*",
+                "127.0.0.1",
+                "127.0.0.1:*",
+            ]
+            args += ["--allowed-hosts", ",".join(hosts + private)]
+        process = _spawn(stack, "mlflow", args, env)
+    else:
+        process = None
+
+    def answers() -> bool:
+        with urllib.request.urlopen(stack.local_mlflow + "/health", timeout=2) as answer:
+            return answer.status == 200
+
+    _wait_until(answers, stack, "mlflow", process)
+    api(stack, "GET", f"users/get?username={ADMIN}")  # the admin's password works
+
+
+def up(root: Path, bind: str | None = None, public_host: str | None = None) -> Stack:
+    """Create the stack in `root` if there is none (listening on `bind`, 127.0.0.1 by default), and
+    start whichever of its services is not running."""
+    with exclusive(root):
+        return _up(root, bind, public_host)
+
+
+def _up(root: Path, bind: str | None, public_host: str | None) -> Stack:
+    stack = load(root)
+    if stack is None:
+        stack = create(root, bind or "127.0.0.1", public_host)
+    elif (bind or stack.bind, public_host or stack.public_host) != (stack.bind, stack.public_host):
+        raise StageError(
+            f"the stack in {root} serves on {stack.bind} as {stack.public_host}: edit its stack.json to change that"
+        )
+    else:
+        _write_config(stack)  # as this version of the code writes it
+    start_postgres(stack)
+    start_s3(stack)
+    start_mlflow(stack)
+    return stack
+
+
+def down(stack: Stack) -> list[str]:
+    """Stop every service (MLflow first, PostgreSQL last); the ones that were running."""
+    return [service for service in reversed(SERVICES) if stop(stack, service)]
+
+
+def add_user(stack: Stack, name: str) -> Path:
+    """An MLflow login for `name` with a generated password, written to members/<name>.env."""
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise StageError(f"user name {name!r}: use letters, digits, '.', '-' and '_'")
+    if stack.path("members", f"{name}.env").exists():
+        raise StageError(f"{name} has a login already: {stack.path('members', f'{name}.env')}")
+    password = _secret(24)
+    api(stack, "POST", "users/create", {"username": name, "password": password})
+    return write_member(stack, name, password)
+
+
+def stop(stack: Stack, service: str) -> bool:
+    """Stop `service`; whether it was running."""
+    pid = _pid(stack, service)
+    if pid is None:
+        return False
+    if service == "postgres":
+        _run_pg([_postgres_bin(stack, "pg_ctl"), "-D", str(stack.path("postgres")), "-m", "fast", "-w", "stop"])
+        return True
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + GRACE[service]
+    while _group_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    stack.path(f"{service}.pid").unlink(missing_ok=True)
+    return True

@@ -1,0 +1,272 @@
+"""A stage's MLflow run (`stage_run`): opened with its lineage before the work, its params and data
+inputs logged; after it, the DVC hashes of its outputs, its metrics, histories and artifacts. Live
+epoch metrics (`epoch_logger`) and the logged classifier (`log_classifier`). A stage that DVC skips
+logs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from classifier import config
+from ops.tracking import worker
+from ops.tracking.lineage import data_deps, dvc_hash, lineage_tags, locked_hashes, stage_outputs, stage_params
+from ops.tracking.metrics import CURVE_PREFIX, _history, _stage_metrics, metric_key
+from ops.tracking.store import (
+    TrackingError,
+    _use_experiment,
+    active_run_id,
+    check_server,
+    enabled,
+    logging_failed,
+    retry_conflicts,
+    store_lock,
+    store_uri,
+    tracking_uri,
+)
+from ops.tracking.version import _record_failed_attempt
+from ops.tracking.worker import in_worker
+
+log = logging.getLogger(__name__)
+
+
+#: Outputs not copied into the tracking store: data and the backbone are too large (DVC keeps
+#: them), and the fine-tuned and ensemble models are stored once, inside the models evaluate and
+#: ensemble log and register.
+NOT_ARTIFACTS = ("data/", "models/backbone.weights.h5", "models/model.keras", "models/ensemble")
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: config.Params) -> Iterator[str | None]:
+    """The MLflow run of one stage: opened (lineage tagged) before the work, completed after it.
+
+    When the body returns, the run gets the DVC hashes of the outputs dvc.yaml declares for the
+    stage, and logs them (`log_outputs`). Yields the run's id (None when tracking is off).
+    """
+    if not enabled():
+        log.info("PIPELINE_TRACKING=off: %s logs nothing", stage)
+        yield None
+        return
+    uri = tracking_uri()
+    check_server(uri)
+    run_id = _begin(stage, params, lineage_tags(stage))
+    log.info("MLflow run %s (%s) at %s", run_id, stage, uri)
+    try:
+        yield run_id
+        try:
+            log_outputs(stage)
+        except Exception as err:
+            raise logging_failed(stage, "logging its outputs", err, run_id) from err
+    except BaseException:
+        with contextlib.suppress(Exception):
+            _abort(stage, params)
+        raise
+    _end_run()
+
+
+@in_worker
+def _begin(stage: str, params: config.Params, tags: dict[str, str]) -> str:
+    """Open the stage's run with its lineage `tags`, log its params and inputs; return its id."""
+    import mlflow
+
+    uri = tracking_uri()
+    try:
+        mlflow.set_tracking_uri(store_uri())
+        with store_lock():
+            run = _open_run(stage, tags=tags)
+            mlflow.log_params(stage_params(stage, params))
+            _log_inputs(stage)
+    except Exception as err:
+        if mlflow.active_run() is not None:
+            with contextlib.suppress(Exception), store_lock():
+                mlflow.end_run("FAILED")
+        raise TrackingError(f"Could not open an MLflow run at {uri}: {err}. Nothing was run.") from err
+    worker.run_opened(stage, functools.partial(_abort, stage, params))
+    return run.info.run_id
+
+
+@in_worker
+def _end_run() -> None:
+    """End the stage's run as finished."""
+    import mlflow
+
+    with store_lock():
+        mlflow.end_run()
+    worker.run_closed()
+
+
+@in_worker
+def _abort(stage: str, params: config.Params) -> None:
+    """End the stage's run as failed, with a failed row for its attempt (`_record_failed_attempt`)."""
+    import mlflow
+
+    worker.run_closed()
+    with store_lock():
+        mlflow.end_run("FAILED")
+        _record_failed_attempt(stage, params)
+
+
+def _log_inputs(stage: str) -> None:
+    """Each data input as an MLflow dataset whose digest is its DVC content hash."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    hashes = locked_hashes()
+    for path in data_deps(stage):
+        if path in hashes:
+            with warnings.catch_warnings():  # "can be interpreted in multiple ways": all are local paths
+                warnings.simplefilter("ignore", UserWarning)
+                source = resolve_dataset_source(str(Path(path).resolve()))
+            dataset = MetaDataset(source, name=path, digest=hashes[path])  # type: ignore[abstract]  # concrete at run time
+            retry_conflicts(mlflow.log_input, dataset, context=stage)
+
+
+@in_worker
+def log_outputs(stage: str, replay_history: bool = False) -> None:
+    """Log what dvc.yaml says `stage` produced: the DVC hash of each output (`dvc.out.<path>`),
+    metrics files, artifacts, and optionally the per-epoch history files as step metrics (when
+    they were not logged live)."""
+    import mlflow
+
+    metrics = _stage_metrics(stage)
+    written = {f"dvc.out.{path}": dvc_hash(Path(path)) for path in stage_outputs(stage) if Path(path).exists()}
+    outputs = [p for p in stage_outputs(stage) if not p.startswith(NOT_ARTIFACTS)]
+    with store_lock():
+        mlflow.set_tags(written)
+        logged = set(mlflow.get_run(active_run_id()).data.metrics)
+        if replay_history:
+            for path in outputs:
+                if path.endswith("history.csv") and Path(path).is_file():
+                    logged |= _log_history(Path(path), CURVE_PREFIX.get(stage, ""), skip=logged)
+        # A final value already logged per epoch (val_accuracy...) is not logged again at step 0.
+        fresh = {k: v for k, v in metrics.items() if k not in logged}
+        if fresh:
+            mlflow.log_metrics(fresh)
+        for path in outputs:
+            if Path(path).is_dir():
+                mlflow.log_artifacts(path, path)
+            elif Path(path).is_file():
+                mlflow.log_artifact(path, str(Path(path).parent))
+
+
+def _log_history(path: Path, prefix: str, skip: set[str]) -> set[str]:
+    """A history.csv as step metrics named `prefix` + column, except the metrics in `skip` (already
+    logged live); returns the names it logged."""
+    import mlflow
+
+    names: set[str] = set()
+    for step, row in _history(path):
+        values = {prefix + k: v for k, v in row.items() if prefix + k not in skip}
+        mlflow.log_metrics(values, step=step)
+        names |= set(values)
+    return names
+
+
+@in_worker
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log to the active stage run (extra metrics a stage computes beyond its metrics files)."""
+    if not enabled():
+        return
+    import mlflow
+
+    with store_lock():
+        mlflow.log_metrics({metric_key(k): float(v) for k, v in metrics.items()}, step=step)
+
+
+def epoch_logger(prefix: str = "") -> Any:
+    """A Keras callback logging each epoch's loss and accuracy (train and validation) live.
+
+    Best effort: if the tracking store fails mid-training, training goes on (the history is
+    saved with the outputs and can be logged afterwards).
+    """
+    import keras  # imported here: stages without a model need not load TensorFlow
+
+    class EpochLogger(keras.callbacks.Callback):
+        failed = False
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            if logs and not self.failed:
+                try:
+                    log_metrics({prefix + k: v for k, v in logs.items() if k != "learning_rate"}, step=epoch)
+                except Exception as err:  # noqa: BLE001  training matters more than its live curve
+                    self.failed = True
+                    log.warning("live logging to %s failed, training goes on: %s", tracking_uri(), err)
+
+    return EpochLogger()
+
+
+@in_worker
+def log_model(*args: Any, **kwargs: Any) -> str:
+    """`registry.log_model`, in the worker: the stage need not import MLflow's model code."""
+    from ops.serving import registry
+
+    return registry.log_model(*args, **kwargs)
+
+
+def log_classifier(
+    stage: str,
+    model_path: Path,
+    classes: list[str],
+    example: Path,
+    prepared: Path,
+    params: config.Params,
+    test: dict[str, Any],
+) -> None:
+    """Log and register a classifier that `stage` scored on the test split of `prepared` (`log_model`,
+    with evaluate's threshold and registry name, `test` its headline test metrics and `example` an
+    input picture); a failure says how to log it afterwards (`logging_failed`)."""
+    try:
+        log_model(
+            model_path,
+            classes,
+            params.evaluate.threshold,
+            example,
+            params.evaluate.registered_model,
+            test["accuracy"],
+            test_set=locked_hashes().get(prepared.as_posix()),
+            max_side=params.data.max_side,
+            min_side=params.data.min_side,
+            max_pixels=params.data.max_pixels,
+            precision=params.precision,
+            metrics=test,
+        )
+    except Exception as err:
+        raise logging_failed(stage, "logging the model", err) from err
+
+
+def relog(stage: str, run_id: str | None) -> str:
+    """Log the saved outputs of `stage` into the run `run_id` (or a new run); return its id."""
+    import mlflow
+
+    params = config.load()
+    uri = tracking_uri()
+    check_server(uri)
+    mlflow.set_tracking_uri(store_uri())
+    try:
+        with store_lock():
+            run = _open_run(stage, run_id)
+            if not run_id:
+                mlflow.log_params(stage_params(stage, params))
+        log_outputs(stage, replay_history=True)
+        with store_lock():
+            mlflow.end_run()
+    except mlflow.exceptions.MlflowException as err:
+        raise TrackingError(f"Could not log {stage} to {uri}: {err}") from err
+    return run.info.run_id
+
+
+def _open_run(stage: str, run_id: str | None = None, tags: dict[str, str] | None = None):
+    """Start (or, with `run_id`, resume) the stage's run in the current experiment."""
+    import mlflow
+
+    _use_experiment()
+    if run_id:
+        return mlflow.start_run(run_id=run_id)
+    return mlflow.start_run(run_name=stage, tags=lineage_tags(stage) if tags is None else tags)

@@ -1,0 +1,257 @@
+"""The pipeline version (`log_pipeline_version`, by compare): one run with every param, the key
+metrics of every model and a link to the run of every stage, found by the hashes dvc.lock records;
+a failed attempt's row; and `find`, the runs that wrote an output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from classifier import config
+from classifier.errors import StageError
+from ops.tracking.lineage import _stages, git_commit, lineage_tags, locked_hashes, loggable_params, stage_outputs
+from ops.tracking.metrics import CURVE_PREFIX, _all_metrics, _history
+from ops.tracking.store import (
+    _client,
+    _experiment,
+    enabled,
+    experiment_name,
+    logging_failed,
+    retry_conflicts,
+    store_lock,
+    store_uri,
+    tracking_uri,
+)
+from ops.tracking.worker import in_worker
+
+log = logging.getLogger(__name__)
+
+PIPELINE_RUN = "pipeline"
+
+
+#: The pipeline version's headline metrics, named as in the metrics files (flattened) and in DVC.
+KEY_METRICS = (
+    "top.val_accuracy",
+    "finetune.val_accuracy",
+    "test.accuracy",
+    "test.top3_accuracy",
+    "test.log_loss",
+    "baseline.test.accuracy",
+    "ensemble.test.accuracy",
+)
+
+
+def version_name(params: config.Params) -> str:
+    """What a version is called: its DVC experiment, else its commit, and the params it changed
+    from the committed params.yaml (`exp-3f2a1 finetune.learning_rate=0.0002`)."""
+    commit, _ = git_commit()
+    name = os.environ.get("DVC_EXP_NAME") or (commit[:7] if commit != "unknown" else PIPELINE_RUN)
+    changed = changed_params(params)
+    shown = [f"{key}={value}" for key, value in changed.items()][:3]
+    if len(changed) > len(shown):
+        shown.append(f"+{len(changed) - len(shown)} more")
+    return " ".join([name, *shown])
+
+
+def changed_params(params: config.Params) -> dict[str, Any]:
+    """The params whose values differ from the committed params.yaml ({} outside git)."""
+    try:
+        committed = subprocess.run(
+            ["git", "show", f"HEAD:./{config.PARAMS_FILE}"], capture_output=True, text=True, check=True
+        ).stdout
+        before = config.flatten(config.parse(yaml.safe_load(committed)))
+    except (OSError, subprocess.CalledProcessError, yaml.YAMLError, config.ParamsError):
+        return {}
+    return {k: v for k, v in loggable_params(params).items() if before.get(k) != v}
+
+
+def _log_curves(client: Any, run_id: str) -> set[str]:
+    """The per-epoch history of each training stage, as step metrics of the version: its Compare
+    and chart views draw them (`top.val_accuracy`, `finetune.val_accuracy`, ...). Returns their names."""
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    names: set[str] = set()
+    for stage, prefix in CURVE_PREFIX.items():
+        for path in stage_outputs(stage):
+            if path.endswith("history.csv") and Path(path).is_file():
+                rows = _history(Path(path))
+                points = [Metric(prefix + k, v, stamp, step) for step, values in rows for k, v in values.items()]
+                for start in range(0, len(points), 1000):  # log_batch takes at most 1000 metrics
+                    client.log_batch(run_id, metrics=points[start : start + 1000])
+                names |= {point.key for point in points}
+    return names
+
+
+def _link_models(client: Any, experiment_id: str, source_run: str, version_id: str) -> None:
+    """Show the models `source_run` logged (the fine-tuned model) on the version's row too."""
+    from mlflow.entities import LoggedModelOutput
+
+    models = client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{source_run}'"
+    )
+    if models:
+        client.log_outputs(version_id, [LoggedModelOutput(m.model_id, step=0) for m in models])
+
+
+def versions_url(base: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI's runs table of this experiment, showing only pipeline versions, best test
+    accuracy first (the UI takes the filter and the order from the address)."""
+    import urllib.parse
+
+    experiment = _client().get_experiment_by_name(experiment_name())
+    query = urllib.parse.urlencode(
+        {
+            "searchFilter": f"tags.`pipeline.stage` = '{PIPELINE_RUN}'",
+            "orderByKey": "metrics.`test.accuracy`",
+            "orderByAsc": "false",
+            "workflowType": "machine_learning",  # the UI's model-training mode, not its GenAI one
+        },
+        quote_via=urllib.parse.quote,
+    )
+    where = f"experiments/{experiment.experiment_id}/runs?{query}" if experiment else ""
+    return f"{base}/#/{where}"
+
+
+def runs_that_wrote(outputs: dict[str, str], stage: str | None = None, max_results: int = 100) -> list[Any]:
+    """The finished runs, newest first, that wrote every output in `outputs` ({path: DVC hash})."""
+    client = _client()
+    experiment = client.get_experiment_by_name(experiment_name())
+    if experiment is None or not outputs:
+        return []
+    conditions = [f"tags.`dvc.out.{path}` = '{md5}'" for path, md5 in outputs.items()]
+    if stage:
+        conditions.append(f"tags.`pipeline.stage` = '{stage}'")
+    conditions.append("attributes.status = 'FINISHED'")
+    return client.search_runs(
+        [experiment.experiment_id],
+        " and ".join(conditions),
+        order_by=["attributes.start_time DESC"],
+        max_results=max_results,
+    )
+
+
+def switched_off(params: config.Params) -> set[str]:
+    """The stages that `params` switch off: they run, but write empty outputs and log no run."""
+    off = set()
+    if not params.baseline.enabled:
+        off.add("baseline")
+    if not params.ensemble.backbones:
+        off.add("ensemble")
+    return off
+
+
+@in_worker
+def log_pipeline_version(params: config.Params, stage: str = "compare") -> str | None:
+    """Open the run of this pipeline version, linking the run of every stage; return its id
+    (None when tracking is off).
+
+    Called by the last stage, `stage`, which has no run of its own, once dvc.lock records every
+    other stage. Each stage's run is the newest that wrote the outputs dvc.lock records for it, so a
+    stage reused unchanged (or restored from DVC's run-cache) links the run that first wrote its
+    outputs; a stage switched off (`switched_off`) has none. Runs made in this version get it as
+    their parent: they nest under it in the MLflow UI. The version shows the models that evaluate
+    and ensemble logged, and carries evaluate's `model.*` tags (the ensemble's as `ensemble.model.*`).
+    """
+    if not enabled():
+        return None
+    import mlflow
+    from mlflow.entities import Param
+
+    client = _client()
+    hashes = locked_hashes()
+    runs: dict[str, str] = {}
+    skipped = switched_off(params) | {stage}
+    for name in _stages():
+        if name in skipped:
+            continue
+        if found := runs_that_wrote({p: hashes[p] for p in stage_outputs(name) if p in hashes}, name, 1):
+            runs[name] = found[0].info.run_id
+        else:
+            log.warning("no run in %s wrote the %s outputs dvc.lock records: not linked", tracking_uri(), name)
+    metrics = {k: v for k, v in _all_metrics().items() if k in KEY_METRICS}
+    tags = lineage_tags(PIPELINE_RUN) | {f"run.{name}": run_id for name, run_id in runs.items()}
+    try:
+        with store_lock():
+            experiment = _experiment(client)
+            linked = {name: client.get_run(run_id) for name, run_id in runs.items()}
+            new = [r for r in linked.values() if "mlflow.parentRunId" not in r.data.tags]  # made in this version
+            for name, prefix in (("evaluate", ""), ("ensemble", "ensemble.")):
+                if name in linked:
+                    tags |= {prefix + k: v for k, v in linked[name].data.tags.items() if k.startswith("model.")}
+            version = client.create_run(
+                experiment.experiment_id,
+                run_name=version_name(params),
+                tags=tags,
+                start_time=_first_start(new),  # the version spans the work of its stages
+            )
+            version_id = version.info.run_id
+            client.log_batch(version_id, params=[Param(k, str(v)) for k, v in loggable_params(params).items()])
+            curves = _log_curves(client, version_id)
+            for key, value in metrics.items():
+                if key not in curves:  # a curve ends on the final value already
+                    client.log_metric(version_id, key, value)
+            for name in ("evaluate", "ensemble"):
+                if name in runs:
+                    _link_models(client, experiment.experiment_id, runs[name], version_id)
+            for other in new:
+                retry_conflicts(client.set_tag, other.info.run_id, "mlflow.parentRunId", version_id)
+            client.set_terminated(version_id)
+    except Exception as err:
+        raise logging_failed(stage, "logging the pipeline version", err) from err
+    mlflow.set_tracking_uri(tracking_uri())
+    log.info("pipeline version: MLflow run %s, linking %s", version_id, ", ".join(runs))
+    return version_id
+
+
+def find(path: str, md5: str | None) -> list[str]:
+    """Lines describing the runs that wrote `path` with the DVC hash `md5` (default: dvc.lock's)."""
+    import mlflow
+
+    md5 = md5 or locked_hashes().get(path)
+    if md5 is None:
+        raise StageError(f"dvc.lock records no output {path!r}: give its hash with --md5, or run `dvc repro` first")
+    mlflow.set_tracking_uri(store_uri())
+    runs = runs_that_wrote({path: md5})
+    if not runs:
+        raise StageError(
+            f"no finished run in {tracking_uri()} (experiment {experiment_name()}) wrote {path} {md5}: "
+            "it was made with PIPELINE_TRACKING=off, logged to another store, or restored by `dvc pull`"
+        )
+    return [
+        f"{r.info.run_id}  {r.data.tags.get('pipeline.stage', '?'):<10} "
+        f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(r.info.start_time / 1000))}  "
+        f"git {r.data.tags.get('git.commit', 'unknown')[:10]}  {r.data.tags.get('dvc.experiment', '')}".rstrip()
+        for r in runs
+    ]
+
+
+def _record_failed_attempt(stage: str, params: config.Params) -> None:
+    """A failed row for the attempt a stage failed in, with the attempt's stage runs nested under it,
+    so that a failure stands with its version's params, not as a lone run among the versions."""
+    client = _client()
+    experiment = _experiment(client)
+    tags = lineage_tags(PIPELINE_RUN) | {"pipeline.failed_stage": stage}
+    runs = client.search_runs(
+        [experiment.experiment_id], f"tags.`pipeline.attempt` = '{tags['pipeline.attempt']}'", max_results=100
+    )
+    name = f"{version_name(params)} (failed at {stage})"
+    failed = client.create_run(experiment.experiment_id, run_name=name, tags=tags, start_time=_first_start(runs))
+    for params_key, value in loggable_params(params).items():
+        client.log_param(failed.info.run_id, params_key, value)
+    for other in runs:
+        if "mlflow.parentRunId" not in other.data.tags and other.data.tags.get("pipeline.stage") != PIPELINE_RUN:
+            retry_conflicts(client.set_tag, other.info.run_id, "mlflow.parentRunId", failed.info.run_id)
+    client.set_terminated(failed.info.run_id, "FAILED")
+
+
+def _first_start(runs: list[Any]) -> int | None:
+    """When the earliest of `runs` started (ms), None for none."""
+    return min((r.info.start_time for r in runs), default=None)

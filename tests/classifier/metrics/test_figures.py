@@ -1,0 +1,176 @@
+"""The figures evaluate draws and the plots dvc.yaml defines show what they claim: the confusion
+matrix with actual classes on the rows in the PNG and in DVC's plot, counts shown, natural class
+order, the ROC's AUC and averaging for many classes, and both training stages on one epoch axis."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from classifier.metrics import figures, reports, scores
+from classifier.model import images
+from ops.code import ROOT
+
+
+def dvc_plot(plot_id: str) -> dict:
+    """The definition of a top-level plot in dvc.yaml."""
+    for entry in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]:
+        if isinstance(entry, dict) and plot_id in entry:
+            return entry[plot_id]
+    raise KeyError(plot_id)
+
+
+@pytest.fixture
+def known(tmp_path):
+    """A test split whose confusion matrix is known: classes sorted as text, as the model has them."""
+    classes = ["eight", "five", "four"]
+    labels = np.array([0, 0, 1, 2, 2, 2])  # eight, eight, five, four, four, four
+    predicted = np.array([2, 0, 1, 2, 2, 0])  # one eight taken for a four, one four for an eight
+    probs = np.eye(3)[predicted] * 0.7 + 0.1
+    split = images.Split(paths=[f"p{i}.jpg" for i in range(6)], labels=labels, classes=classes)
+    metrics = scores.compute_metrics(labels, probs, classes, 0.5)
+    reports.write_plot_data(tmp_path, split, probs, 0.5, scores.roc(labels, probs))
+    # rows actual four, five, eight; columns predicted four, five, eight
+    expected = {("four", "four"): 2, ("four", "eight"): 1, ("five", "five"): 1, ("eight", "four"): 1}
+    expected |= {("eight", "eight"): 1}
+    return {"out": tmp_path, "metrics": metrics, "expected": expected, "natural": ["four", "five", "eight"]}
+
+
+def cells(matrix: np.ndarray, classes: list[str]) -> dict[tuple[str, str], int]:
+    """{(row class, column class): count} of the non-zero cells."""
+    return {(classes[i], classes[j]): int(v) for (i, j), v in np.ndenumerate(matrix) if v}
+
+
+def test_png_confusion_matrix_has_actual_rows_in_natural_order_with_counts(known):
+    confusion = known["metrics"]["confusion"]
+    fig = figures.confusion_figure(np.array(confusion["rows_actual_columns_predicted"]), confusion["classes"], 0.5)
+    ax = fig.axes[0]
+    drawn = np.asarray(ax.images[0].get_array())
+    assert ax.get_ylabel() == "actual" and ax.get_xlabel() == "predicted"
+    rows = [t.get_text() for t in ax.get_yticklabels()]
+    columns = [t.get_text() for t in ax.get_xticklabels()]
+    assert rows == columns == known["natural"]
+    assert cells(drawn, rows) == known["expected"]
+    # each cell's count is written on it: text at (column j, row i)
+    written = {(rows[int(t.get_position()[1])], columns[int(t.get_position()[0])]): int(t.get_text()) for t in ax.texts}
+    assert {k: v for k, v in written.items() if v} == known["expected"]
+
+
+def test_dvc_confusion_plot_has_actual_rows_like_the_png_and_shows_counts(known):
+    """Render dvc.yaml's definition with DVC's own renderer over predictions.csv: the y axis (rows)
+    is the actual class, and the cells count the same (actual, predicted) pairs as the PNG."""
+    from dvc_render import VegaRenderer
+
+    definition = dvc_plot("confusion_matrix")
+    ((data_file, y_field),) = definition["y"].items()
+    with open(known["out"] / Path(data_file).name, newline="") as f:
+        rows = list(csv.DictReader(f))
+    renderer = VegaRenderer(rows, "confusion_matrix", template=definition["template"], x=definition["x"], y=y_field)
+    spec = renderer.get_filled_template()
+    encoding = spec["spec"]["encoding"]
+    assert encoding["y"]["field"] == "actual" and encoding["x"]["field"] == "predicted"
+    drawn = Counter((r[encoding["y"]["field"]], r[encoding["x"]["field"]]) for r in spec["data"]["values"])
+    assert dict(drawn) == known["expected"]
+    # the template writes each cell's count (the confusion_normalized one has no count to show)
+    text_layers = [layer for layer in spec["spec"]["layer"] if layer.get("mark") == "text"]
+    assert text_layers[0]["encoding"]["text"]["condition"]["field"] == "xy_count"
+
+
+def test_confusion_png_title_is_inside_the_figure(tmp_path):
+    """A long class name or a two-class matrix must not push the title out of the picture."""
+    for classes in (["cat", "dog"], ["American_Staffordshire_terrier", "Chihuahua", "Staffordshire_bullterrier"]):
+        n = len(classes)
+        fig = figures.confusion_figure(np.arange(n * n).reshape(n, n), classes, 0.123)
+        fig.savefig(tmp_path / "confusion.png")
+        renderer = fig.canvas.get_renderer()
+        title = fig.axes[0].title.get_window_extent(renderer)
+        box = fig.bbox
+        assert box.x0 <= title.x0 and title.x1 <= box.x1 and box.y0 <= title.y0 and title.y1 <= box.y1, classes
+        for label in fig.axes[0].get_yticklabels() + fig.axes[0].get_xticklabels():
+            extent = label.get_window_extent(renderer)
+            assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0, label.get_text()
+
+
+def test_many_class_roc_title_gives_the_micro_average_and_its_auc():
+    rng = np.random.default_rng(1)
+    labels = np.arange(60) % 4
+    probs = rng.dirichlet(np.ones(4), 60) + np.eye(4)[labels] * rng.uniform(0, 1, (60, 1))
+    probs /= probs.sum(axis=1, keepdims=True)
+    curve = scores.roc(labels, probs)
+    micro = float(np.sum(np.diff(curve.fpr) * (curve.tpr[1:] + curve.tpr[:-1]) / 2))  # area under the drawn curve
+    macro = np.mean([scores.roc_auc((labels == i).astype(int), probs[:, i]) for i in range(4)])
+    assert curve.auc == pytest.approx(micro)
+    assert curve.macro_auc == pytest.approx(macro)
+    ax = figures.roc_figure(curve, ["a", "b", "c", "d"]).axes[0]
+    assert "micro-average" in ax.get_title()
+    assert f"micro-average AUC {micro:.3f}" in ax.get_title() and f"macro-average AUC {macro:.3f}" in ax.get_title()
+    assert f"micro-average (AUC {micro:.3f})" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert scores.compute_metrics(labels, probs, list("abcd"), 0.5)["test"]["roc_auc"] == pytest.approx(macro)
+
+
+def test_two_class_roc_title_names_the_positive_class_and_auc():
+    labels = np.array([0, 0, 1, 1])
+    probs = scores.as_class_probabilities(np.array([[0.1], [0.6], [0.4], [0.9]]))
+    ax = figures.roc_figure(scores.roc(labels, probs), ["cat", "dog"]).axes[0]
+    assert "'dog' as positive" in ax.get_title() and "AUC 0.750" in ax.get_title()
+
+
+def write_history(path: Path, epochs: int, start: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", "loss", "accuracy", "val_loss", "val_accuracy"])
+        for e in range(1, epochs + 1):
+            writer.writerow([e, 1 / e, start + 0.01 * e, 1.1 / e, start + 0.005 * e])
+    return path
+
+
+def test_training_curves_put_finetune_epochs_after_the_heads(tmp_path):
+    """Each history.csv counts its own epochs from 1; the figure continues fine-tuning's count after
+    the head's, each stage in its own colour, with whole-number epoch ticks."""
+    top = write_history(tmp_path / "train_top" / "history.csv", 3, 0.6)
+    fine = write_history(tmp_path / "finetune" / "history.csv", 2, 0.8)
+    series = figures.training_series([top, fine])
+    assert [(stage, epochs.tolist()) for stage, epochs, _ in series] == [
+        ("top", [1, 2, 3]),
+        ("finetune", [4, 5]),
+    ]
+    fig = figures.training_figure([top, fine])
+    for ax in fig.axes:
+        lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+        assert set(lines) == {"top train", "top validation", "finetune train", "finetune validation"}
+        assert list(lines["top train"].get_xdata()) == [1, 2, 3]
+        assert list(lines["finetune validation"].get_xdata()) == [4, 5]
+        assert lines["top train"].get_color() != lines["finetune train"].get_color()
+        fig.canvas.draw()
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_dvc_training_plots_draw_each_stage_apart():
+    """No DVC plot mixes the head's epochs with fine-tuning's (both count from 1)."""
+    entries = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    plots = dict(next(iter(entry.items())) for entry in entries if isinstance(entry, dict))
+    training = {name: spec for name, spec in plots.items() if any(f.endswith("history.csv") for f in spec["y"])}
+    assert set(training) == {
+        "top_accuracy",
+        "top_loss",
+        "finetune_accuracy",
+        "finetune_loss",
+        "baseline_accuracy",
+        "ensemble_accuracy",
+    }
+    stage_history = {
+        "top": "reports/train_top/history.csv",
+        "finetune": "reports/finetune/history.csv",
+        "baseline": "reports/baseline/history.csv",
+        "ensemble": "reports/ensemble/history.csv",
+    }
+    for name, spec in training.items():
+        assert list(spec["y"]) == [stage_history[name.split("_")[0]]], name
+        assert spec["x"] == "epoch"

@@ -1,0 +1,104 @@
+"""The backbone registry: real layer names, each family's own preprocessing, weights and their failures."""
+
+from __future__ import annotations
+
+import functools
+
+import keras
+import numpy as np
+import pytest
+
+from classifier import config
+from classifier.model import backbones
+
+
+@pytest.mark.parametrize("name", config.BACKBONES)
+def test_block_ends_are_layers_of_the_architecture_in_order(name):
+    spec = backbones.REGISTRY[name]
+    size = max(spec.min_size, 75)
+    base = backbones.build_backbone(name, None, (size, size))
+    names = [layer.name for layer in base.layers]
+    positions = [names.index(end) for end in spec.block_ends]  # raises if a name is wrong
+    assert positions == sorted(positions)
+    assert spec.block_ends[-1] == names[-1], "the last block ends the backbone"
+    unfrozen = backbones.unfreeze_last_blocks(base, name, 1)
+    assert unfrozen and all(names.index(n) > positions[-2] for n in unfrozen)
+    assert not any(layer.trainable for layer in base.layers[: positions[-2] + 1])
+
+
+@pytest.mark.parametrize("name", config.BACKBONES)
+def test_preprocess_layer_is_the_familys_own(name):
+    images = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    family = {
+        "vgg16": keras.applications.vgg16,
+        "resnet50": keras.applications.resnet50,
+        "inception_v3": keras.applications.inception_v3,
+        "xception": keras.applications.xception,
+        "mobilenet_v2": keras.applications.mobilenet_v2,
+        "efficientnet_v2_b0": keras.applications.efficientnet_v2,
+    }[name]
+    expected = family.preprocess_input(images.copy())
+    got = keras.ops.convert_to_numpy(backbones.Preprocess(name)(images))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_vgg16_preprocessing_is_caffe_style_not_a_rescale():
+    red = np.zeros((1, 1, 1, 3), "float32")
+    red[..., 0] = 255.0
+    out = keras.ops.convert_to_numpy(backbones.Preprocess("vgg16")(red))[0, 0, 0]
+    # BGR order, ImageNet means subtracted: blue and green become negative means, red 255 - 123.68
+    np.testing.assert_allclose(out, [-103.939, -116.779, 255 - 123.68], atol=1e-3)
+
+
+def test_vgg16_last_block_is_block5():
+    base = backbones.build_backbone("vgg16", None, (32, 32))
+    assert backbones.unfreeze_last_blocks(base, "vgg16", 1) == ["block5_conv1", "block5_conv2", "block5_conv3"]
+    assert len(backbones.unfreeze_last_blocks(base, "vgg16", 2)) == 6
+    with pytest.raises(config.ParamsError, match="finetune.blocks = 5 is too many for vgg16: at most 4"):
+        backbones.unfreeze_last_blocks(base, "vgg16", 5)
+
+
+def test_image_too_small_for_the_architecture():
+    with pytest.raises(
+        config.ParamsError, match=r"data.image_size = \[64, 64\] is too small for inception_v3: .* 75x75"
+    ):
+        backbones.build_backbone("inception_v3", None, (64, 64))
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+    keras.utils.set_random_seed(1)
+    original = backbones.build_backbone("vgg16", None, (32, 32))
+    original.save_weights(tmp_path / "vgg16.weights.h5")
+    keras.utils.set_random_seed(2)
+    loaded = backbones.build_backbone("vgg16", str(tmp_path / "vgg16.weights.h5"), (32, 32))
+    for a, b in zip(original.get_weights(), loaded.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not loaded.trainable
+
+
+def test_missing_local_weights_file_names_the_param(tmp_path):
+    with pytest.raises(backbones.WeightsUnavailable, match=r"model.weights = '.*nope.h5': no such file"):
+        backbones.build_backbone("vgg16", str(tmp_path / "nope.h5"), (32, 32))
+
+
+def test_unreachable_imagenet_weights_fail_fast_with_what_to_do(tmp_path, monkeypatch, http_root):
+    """Weights fetched from a local server that does not have them: the offline situation."""
+    from keras.src.applications import vgg16
+    from keras.src.utils import file_utils
+
+    _, base = http_root
+    monkeypatch.setattr(vgg16, "WEIGHTS_PATH_NO_TOP", f"{base}/vgg16_notop.h5")
+    monkeypatch.setattr(file_utils, "get_file", functools.partial(file_utils.get_file, cache_dir=str(tmp_path)))
+    with pytest.raises(backbones.WeightsUnavailable) as err:
+        backbones.build_backbone("vgg16", "imagenet", (32, 32))
+    message = str(err.value)
+    assert "Could not download the ImageNet weights of vgg16" in message
+    assert "~/.keras/models/" in message and "model.weights" in message and "null" in message
+
+
+def test_architecture_limits_are_checked_before_any_work():
+    with pytest.raises(config.ParamsError, match="finetune.blocks = 11 is too many for inception_v3: at most 10"):
+        backbones.check(config.parse({"model": {"backbone": "inception_v3"}, "finetune": {"blocks": 11}}))
+    with pytest.raises(config.ParamsError, match=r"data.image_size = \[64, 64\] is too small for xception"):
+        backbones.check(config.parse({"model": {"backbone": "xception"}, "data": {"image_size": 64}}))
+    backbones.check(config.parse({}))  # the defaults pass

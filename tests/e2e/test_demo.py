@@ -1,0 +1,80 @@
+"""The README's demo path, run as written: `make demo` (here `python -m ops.demo` on the tiny
+config), then the experiment and the MLflow link it prints, whose commands the README shows."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ops.code import ROOT
+from tests.workspace import base_env, free_port, ran_stages, run
+
+#: `make demo` with the tiny config: the same code path, in seconds rather than minutes.
+DEMO_ON_TINY = """
+import sys
+from ops import demo
+from tests.conftest import TINY
+demo.DEMO_PARAMS = TINY
+sys.argv = ["ops.demo", "--dir", sys.argv[1]]
+demo.main()
+"""
+
+
+def readme_section(title: str) -> str:
+    return (ROOT / "README.md").read_text(encoding="utf-8").split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.mark.slow
+def test_the_readme_demo_path_runs_as_written(tmp_path):
+    env = base_env()
+    env.pop("MLFLOW_TRACKING_URI", None)
+    printed = run([sys.executable, "-c", DEMO_ON_TINY, str(tmp_path / "demo")], ROOT, env).stdout
+    section = readme_section("The offline demo")
+    assert "make demo" in section
+
+    # The experiment, as the demo prints it and the README shows it.
+    folder, experiment = re.search(r"an experiment:\s+cd (\S+) && (dvc exp run .+)", printed).groups()
+    assert experiment in section
+    done = run([sys.executable, "-m", *shlex.split(experiment)], Path(folder), env)
+    assert ran_stages(done.stdout) == ["finetune", "evaluate", "compare"]
+
+    # The MLflow UI, as printed, shows both versions (the demo's and the experiment's) in its link.
+    store = re.search(r"mlflow ui --backend-store-uri (\S+)", printed).group(1)
+    assert "mlflow ui --backend-store-uri" in section
+    link = re.search(r"then open (\S+)", printed).group(1)
+    port = free_port()
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
+                    assert answer.status == 200
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow ui did not answer"
+                time.sleep(0.5)
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)
+    import mlflow
+
+    query = urllib.parse.parse_qs(urllib.parse.urlparse(link).fragment.split("?", 1)[1])
+    experiment_id = re.search(r"experiments/(\d+)/runs", link).group(1)
+    versions = mlflow.MlflowClient(store).search_runs([experiment_id], query["searchFilter"][0])
+    rates = sorted(float(version.data.params["finetune.learning_rate"]) for version in versions)
+    assert len(rates) == 2 and 0.0002 in rates, rates

@@ -1,0 +1,145 @@
+"""End to end with four classes and all three models: the real `dvc repro` of the tiny pipeline with
+the baseline and an ensemble of two small backbones switched on, then the models it served and the
+`predict` command, in a temporary git repository (the other end-to-end tests use two classes and the
+fine-tuned model alone). The `four_classes` fixture (tests/conftest.py) runs the pipeline in the
+background, beside the team members' two pipelines.
+
+Four classes is more than top-3: evaluate adds `test.top3_accuracy`, macro-averages precision,
+recall and F1, and the softmax model names every class in the served `p.<class>` columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+
+import pytest
+
+from classifier.data import synthetic
+from tests.conftest import FOUR_CLASSES
+from tests.workspace import STAGES, finish_repro, ran_stages, run
+
+pytestmark = pytest.mark.slow
+
+PARAMS = FOUR_CLASSES
+CLASSES = PARAMS["data"]["synthetic"]["classes"]
+MEMBERS = PARAMS["ensemble"]["backbones"]
+#: Every stage runs: the ensemble's after one featurize stage per member.
+RAN = [*STAGES[:-2], *(f"ensemble_features@{m}" for m in MEMBERS), *STAGES[-2:]]
+#: The model's class order: sorted names (images.load_split).
+NAMES = sorted(synthetic.PATTERNS[:CLASSES])
+PER_CLASS_TEST = PARAMS["data"]["split"]["test"]
+#: How far apart two processes may compute a probability with the same saved model and preprocessing.
+SAME = 1e-4
+
+
+def printed_as(value: float, text: str) -> bool:
+    """Whether `ops.predict`, which prints 3 decimals, may print `text` for `value` give or take SAME."""
+    return any(f"{v:.3f}" == text for v in (value - SAME, value, value + SAME))
+
+
+def test_four_classes_run_through_every_stage_and_serve_and_predict_every_class(four_classes):
+    import mlflow
+    import pandas as pd
+
+    # the pipeline (started by the `four_classes` fixture, tests/conftest.py): every stage runs, and succeeds
+    workspace, env = four_classes["path"], four_classes["env"]
+    store = env["MLFLOW_TRACKING_URI"]
+    assert ran_stages(finish_repro(four_classes["repro"])) == RAN
+    assert json.loads((workspace / "models/classes.json").read_text()) == NAMES
+
+    # the headline metrics: top-3 accuracy (more than 3 classes), macro averages
+    test = json.loads((workspace / "reports/metrics.json").read_text())["test"]
+    assert set(test) == {"accuracy", "top3_accuracy", "precision", "recall", "f1", "roc_auc", "log_loss", "images"}
+    total = CLASSES * PER_CLASS_TEST
+    assert test["images"] == total == 24
+    for key in ("accuracy", "top3_accuracy", "precision", "recall", "f1"):
+        assert 0 <= test[key] <= 1, key
+    assert test["top3_accuracy"] >= test["accuracy"]
+    assert test["roc_auc"] is None or 0 <= test["roc_auc"] <= 1
+    assert test["log_loss"] > 0
+
+    # the details: one row per class, a 4x4 confusion matrix counting every test image
+    with open(workspace / "reports/evaluate/per_class.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == ["class", "images", "recall", "precision", "f1", "roc_auc"]
+    assert sorted(row["class"] for row in rows) == NAMES
+    assert [int(row["images"]) for row in rows] == [PER_CLASS_TEST] * CLASSES
+    confusion = json.loads((workspace / "reports/evaluate/confusion.json").read_text())
+    cells = confusion["rows_actual_columns_predicted"]
+    assert sorted(confusion["classes"]) == NAMES
+    assert len(cells) == CLASSES and all(len(row) == CLASSES for row in cells)
+    assert sum(map(sum, cells)) == total
+    assert [sum(row) for row in cells] == [PER_CLASS_TEST] * CLASSES, "rows are the actual classes"
+
+    # the three models side by side on the same test images, best first, in the pipeline version too
+    with open(workspace / "reports/models.csv", newline="") as f:
+        table = {row["model"]: row for row in csv.DictReader(f)}
+    assert set(table) == {"finetuned", "baseline", "ensemble"}
+    assert {row["images"] for row in table.values()} == {str(total)}
+    assert table["ensemble"]["description"] == "head on mobilenet_v2 + efficientnet_v2_b0 features"
+    accuracies = [float(row["accuracy"]) for row in table.values()]
+    assert accuracies == sorted(accuracies, reverse=True)
+    assert float(table["finetuned"]["accuracy"]) == pytest.approx(test["accuracy"], abs=1e-6)
+
+    # the models evaluate and ensemble logged and registered: each pyfunc model names every class
+    pictures = [min((workspace / "data/prepared/test" / name).iterdir()) for name in NAMES[:3]]
+    frame = pd.DataFrame({"image": [p.read_bytes() for p in pictures]})
+    mlflow.set_tracking_uri(store)
+    try:
+        client = mlflow.MlflowClient(store)
+        experiment = client.get_experiment_by_name("image-classifier")
+        runs = {
+            stage: client.search_runs([experiment.experiment_id], f"tags.`pipeline.stage` = '{stage}'")
+            for stage in ("evaluate", "ensemble", "pipeline")
+        }
+        registered = {v.run_id: v.version for v in client.search_model_versions("name = 'image-classifier'")}
+        (version,) = runs["pipeline"]
+        assert version.data.metrics["ensemble.test.accuracy"] == pytest.approx(
+            float(table["ensemble"]["accuracy"]), abs=1e-6
+        )
+        assert version.data.metrics["baseline.test.accuracy"] == pytest.approx(
+            float(table["baseline"]["accuracy"]), abs=1e-6
+        )
+        assert {version.data.tags[f"run.ensemble_features@{m}"] for m in MEMBERS} <= {
+            r.info.run_id for r in client.search_runs([experiment.experiment_id])
+        }
+        ensemble_version = registered[runs["ensemble"][0].info.run_id]
+        finetuned_version = registered[runs["evaluate"][0].info.run_id]
+        model = mlflow.pyfunc.load_model(f"models:/image-classifier/{finetuned_version}")
+        scored = model.predict(frame)
+        by_ensemble = mlflow.pyfunc.load_model(f"models:/image-classifier/{ensemble_version}").predict(frame)
+        champion = client.get_model_version_by_alias("image-classifier", "champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert list(by_ensemble.columns) == ["label", "confidence", *(f"p.{name}" for name in NAMES)]
+    # evaluate registered first (RAN): the ensemble is champion only if it scored higher
+    better = float(table["ensemble"]["accuracy"]) > float(table["finetuned"]["accuracy"])
+    assert champion.version == (ensemble_version if better else finetuned_version)
+    columns = [f"p.{name}" for name in NAMES]
+    assert list(scored.columns) == ["label", "confidence", *columns]
+    assert len(scored) == 3
+    probs = scored[columns].to_numpy()
+    assert probs.sum(axis=1) == pytest.approx([1.0] * 3, abs=1e-5)
+    assert list(scored["label"]) == [NAMES[i] for i in probs.argmax(axis=1)]
+    assert list(scored["confidence"]) == pytest.approx(probs.max(axis=1).tolist(), abs=1e-7)
+
+    # `ops.predict` on one of them: the same model, preprocessing and probabilities
+    picture = pictures[0].relative_to(workspace)
+    printed = run([sys.executable, "-m", "ops.predict", str(picture), "--top", "3"], workspace, env).stdout
+    (line,) = printed.strip().splitlines()
+    found = re.fullmatch(rf"{re.escape(str(picture))}: (\S+) ([0-9.]+), (\S+) ([0-9.]+), (\S+) ([0-9.]+)", line)
+    assert found, line
+    named, texts = found.group(1, 3, 5), found.group(2, 4, 6)
+    shown = [float(p) for p in texts]
+    assert set(named) <= set(NAMES) and len(set(named)) == 3
+    assert shown == sorted(shown, reverse=True)
+    served = scored.iloc[0]
+    assert served[f"p.{named[0]}"] >= served["confidence"] - SAME, "first the class the served model decides"
+    for name, text in zip(named, texts, strict=True):
+        assert printed_as(served[f"p.{name}"], text), (name, line, served.to_dict())
+    (left_out,) = set(NAMES) - set(named)
+    assert served[f"p.{left_out}"] <= shown[-1] + 0.0005 + SAME, "the 3 most probable are shown"
