@@ -48,6 +48,9 @@ from PIL import Image
 
 # Only modules without TensorFlow here: prepare's worker processes are spawned, and each one
 # imports this script again. TensorFlow, Keras and the test helpers are imported where used.
+# The checkout, for its tests/ and benchmarks/ helpers (classifier and ops are installed).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from benchmarks.prepare import generate
 from classifier import config
 from classifier.data import cleaning, pictures

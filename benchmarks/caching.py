@@ -27,6 +27,9 @@ from pathlib import Path
 
 import yaml
 
+# The checkout, for its tests/ and benchmarks/ helpers (classifier and ops are installed).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from ops import demo
 from tests.conftest import TINY
 from tests.workspace import GIT_ENV, ran_stages, restored_stages

@@ -25,6 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# The checkout, for its tests/ and benchmarks/ helpers (classifier and ops are installed).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from ops import demo
 from ops.code import ROOT
 from tests.conftest import TINY

@@ -22,6 +22,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+# The checkout, for its tests/ and benchmarks/ helpers (classifier and ops are installed).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from ops import demo, tracking
 from ops.code import ROOT
 from tests.workspace import free_port

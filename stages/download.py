@@ -21,7 +21,6 @@ from pathlib import Path
 
 from classifier import config, saving
 from classifier.data.layout import SOURCE_RECORD
-from classifier.data.sources import download
 from ops import runner, tracking
 
 log = logging.getLogger(__name__)
@@ -33,6 +32,9 @@ def main() -> None:
     args = parser.parse_args()
     params = config.load()
     tracking.start_worker("download")  # its arguments and params are good: the run will open
+    # Imported once the worker is started: MLflow loads there while TensorFlow loads here.
+    from classifier.data.sources import download
+
     with tracking.stage_run("download", params):
         with saving.atomic_dir(args.output) as tmp:
             record = download(params.data, params.data.seed, tmp)

@@ -19,8 +19,6 @@ import logging
 from pathlib import Path
 
 from classifier import config, saving
-from classifier.model import backbones, devices
-from classifier.model.members import featurize_member, stage_name
 from ops import runner, tracking
 
 log = logging.getLogger(__name__)
@@ -34,6 +32,10 @@ def main() -> None:
     args = parser.parse_args()
     params = config.load()
     tracking.start_worker("ensemble_features")  # its arguments and params are good: the run will open
+    # Imported once the worker is started: MLflow loads there while TensorFlow loads here.
+    from classifier.model import backbones, devices
+    from classifier.model.members import featurize_member, stage_name
+
     devices.set_determinism(params.deterministic)
     backbones.member_size(args.backbone, params.ensemble.image_size)  # too small fails now, not after loading
     with tracking.stage_run(stage_name(args.backbone), params), saving.atomic_dir(args.output) as tmp:

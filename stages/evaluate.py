@@ -24,9 +24,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from classifier import config, inference, saving
-from classifier.metrics.reports import write_reports
-from classifier.model import devices, images
+from classifier import config, saving
 from ops import runner, tracking
 
 log = logging.getLogger(__name__)
@@ -42,6 +40,11 @@ def main() -> None:
     args = parser.parse_args()
     params = config.load()
     tracking.start_worker("evaluate")  # its arguments and params are good: the run will open
+    # Imported once the worker is started: MLflow loads there while TensorFlow loads here.
+    from classifier import inference
+    from classifier.metrics.reports import write_reports
+    from classifier.model import devices, images
+
     devices.set_determinism(params.deterministic)
     with tracking.stage_run("evaluate", params):
         model = inference.load_model(args.model, params.precision)

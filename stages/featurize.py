@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 
 from classifier import config, saving
-from classifier.model import backbones, devices
-from classifier.model.bottleneck import featurize
 from ops import runner, tracking
 
 log = logging.getLogger(__name__)
@@ -33,6 +31,10 @@ def main() -> None:
     args = parser.parse_args()
     params = config.load()
     tracking.start_worker("featurize")  # its arguments and params are good: the run will open
+    # Imported once the worker is started: MLflow loads there while TensorFlow loads here.
+    from classifier.model import backbones, devices
+    from classifier.model.bottleneck import featurize
+
     devices.set_determinism(params.deterministic)
     backbones.check(params)  # finetune's block count too: fail now, not after training the head
     with tracking.stage_run("featurize", params):

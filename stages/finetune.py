@@ -17,12 +17,7 @@ import argparse
 import logging
 from pathlib import Path
 
-import keras
-
 from classifier import config, saving
-from classifier.model import devices
-from classifier.model.finetuning import finetune
-from classifier.model.history import write_reports
 from ops import runner, tracking
 
 log = logging.getLogger(__name__)
@@ -39,6 +34,13 @@ def main() -> None:
     args = parser.parse_args()
     params = config.load()
     tracking.start_worker("finetune")  # its arguments and params are good: the run will open
+    # Imported once the worker is started: MLflow loads there while TensorFlow loads here.
+    import keras
+
+    from classifier.model import devices
+    from classifier.model.finetuning import finetune
+    from classifier.model.history import write_reports
+
     devices.set_determinism(params.deterministic)
     name = "finetune"  # the metrics' prefix, live in MLflow and in metrics.json: finetune.val_accuracy
     with tracking.stage_run("finetune", params):

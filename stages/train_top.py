@@ -17,10 +17,6 @@ import logging
 from pathlib import Path
 
 from classifier import config, saving
-from classifier.model import devices, heads
-from classifier.model.bottleneck import META, load_features
-from classifier.model.history import write_reports
-from classifier.model.training import train_top
 from ops import runner, tracking
 
 log = logging.getLogger(__name__)
@@ -34,6 +30,12 @@ def main() -> None:
     args = parser.parse_args()
     params = config.load()
     tracking.start_worker("train_top")  # its arguments and params are good: the run will open
+    # Imported once the worker is started: MLflow loads there while TensorFlow loads here.
+    from classifier.model import devices, heads
+    from classifier.model.bottleneck import META, load_features
+    from classifier.model.history import write_reports
+    from classifier.model.training import train_top
+
     devices.set_determinism(params.deterministic)
     meta = json.loads((args.features / META).read_text())
     name = "top"  # the metrics' prefix, live in MLflow and in metrics.json: top.val_accuracy

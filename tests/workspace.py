@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -202,6 +203,10 @@ def queue_workers(workspace: Path) -> list[int]:
 def stop_queue(workspace: Path, env: dict) -> None:
     """Stop the queue's workers as the README tells a user to, then end any left behind."""
     run([sys.executable, "-m", "dvc", "queue", "stop", "--kill"], workspace, env, check=False, timeout=60)
-    for pid in queue_workers(workspace):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    # A worker may still be starting when the queue stops, or take a moment to die: until none is left.
+    deadline = time.monotonic() + 30
+    while (left := queue_workers(workspace)) and time.monotonic() < deadline:
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)

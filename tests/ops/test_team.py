@@ -219,7 +219,7 @@ def test_a_stopped_store_fails_logging_and_push_then_both_complete_when_it_retur
         team_cli(root, "up")
     assert failed.returncode != 0
     assert "The prepare stage finished its work and saved its outputs, but logging its outputs" in failed.stderr
-    run_id = re.search(r"python -m stages\.tracking log prepare --run-id (\w+)", failed.stderr)
+    run_id = re.search(r"python -m ops\.tracking log prepare --run-id (\w+)", failed.stderr)
     assert run_id and "dvc commit prepare" in failed.stderr
     assert (workspace / "data" / "prepared" / "manifest.csv").is_file()
     # as the message says
@@ -265,7 +265,7 @@ def test_a_stopped_server_mid_stage_keeps_the_outputs_and_says_how_to_log_them(t
     assert stage.returncode != 0
     assert "The finetune stage finished its work and saved its outputs" in err, err[-3000:]
     assert "Nothing is lost" in err
-    run_id = re.search(r"python -m stages\.tracking log finetune --run-id (\w+)", err)
+    run_id = re.search(r"python -m ops\.tracking log finetune --run-id (\w+)", err)
     assert run_id, err[-3000:]
     assert (workspace / "models" / "model.keras").is_file()
     run([sys.executable, "-m", "ops.tracking", "log", "finetune", "--run-id", run_id[1]], workspace, env)

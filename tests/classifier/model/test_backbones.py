@@ -102,3 +102,40 @@ def test_architecture_limits_are_checked_before_any_work():
     with pytest.raises(config.ParamsError, match=r"data.image_size = \[64, 64\] is too small for xception"):
         backbones.check(config.parse({"model": {"backbone": "xception"}, "data": {"image_size": 64}}))
     backbones.check(config.parse({}))  # the defaults pass
+
+
+def test_a_model_saved_before_the_layers_moved_loads_the_same(tmp_path):
+    """Models registered before the layout changed name their custom layers' module `stages.backbones`
+    (and `stages.images`); Keras finds the classes by their registered names (`stages>Preprocess`),
+    which stay, so those models load and predict as before."""
+    import json
+    import zipfile
+
+    from classifier import inference, saving
+    from classifier.model import augment
+
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            augment.CentredShear(0.2, seed=1, name="shear"),
+            backbones.Preprocess("vgg16", name="preprocess"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2, activation="softmax"),
+        ]
+    )
+    saving.save_model(model, tmp_path / "now.keras")
+    old = tmp_path / "before.keras"
+    with zipfile.ZipFile(tmp_path / "now.keras") as zin, zipfile.ZipFile(old, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename == "config.json":
+                text = data.decode()
+                assert '"module": "classifier.model.backbones"' in text
+                text = text.replace('"module": "classifier.model.backbones"', '"module": "stages.backbones"')
+                text = text.replace('"module": "classifier.model.augment"', '"module": "stages.images"')
+                data = json.dumps(json.loads(text)).encode()
+            zout.writestr(info, data)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    loaded = inference.load_model(old, "float32")
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
