@@ -1,4 +1,4 @@
-"""How a stage or tool runs (`run`): a problem the user can fix is one line and exit 1, a
+"""How a stage or tool runs (`run`): a problem the user can fix is one line and exit 2, a
 signal cleans up unfinished writes, and log lines read `12:34:56 module: message`."""
 
 from __future__ import annotations
