@@ -160,7 +160,7 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class TopParams:
-    pool: Literal["auto", "flatten", "avg"] = "auto"  # features -> vector; auto: per backbone (backbones.head_pool)
+    pool: Literal["auto", "flatten", "avg"] = "auto"  # features -> vector; auto: per backbone (heads.head_pool)
     units: int = 256
     dropout: float = 0.5
     optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop"

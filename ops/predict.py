@@ -30,7 +30,7 @@ def top_classes(
     probs: np.ndarray, classes: list[str], k: int, threshold: float = config.EvaluateParams.threshold
 ) -> list[list[tuple[str, float]]]:
     """For each row of class probabilities, `k` (class, probability): first the class decided as
-    evaluate decides (`evaluate.predicted_classes`: for two classes, the second from `threshold`
+    evaluate decides (`scores.predicted_classes`: for two classes, the second from `threshold`
     on), then the others from the most likely down."""
     from classifier.metrics.scores import predicted_classes  # scikit-learn: only once there is work
 

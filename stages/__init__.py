@@ -1,4 +1,4 @@
-"""The pipeline's stages and the modules they share (see README.md).
+"""The pipeline's ten DVC stages, one entry point each: `python -m stages.<name>` (see dvc.yaml).
 
 Importing the package sets defaults (a value already in the environment wins) that keep noise out
 of a user's terminal, before TensorFlow or MLflow load: TensorFlow's C++ start-up notices (oneDNN,

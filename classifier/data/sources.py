@@ -216,7 +216,7 @@ def download(params: config.DataParams, seed: int, out: Path) -> dict:
                 "Check that data.source names the intended archive, or correct data.sha256."
             )
     record["sha256"] = digest
-    # Beside `out`, named so that common.atomic_dir clears what an interrupted run leaves: the
+    # Beside `out`, named so that saving.atomic_dir clears what an interrupted run leaves: the
     # extracted archive, the extracted split lists, and the split laid out by those lists.
     extracted, extracted_lists, split = (out.parent / f"{saving.TMP_PREFIX}{out.name}.{n}" for n in WORK_FOLDERS)
     for folder in (extracted, extracted_lists, split):

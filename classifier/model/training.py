@@ -57,7 +57,7 @@ def train_top(
     pool: str,
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> tuple[keras.Model, dict[str, list[float]]]:
-    """Fit the head (`pool`: see `backbones.head_pool`) on (features, labels); return it and its
+    """Fit the head (`pool`: see `heads.head_pool`) on (features, labels); return it and its
     per-epoch history."""
     keras.utils.set_random_seed(seed)
     head = heads.build_head(train[0].shape[1:], num_classes, params, pool)
