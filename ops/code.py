@@ -49,7 +49,7 @@ def imported(path: Path, root: Path = ROOT) -> set[str]:
             found |= {alias.name for alias in node.names if module_file(alias.name, root)}
         pending += [child for child in ast.iter_child_nodes(node) if _runs(child)]
     # `from classifier.model import heads` names the module, not the package's __init__ as well
-    return {name for name in found if not any(other.startswith(name + ".") for other in found)} or found
+    return {name for name in found if not any(other.startswith(name + ".") for other in found)}
 
 
 def closure(module: str, follow: str = COMPUTING, root: Path = ROOT) -> set[str]:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,6 +37,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_answering(url: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    """Return once a GET of `url` answers 200; fail the test, with the end of the server's `log`,
+    if `process` stops first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, f"the server at {url} stopped: " + log.read_text(errors="replace")[-3000:]
+        assert time.monotonic() < deadline, f"{url} did not answer within {timeout:.0f} s: " + log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
 
 
 def base_env(**extra: str) -> dict:

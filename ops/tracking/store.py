@@ -21,7 +21,6 @@ from typing import Any
 from classifier import saving
 from classifier.data import fetch
 from classifier.errors import StageError
-from classifier.saving import project_root
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ def tracking_uri() -> str:
     project folder (not from the temporary copy a queued experiment runs in)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{project_root() / uri[len('sqlite:///') :]}"
+        uri = f"sqlite:///{saving.project_root() / uri[len('sqlite:///') :]}"
     return uri
 
 

@@ -7,7 +7,6 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ops.code import ROOT
-from tests.workspace import base_env, free_port, ran_stages, run
+from tests.workspace import base_env, free_port, ran_stages, run, wait_until_answering
 
 #: `make demo` with the tiny config: the same code path, in seconds rather than minutes.
 DEMO_ON_TINY = """
@@ -51,23 +50,17 @@ def test_the_readme_demo_path_runs_as_written(tmp_path):
     assert "mlflow ui --backend-store-uri" in section
     link = re.search(r"then open (\S+)", printed).group(1)
     port = free_port()
-    ui = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = tmp_path / "ui.log"
+    with log.open("w") as out:
+        ui = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
-                    assert answer.status == 200
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow ui did not answer"
-                time.sleep(0.5)
+        wait_until_answering(f"http://127.0.0.1:{port}/", ui, log, timeout=120)
     finally:
         ui.terminate()
         ui.wait(timeout=30)

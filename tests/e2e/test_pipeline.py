@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from tests.workspace import (
     run,
     set_param,
     stop_queue,
+    wait_until_answering,
 )
 
 pytestmark = pytest.mark.slow
@@ -75,15 +75,7 @@ def server(tmp_path_factory):
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=1):
-                    break
-            except OSError:
-                assert process.poll() is None, (root / "server.log").read_text()[-3000:]
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-3000:])
+        wait_until_answering(f"{uri}/health", process, root / "server.log", timeout=60)
         yield uri
     finally:
         process.terminate()

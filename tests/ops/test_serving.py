@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 from ops import runner, tracking
 from ops.serving import pyfunc, registry
 from tests.classifier.data.test_pictures import rotated_jpeg, transparent_png
+from tests.workspace import free_port, wait_until_answering
 
 CLASSES = ["cat", "dog"]
 SEND = pyfunc.WHAT_TO_SEND
@@ -319,12 +319,6 @@ def test_a_description_names_the_first_classes_of_many(tmp_path):
     mlflow.set_tracking_uri(None)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def post(url: str, body: bytes) -> tuple[int, str]:
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     try:
@@ -359,16 +353,7 @@ def test_mlflow_models_serve_answers_and_refuses_in_one_line(logged, tmp_path):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the server did not answer /ping within 180 s"
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as ping:
-                    if ping.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+        wait_until_answering(f"{url}/ping", server, tmp_path / "server.log")
 
         files = [path.read_bytes() for path in logged.pictures]
         status, body = post(f"{url}/invocations", split_request([b64(f) for f in files]))
@@ -641,15 +626,7 @@ def test_hostile_requests_at_once_keep_the_server_under_its_memory_ceiling(logge
     )
     url = f"http://127.0.0.1:{port}/invocations"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the server did not answer /ping within 180 s"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.5)
+        wait_until_answering(f"http://127.0.0.1:{port}/ping", server, tmp_path / "server.log")
         idle = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{server.pid}/status").read_text())[1]) * 1024
         tiny = split_request([b64(png(1, 1))] * 5000)
         full = split_request([b64(png(1250, 1250))] * 64)  # 100 million pixels: the most one request takes
