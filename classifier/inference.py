@@ -4,7 +4,8 @@ A saved classifier takes raw RGB pictures (0..255) at the size it was trained at
 loads one to compute in the precision params.yaml asks for on this machine (the served model and
 predict use the precision evaluate scored in). `probabilities` decodes encoded pictures as
 training did (classifier.model.images.model_input: orientation, colour, the params' size limits)
-and predicts; `class_probabilities` does the same for the files of a split, through tf.data.
+and predicts; `class_probabilities` does the same for the files of a split, in batches
+(`images.images_only`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from classifier import config
 from classifier.data import pictures
 from classifier.errors import StageError
 from classifier.metrics.scores import as_class_probabilities, compute_metrics
-from classifier.model import devices, images
+from classifier.model import backend, devices, images
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,12 @@ def probabilities(model: Any, files: Sequence[bytes], limits: Limits) -> np.ndar
 
 
 def class_probabilities(model: Any, paths: list[str], image_size: tuple[int, int], batch_size: int) -> np.ndarray:
-    """(N, classes) probabilities of `model` for prepared picture files, decoded as in training."""
-    return as_class_probabilities(model.predict(images.images_only(paths, image_size, batch_size), verbose=0))
+    """(N, classes) probabilities of `model` for prepared picture files, decoded as in training. Run as
+    several processes, each predicts its part of the files and every process gets the whole."""
+    mine = paths[images.part_of(len(paths), backend.cluster())]
+    batches = [devices.predict_batch(model, batch) for batch in images.images_only(mine, image_size, batch_size)]
+    outputs = np.concatenate(batches) if batches else np.zeros((0, model.output_shape[-1]), dtype=np.float32)
+    return as_class_probabilities(devices.gather(outputs, len(paths)))
 
 
 def evaluate(model: Any, split: images.Split, params: config.Params) -> tuple[np.ndarray, dict[str, Any]]:

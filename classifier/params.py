@@ -277,8 +277,9 @@ class FeaturizeParams:
 @dataclass(frozen=True)
 class Params:
     seed: int = 42  # training: weight initialisation, shuffling, dropout, augmentation
-    deterministic: bool = True  # TensorFlow op determinism: the same bytes on a GPU too
+    deterministic: bool = True  # deterministic kernels: the same bytes on a GPU too
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # of featurize, finetune, evaluate
+    backend: Literal["auto", "tensorflow", "jax"] = "auto"  # what Keras runs on (classifier.model.backend)
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
     featurize: FeaturizeParams = field(default_factory=FeaturizeParams)

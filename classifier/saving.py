@@ -2,6 +2,10 @@
 
 The same inputs, params and seed give the same bytes, so DVC's content hashes and run-cache do
 their job: a .keras file is rewritten without the time it was saved or memory addresses.
+
+A stage run as several processes writes from process 0 alone: in the others, `atomic_path` and
+`atomic_dir` hand out a private temporary place that is removed afterwards, so the same code runs
+everywhere and nothing but process 0 touches an output (which may be on a filesystem they share).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from classifier.model import backend
 
 
 def project_root() -> Path:
@@ -39,6 +45,10 @@ def clear_stale(path: Path) -> None:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` (same suffix); on success rename it over `path`."""
     path = Path(path)
+    if not backend.cluster().writes:
+        with _discarded() as private:
+            yield private / path.name
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     clear_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", suffix="".join(path.suffixes), dir=path.parent)
@@ -57,6 +67,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside `path`; on success it replaces `path` whole."""
     path = Path(path)
+    if not backend.cluster().writes:
+        with _discarded() as private:
+            (private / path.name).mkdir()
+            yield private / path.name
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     clear_stale(path)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent))
@@ -68,6 +83,16 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+@contextlib.contextmanager
+def _discarded() -> Iterator[Path]:
+    """A private temporary directory, removed afterwards: where a process other than 0 writes."""
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _number_shared_objects(config: Any, numbers: dict[Any, int]) -> Any:

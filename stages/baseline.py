@@ -18,9 +18,10 @@ import logging
 from pathlib import Path
 
 from classifier import config, saving
+from classifier.model import backend
 from classifier.model.baseline import MODEL
 from classifier.model.history import write_reports, write_switched_off
-from ops import runner, tracking
+from ops import launch, runner, tracking
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,15 @@ def main() -> None:
         write_switched_off(args.models, args.reports)
         log.info("baseline.enabled is false in params.yaml: no baseline trained")
         return
+    launch.relaunch("baseline")  # as several processes, where PIPELINE_LAUNCH says so
+    backend.select(params.backend, params.deterministic)  # before Keras is imported
     tracking.start_worker("baseline")  # its arguments and params are good: the run will open
     # TensorFlow is imported once there is a model to train: switched off, the stage takes a second.
     from classifier import inference
     from classifier.model import devices, images
     from classifier.model.baseline import train_baseline
 
-    devices.set_determinism(params.deterministic)
+    devices.start(params.deterministic)
     name = "baseline"  # the metrics' prefix, live in MLflow and in metrics.json: baseline.val_accuracy
     policy = devices.precision_policy(params.precision)
     with tracking.stage_run("baseline", params):

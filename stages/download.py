@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     params = config.load()
     tracking.start_worker("download")  # its arguments and params are good: the run will open
-    # Imported once the worker is started: MLflow loads there while TensorFlow loads here.
+    # Imported once the worker is started: MLflow loads there while Keras loads here.
     from classifier.data.sources import download
 
     with tracking.stage_run("download", params):

@@ -21,6 +21,7 @@ import logging
 from pathlib import Path
 
 from classifier import config, saving
+from classifier.model import backend
 from classifier.model.ensemble import MODEL, assemble, concatenated, member_meta
 from classifier.model.history import write_reports, write_switched_off
 from ops import runner, tracking
@@ -41,12 +42,13 @@ def main() -> None:
         write_switched_off(args.models, args.reports)
         log.info("ensemble.backbones is empty in params.yaml: no ensemble trained")
         return
+    backend.select(params.backend, params.deterministic)  # before Keras is imported
     tracking.start_worker("ensemble")  # its arguments and params are good: the run will open
     # TensorFlow is imported once there is a model to train: switched off, the stage takes a second.
     from classifier.metrics import scores
     from classifier.model import devices, images, training
 
-    devices.set_determinism(params.deterministic)
+    devices.start(params.deterministic)
     metas = member_meta(args.features, members, params.ensemble.image_size)
     classes = metas[0]["classes"]
     name = "ensemble"  # the metrics' prefix, live in MLflow and in metrics.json: ensemble.val_accuracy

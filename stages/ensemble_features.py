@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 from classifier import config, saving
+from classifier.model import backend
 from ops import runner, tracking
 
 log = logging.getLogger(__name__)
@@ -31,12 +32,13 @@ def main() -> None:
     parser.add_argument("output", type=Path, help="folder for <split>.npz, meta.json and the backbone's weights")
     args = parser.parse_args()
     params = config.load()
+    backend.select(params.backend, params.deterministic)  # before Keras is imported
     tracking.start_worker("ensemble_features")  # its arguments and params are good: the run will open
-    # Imported once the worker is started: MLflow loads there while TensorFlow loads here.
+    # Imported once the worker is started: MLflow loads there while Keras loads here.
     from classifier.model import backbones, devices
     from classifier.model.members import featurize_member, stage_name
 
-    devices.set_determinism(params.deterministic)
+    devices.start(params.deterministic)
     backbones.member_size(args.backbone, params.ensemble.image_size)  # too small fails now, not after loading
     with tracking.stage_run(stage_name(args.backbone), params), saving.atomic_dir(args.output) as tmp:
         meta = featurize_member(args.backbone, args.prepared, tmp, params)

@@ -25,7 +25,8 @@ import logging
 from pathlib import Path
 
 from classifier import config, saving
-from ops import runner, tracking
+from classifier.model import backend
+from ops import launch, runner, tracking
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +40,21 @@ def main() -> None:
     parser.add_argument("--history", type=Path, action="append", default=[], help="a history.csv to plot")
     args = parser.parse_args()
     params = config.load()
+    launch.relaunch("evaluate")  # as several processes, where PIPELINE_LAUNCH says so
+    backend.select(params.backend, params.deterministic)  # before Keras is imported
     tracking.start_worker("evaluate")  # its arguments and params are good: the run will open
-    # Imported once the worker is started: MLflow loads there while TensorFlow loads here.
+    # Imported once the worker is started: MLflow loads there while Keras loads here.
     from classifier import inference
     from classifier.metrics.reports import write_reports
     from classifier.model import devices, images
 
-    devices.set_determinism(params.deterministic)
+    devices.start(params.deterministic)
     with tracking.stage_run("evaluate", params):
-        model = inference.load_model(args.model, params.precision)
-        log.info("predicting in %s on %s", devices.precision_policy(params.precision), devices.device_name())
         split = images.load_split(args.prepared, "test")
-        probs, metrics = inference.evaluate(model, split, params)
+        with devices.predicting():  # over every device of this process
+            model = inference.load_model(args.model, params.precision)
+            log.info("predicting in %s on %s", devices.precision_policy(params.precision), devices.device_name())
+            probs, metrics = inference.evaluate(model, split, params)
         with saving.atomic_dir(args.reports) as tmp:
             write_reports(tmp, split, probs, metrics, params.evaluate.threshold, args.history)
         saving.write_json(args.metrics, {"test": metrics["test"]})  # headline numbers only: DVC's columns

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from classifier import config, saving
-from ops import runner, tracking
+from classifier.model import backend
+from ops import launch, runner, tracking
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +31,14 @@ def main() -> None:
     parser.add_argument("backbone_weights", type=Path, help="where to save the backbone's weights (.weights.h5)")
     args = parser.parse_args()
     params = config.load()
+    launch.relaunch("featurize")  # as several processes, where PIPELINE_LAUNCH says so
+    backend.select(params.backend, params.deterministic)  # before Keras is imported
     tracking.start_worker("featurize")  # its arguments and params are good: the run will open
-    # Imported once the worker is started: MLflow loads there while TensorFlow loads here.
+    # Imported once the worker is started: MLflow loads there while Keras loads here.
     from classifier.model import backbones, devices
     from classifier.model.bottleneck import featurize
 
-    devices.set_determinism(params.deterministic)
+    devices.start(params.deterministic)
     backbones.check(params)  # finetune's block count too: fail now, not after training the head
     with tracking.stage_run("featurize", params):
         started = time.perf_counter()

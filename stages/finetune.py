@@ -18,7 +18,8 @@ import logging
 from pathlib import Path
 
 from classifier import config, saving
-from ops import runner, tracking
+from classifier.model import backend
+from ops import launch, runner, tracking
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +34,17 @@ def main() -> None:
     parser.add_argument("reports", type=Path, help="folder for history.csv and metrics.json")
     args = parser.parse_args()
     params = config.load()
+    launch.relaunch("finetune")  # as several processes, where PIPELINE_LAUNCH says so
+    backend.select(params.backend, params.deterministic)  # before Keras is imported
     tracking.start_worker("finetune")  # its arguments and params are good: the run will open
-    # Imported once the worker is started: MLflow loads there while TensorFlow loads here.
+    # Imported once the worker is started: MLflow loads there while Keras loads here.
     import keras
 
     from classifier.model import devices
     from classifier.model.finetuning import finetune
     from classifier.model.history import write_reports
 
-    devices.set_determinism(params.deterministic)
+    devices.start(params.deterministic)
     name = "finetune"  # the metrics' prefix, live in MLflow and in metrics.json: finetune.val_accuracy
     with tracking.stage_run("finetune", params):
         top = keras.models.load_model(args.top, safe_mode=True)

@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 
 from classifier import config, saving
+from classifier.model import backend
 from ops import runner, tracking
 
 log = logging.getLogger(__name__)
@@ -29,14 +30,15 @@ def main() -> None:
     parser.add_argument("reports", type=Path, help="folder for history.csv and metrics.json")
     args = parser.parse_args()
     params = config.load()
+    backend.select(params.backend, params.deterministic)  # before Keras is imported
     tracking.start_worker("train_top")  # its arguments and params are good: the run will open
-    # Imported once the worker is started: MLflow loads there while TensorFlow loads here.
+    # Imported once the worker is started: MLflow loads there while Keras loads here.
     from classifier.model import devices, heads
     from classifier.model.bottleneck import META, load_features
     from classifier.model.history import write_reports
     from classifier.model.training import train_top
 
-    devices.set_determinism(params.deterministic)
+    devices.start(params.deterministic)
     meta = json.loads((args.features / META).read_text())
     name = "top"  # the metrics' prefix, live in MLflow and in metrics.json: top.val_accuracy
     with tracking.stage_run("train_top", params):

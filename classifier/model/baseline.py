@@ -1,6 +1,6 @@
 """The recipe's baseline: a small convnet trained from scratch (`train_baseline`).
 
-TensorFlow is imported where a baseline is trained, not here: switched off, the stage takes a second.
+Keras is imported where a baseline is trained, not here: switched off, the stage takes a second.
 """
 
 from __future__ import annotations
@@ -8,13 +8,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from classifier import config
 
 if TYPE_CHECKING:
     import keras
-    import tensorflow as tf
 
 
 log = logging.getLogger(__name__)
@@ -51,7 +50,7 @@ def build_baseline(
 def train_baseline(
     prepared: Path,
     params: config.Params,
-    strategy: tf.distribute.Strategy,
+    strategy: Any,
     policy: str = "float32",
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> tuple[keras.Model, dict[str, list[float]]]:
@@ -59,8 +58,7 @@ def train_baseline(
     augmentation layers) and the per-epoch history."""
     import keras
 
-    from classifier.model import augment, devices, eta, heads, images, training
-    from classifier.model.history import early_stopping
+    from classifier.model import augment, heads, images, training
 
     p = params.baseline
     keras.utils.set_random_seed(params.seed)
@@ -68,28 +66,30 @@ def train_baseline(
     validation = images.load_split(prepared, "validation")
     num_classes = len(train.classes)
     size = params.data.image_size
-    devices.set_policy(policy)
-    try:
-        with strategy.scope():
-            model = build_baseline(size, num_classes, p, augment.augmentation(params.finetune.augment, params.seed))
-            model.compile(
-                optimizer=keras.optimizers.RMSprop(learning_rate=p.learning_rate),
-                loss=heads.head_loss(num_classes),
-                metrics=["accuracy"],
-            )
-        time_left = eta.TimeLeft("baseline", p.epochs, len(train), p.batch_size, devices.device_name(), policy)
-        history = training.fit(
-            model,
-            train,
-            validation,
-            size,
-            p.batch_size,
-            p.epochs,
-            params.seed,
-            [time_left, *callbacks, *early_stopping(p.patience)],
+
+    def build() -> keras.Model:
+        model = build_baseline(size, num_classes, p, augment.augmentation(params.finetune.augment, params.seed))
+        model.compile(
+            optimizer=keras.optimizers.RMSprop(learning_rate=p.learning_rate),
+            loss=heads.head_loss(num_classes),
+            metrics=["accuracy"],
         )
-    finally:
-        devices.set_policy("float32")
+        return model
+
+    model, history = training.fit(
+        "baseline",
+        build,
+        strategy,
+        policy,
+        train,
+        validation,
+        size,
+        p.batch_size,
+        p.epochs,
+        params.seed,
+        p.patience,
+        callbacks,
+    )
     saved = build_baseline(size, num_classes, p)
     for layer in saved.layers:
         if layer.weights:

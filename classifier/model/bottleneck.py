@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from classifier import config, saving
 from classifier.data.layout import SPLITS
-from classifier.model import backbones, devices, eta, images
+from classifier.model import backbones, backend, devices, eta, images
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +35,23 @@ def write_features(
     done: Callable[[int], None] = lambda images: None,
 ) -> None:
     """Features of every image of `split`, in order, with its labels, into one .npz file; `done`
-    is told the number of images of each batch as it finishes."""
+    is told the number of images of each batch as it finishes. Run as several processes, each
+    computes its part of the split and process 0 writes the whole (`devices.gather`)."""
     shape = tuple(extractor.output_shape[1:])
+    paths = split.paths[images.part_of(len(split), backend.cluster())]
     buffer = path.with_suffix(".tmp.npy")
-    features = np.lib.format.open_memmap(buffer, mode="w+", dtype=np.float32, shape=(len(split), *shape))
+    features = np.lib.format.open_memmap(buffer, mode="w+", dtype=np.float32, shape=(len(paths), *shape))
     try:
         start = 0
-        for batch in images.images_only(split.paths, image_size, batch_size):
-            out = np.asarray(extractor.predict_on_batch(batch), dtype=np.float32)
+        for batch in images.images_only(paths, image_size, batch_size):
+            out = devices.predict_batch(extractor, batch)
             features[start : start + len(out)] = out
             start += len(out)
             done(len(out))
-        assert start == len(split), f"read {start} images of {len(split)}"
+        assert start == len(paths), f"read {start} images of {len(paths)}"
         features.flush()
-        np.savez(path, features=features, labels=split.labels)  # copies from the memmap in chunks
+        whole = devices.gather(features, len(split))
+        np.savez(path, features=whole, labels=split.labels)  # copies from the memmap in chunks
     finally:
         del features
         buffer.unlink(missing_ok=True)
@@ -77,7 +80,8 @@ def write_splits(
     the policy and the number of images per split."""
     out.mkdir(parents=True, exist_ok=True)
     splits = {name: images.load_split(prepared, name) for name in SPLITS}
-    total = sum(len(split) for split in splits.values())
+    cluster = backend.cluster()
+    total = sum(len(range(len(split))[images.part_of(len(split), cluster)]) for split in splits.values())
     pace = eta.Pace(stage, f"{total:,} images", total, devices.device_name(), policy)
     with tqdm(total=total, desc=stage, unit="img", mininterval=5) as bar:
 
@@ -98,10 +102,11 @@ def write_splits(
 def featurize(prepared: Path, out: Path, params: config.Params) -> tuple[keras.Model, dict]:
     """Write the features of every split into `out`; return the backbone used and the metadata."""
     keras.utils.set_random_seed(params.seed)  # reproducible random init with `model.weights: null`
-    base = backbones.build_backbone(params.model.backbone, params.model.weights, params.data.image_size)
     policy = devices.precision_policy(params.precision)
-    extractor = devices.computing_in(backbones.feature_extractor(base, params.model.backbone), policy)
-    written = write_splits(prepared, out, extractor, params.data.image_size, params.featurize.batch_size, policy)
+    with devices.predicting():
+        base = backbones.build_backbone(params.model.backbone, params.model.weights, params.data.image_size)
+        extractor = devices.computing_in(backbones.feature_extractor(base, params.model.backbone), policy)
+        written = write_splits(prepared, out, extractor, params.data.image_size, params.featurize.batch_size, policy)
     meta = {
         "backbone": params.model.backbone,
         "weights": params.model.weights,

@@ -9,13 +9,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
-import tensorflow as tf
 
 from classifier import config
-from classifier.model import augment, backbones, devices, eta, heads, images, training
-from classifier.model.history import early_stopping
+from classifier.model import augment, backbones, heads, images, training
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def finetune(
     backbone_weights: Path,
     top: keras.Model,
     params: config.Params,
-    strategy: tf.distribute.Strategy,
+    strategy: Any,
     policy: str = "float32",
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> Finetuned:
@@ -75,27 +74,31 @@ def finetune(
     train = images.load_split(prepared, "train")
     validation = images.load_split(prepared, "validation")
     num_classes = len(train.classes)
-    devices.set_policy(policy)
-    try:
-        with strategy.scope():
-            model, unfrozen = assemble(params, backbone_weights, top, num_classes)
-            model.compile(
-                optimizer=keras.optimizers.SGD(learning_rate=p.learning_rate, momentum=p.momentum),
-                loss=heads.head_loss(num_classes),
-                metrics=["accuracy"],
-            )
-        log.info("unfrozen: %s", ", ".join(unfrozen))
-        time_left = eta.TimeLeft("finetune", p.epochs, len(train), p.batch_size, devices.device_name(), policy)
-        history = training.fit(
-            model,
-            train,
-            validation,
-            params.data.image_size,
-            p.batch_size,
-            p.epochs,
-            params.seed,
-            [time_left, *callbacks, *early_stopping(p.patience)],
+    unfrozen: list[str] = []
+
+    def build() -> keras.Model:
+        model, layers = assemble(params, backbone_weights, top, num_classes)
+        model.compile(
+            optimizer=keras.optimizers.SGD(learning_rate=p.learning_rate, momentum=p.momentum),
+            loss=heads.head_loss(num_classes),
+            metrics=["accuracy"],
         )
-    finally:
-        devices.set_policy("float32")
+        log.info("unfrozen: %s", ", ".join(layers))
+        unfrozen.extend(layers)
+        return model
+
+    model, history = training.fit(
+        "finetune",
+        build,
+        strategy,
+        policy,
+        train,
+        validation,
+        params.data.image_size,
+        p.batch_size,
+        p.epochs,
+        params.seed,
+        p.patience,
+        callbacks,
+    )
     return Finetuned(inference_model(model, params, num_classes), history, unfrozen, train.classes)

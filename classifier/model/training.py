@@ -3,38 +3,52 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import keras
 import numpy as np
 
 from classifier import config
-from classifier.model import heads
+from classifier.model import devices, eta, heads
 from classifier.model.history import early_stopping
 from classifier.model.images import Split, dataset
 
 
 def fit(
-    model: keras.Model,
+    name: str,
+    build: Callable[[], keras.Model],
+    strategy: Any,
+    policy: str,
     train: Split,
     validation: Split,
     image_size: tuple[int, int],
     batch_size: int,
     epochs: int,
     seed: int,
-    callbacks: list[keras.callbacks.Callback],
-) -> dict[str, list[float]]:
-    """Train `model` on the train split's images, shuffled with `seed`, validated on the validation
-    split each epoch; return its per-epoch history."""
-    history = model.fit(
-        dataset(train, image_size, batch_size, shuffle=True, seed=seed),
-        validation_data=dataset(validation, image_size, batch_size),
-        epochs=epochs,
-        shuffle=False,  # the dataset shuffles itself, with the seed
-        callbacks=callbacks,
-        verbose=2,
-    )
-    return history.history
+    patience: int | None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> tuple[keras.Model, dict[str, list[float]]]:
+    """Build (`build`: a compiled model) and train a model on the train split's images, shuffled with
+    `seed`, validated on the validation split each epoch, in the dtype `policy` and under `strategy`
+    (`devices.strategy`), with an ETA named `name` and early stopping after `patience` epochs;
+    return it and its per-epoch history."""
+    devices.set_policy(policy)
+    try:
+        with strategy.scope():
+            model = build()
+            time_left = eta.TimeLeft(name, epochs, len(train), batch_size, devices.device_name(), policy)
+            history = model.fit(
+                dataset(train, image_size, batch_size, shuffle=True, seed=seed),
+                validation_data=dataset(validation, image_size, batch_size),
+                epochs=epochs,
+                shuffle=False,  # the dataset shuffles itself, with the seed
+                callbacks=[time_left, *callbacks, *early_stopping(patience)],
+                verbose=2,
+            )
+    finally:
+        devices.set_policy("float32")
+    return model, history.history
 
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,88 @@
+"""End to end on Keras's JAX backend, without TensorFlow, as two processes: the real `dvc repro` of
+the tiny pipeline with `backend: jax`, featurize, finetune and evaluate each run by `ops.launch` as
+two processes on 127.0.0.1 (PIPELINE_LAUNCH), and `import tensorflow` failing in every process.
+
+Then, here on TensorFlow: the JAX run's backbone weights give the same features, and its saved
+model the same test scores, as the JAX run wrote; and process 0 alone logged to MLflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from ops import demo
+from tests.conftest import TINY
+from tests.workspace import base_env, dvc_repro
+
+pytestmark = pytest.mark.slow
+
+RAN = ["download", "prepare", "featurize", "train_top", "finetune", "evaluate"]
+#: How far apart TensorFlow and JAX may compute a float32 feature or probability of the same weights.
+CLOSE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def jax_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("jax")
+    params = copy.deepcopy(TINY) | {"backend": "jax"}
+    workspace = demo.make_workspace(tmp / "repo", params, git=True)
+    blocked = tmp / "no-tensorflow" / "tensorflow"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('TensorFlow is not installed here')\n")
+    env = base_env(
+        PYTHONPATH=str(blocked.parent),
+        PIPELINE_LAUNCH=f"{sys.executable} -m ops.launch --processes 2 --",
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
+    )
+    ran = dvc_repro(workspace, env, "evaluate")
+    return {"path": workspace, "ran": ran, "store": env["MLFLOW_TRACKING_URI"]}
+
+
+def test_the_jax_path_runs_every_stage_as_two_processes_without_tensorflow(jax_run):
+    workspace = jax_run["path"]
+    assert jax_run["ran"] == RAN
+    meta = json.loads((workspace / "data/features/meta.json").read_text())
+    assert meta["images"] == {"train": 24, "validation": 12, "test": 12}
+    test = json.loads((workspace / "reports/metrics.json").read_text())["test"]
+    assert test["images"] == 12 and 0 <= test["accuracy"] <= 1
+
+
+def test_tensorflow_reads_the_jax_runs_weights_and_model_as_it_computed_them(jax_run, tiny_params):
+    from classifier import inference
+    from classifier.model import backbones, bottleneck, images
+
+    workspace = jax_run["path"]
+    prepared = workspace / "data/prepared"
+    # the backbone weights JAX saved give, on TensorFlow, the features JAX computed (process 0 the first half
+    # of each split, process 1 the second, gathered in order)
+    base = backbones.build_backbone("vgg16", None, tiny_params.data.image_size)
+    base.load_weights(workspace / "models/backbone.weights.h5")
+    extractor = backbones.feature_extractor(base, "vgg16")
+    split = images.load_split(prepared, "test")
+    on_tf = np.concatenate([extractor.predict_on_batch(b) for b in images.images_only(split.paths, (32, 32), 8)])
+    on_jax, labels = bottleneck.load_features(workspace / "data/features", "test")
+    assert on_jax.shape == on_tf.shape and (labels == split.labels).all()
+    assert np.abs(on_jax - on_tf).max() <= CLOSE * max(1.0, np.abs(on_tf).max())
+    # the model JAX fine-tuned loads here and scores the test split as evaluate did there
+    model = inference.load_model(workspace / "models/model.keras", "float32")
+    _, scores = inference.evaluate(model, split, tiny_params)
+    written = json.loads((workspace / "reports/metrics.json").read_text())["test"]
+    assert scores["test"]["accuracy"] == written["accuracy"]
+    assert scores["test"]["log_loss"] == pytest.approx(written["log_loss"], abs=CLOSE)
+
+
+def test_process_0_alone_logs_each_stage_run(jax_run):
+    import mlflow
+
+    client = mlflow.MlflowClient(jax_run["store"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    stages = sorted(run.data.tags.get("pipeline.stage", "") for run in runs)
+    for stage in ("featurize", "finetune", "evaluate"):
+        assert stages.count(stage) == 1, stages
+    finetune = next(run for run in runs if run.data.tags.get("pipeline.stage") == "finetune")
+    assert finetune.info.status == "FINISHED"
