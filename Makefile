@@ -6,7 +6,7 @@
 # make team-up / make team-down   the team's MLflow server, PostgreSQL and S3 store on this machine
 #              (state in TEAM_DIR, default .team; TEAM_HOST=0.0.0.0 at the first team-up serves other machines,
 #              which reach it as TEAM_PUBLIC_HOST, default this machine's name)
-# DEVICE=cpu|gpu picks the TensorFlow build; by default gpu when `nvidia-smi` sees a GPU.
+# DEVICE=cpu|gpu: TensorFlow and JAX for the CPU, or JAX with CUDA (docs/gpus.md); by default gpu when `nvidia-smi` sees a GPU.
 
 PYTHON ?= python3
 VENV := .venv

@@ -315,11 +315,7 @@ def training_model(bench: Bench, policy: str) -> Any:
     keras.utils.set_random_seed(bench.params.seed)
     with dtype_policy(policy):
         model, _ = finetuning.assemble(bench.params, bench.shared["weights"], bench.shared["top"], 2)
-        model.compile(
-            optimizer=keras.optimizers.SGD(learning_rate=p.learning_rate, momentum=p.momentum),
-            loss=heads.head_loss(2),
-            metrics=["accuracy"],
-        )
+        heads.compile_classifier(model, keras.optimizers.SGD(learning_rate=p.learning_rate, momentum=p.momentum), 2)
     return model
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from classifier import config
 from classifier.errors import StageError
+from classifier.model import backend
 from ops import runner
 
 
@@ -118,7 +119,8 @@ def main() -> None:
         raise StageError(f"image not found: {', '.join(missing)}")
     params = config.load(args.params)
     threshold = params.evaluate.threshold if args.threshold is None else args.threshold
-    from classifier import inference  # TensorFlow: only once there is work
+    backend.select(params.backend)  # Keras (TensorFlow or JAX): only once there is work
+    from classifier import inference
 
     try:
         model = inference.load_model(args.model, params.precision)

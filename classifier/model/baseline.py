@@ -69,11 +69,7 @@ def train_baseline(
 
     def build() -> keras.Model:
         model = build_baseline(size, num_classes, p, augment.augmentation(params.finetune.augment, params.seed))
-        model.compile(
-            optimizer=keras.optimizers.RMSprop(learning_rate=p.learning_rate),
-            loss=heads.head_loss(num_classes),
-            metrics=["accuracy"],
-        )
+        heads.compile_classifier(model, keras.optimizers.RMSprop(learning_rate=p.learning_rate), num_classes)
         return model
 
     model, history = training.fit(

@@ -78,11 +78,8 @@ def finetune(
 
     def build() -> keras.Model:
         model, layers = assemble(params, backbone_weights, top, num_classes)
-        model.compile(
-            optimizer=keras.optimizers.SGD(learning_rate=p.learning_rate, momentum=p.momentum),
-            loss=heads.head_loss(num_classes),
-            metrics=["accuracy"],
-        )
+        sgd = keras.optimizers.SGD(learning_rate=p.learning_rate, momentum=p.momentum)
+        heads.compile_classifier(model, sgd, num_classes)
         log.info("unfrozen: %s", ", ".join(layers))
         unfrozen.extend(layers)
         return model

@@ -41,8 +41,14 @@ def build_head(feature_shape: tuple[int, ...], num_classes: int, params: TopPara
     return keras.Model(inputs, outputs, name="top")
 
 
-def head_loss(num_classes: int) -> str:
-    return "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
+def compile_classifier(model: keras.Model, optimizer: keras.optimizers.Optimizer, num_classes: int) -> None:
+    """Compile `model` with the head's loss (binary cross-entropy for 2 classes, else sparse
+    categorical) and accuracy, both averaged over the batch by sample weight: a picture of weight 0
+    (what completes a batch split over several devices, `images.Batches`) counts in neither, and
+    without weights both are the plain mean."""
+    losses = keras.losses
+    loss = losses.BinaryCrossentropy if num_classes == 2 else losses.SparseCategoricalCrossentropy
+    model.compile(optimizer=optimizer, loss=loss(reduction="mean_with_sample_weight"), weighted_metrics=["accuracy"])
 
 
 def build_classifier(

@@ -75,7 +75,7 @@ def train_top(
     per-epoch history."""
     keras.utils.set_random_seed(seed)
     head = heads.build_head(train[0].shape[1:], num_classes, params, pool)
-    head.compile(optimizer=optimizer(params), loss=heads.head_loss(num_classes), metrics=["accuracy"])
+    heads.compile_classifier(head, optimizer(params), num_classes)
     history = head.fit(
         train[0],
         train[1],

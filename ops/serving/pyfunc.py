@@ -73,6 +73,9 @@ class ImageClassifier(PythonModel):
     """Loads models/model.keras and its class names; see the module docstring for the data."""
 
     def load_context(self, context) -> None:
+        from classifier.model import backend
+
+        backend.select()  # TensorFlow where it is installed and no GPU is (or KERAS_BACKEND), else JAX
         from classifier import inference
 
         spec = json.loads(Path(context.artifacts["spec"]).read_text(encoding="utf-8"))

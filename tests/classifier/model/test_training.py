@@ -97,7 +97,9 @@ def test_the_head_pools_per_backbone_unless_told(tiny_params, backbone, pool, la
 def test_head_is_softmax_for_more_than_two_classes(tiny_params):
     head = heads.build_head((1, 1, 512), 5, tiny_params.top, "flatten")
     assert head.output_shape == (None, 5) and head.layers[-1].activation.__name__ == "softmax"
-    assert heads.head_loss(5) == "sparse_categorical_crossentropy"
+    heads.compile_classifier(head, keras.optimizers.SGD(), 5)
+    assert isinstance(head.loss, keras.losses.SparseCategoricalCrossentropy)
+    assert head.loss.reduction == "mean_with_sample_weight"
 
 
 def test_history_csv(tmp_path):
