@@ -45,7 +45,17 @@ def relaunch(stage: str) -> None:
     if launcher and not os.environ.get(LAUNCHED):
         command = [*shlex.split(launcher), sys.executable, "-m", f"stages.{stage}", *sys.argv[1:]]
         log.info("%s: running %s", LAUNCH, shlex.join(command))
-        sys.exit(subprocess.call(command, env={**os.environ, LAUNCHED: "1"}))
+        launcher_process = subprocess.Popen(command, env={**os.environ, LAUNCHED: "1"})
+        try:
+            code = launcher_process.wait()
+        except BaseException:  # stopped (Ctrl-C, SIGTERM): the launcher stops its processes
+            launcher_process.terminate()
+            try:
+                launcher_process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                launcher_process.kill()
+            raise
+        sys.exit(code)
     if not backend.cluster().writes:
         os.environ["PIPELINE_TRACKING"] = "off"
 

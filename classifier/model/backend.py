@@ -10,7 +10,7 @@ its backend once, at import.
 
 Several processes: each process of a run has KERAS_DISTRIBUTION_NUM_PROCESSES, _PROCESS_ID and
 _JOB_ADDRESSES (Keras's own variables, which `ops.launch` sets), or is a task of a Slurm job step
-(`srun`, which JAX reads itself). Process 0 writes the outputs and logs; every process trains.
+(a task `srun` started, whose variables JAX reads itself). Process 0 writes the outputs and logs; every process trains.
 Nothing here imports Keras, TensorFlow or JAX.
 """
 
@@ -53,7 +53,7 @@ def cluster() -> Cluster:
     env = os.environ
     if "KERAS_DISTRIBUTION_NUM_PROCESSES" in env:
         count, index = env["KERAS_DISTRIBUTION_NUM_PROCESSES"], env.get("KERAS_DISTRIBUTION_PROCESS_ID", "")
-    elif "SLURM_STEP_NUM_TASKS" in env:  # a task of `srun`: a job step
+    elif "SLURM_STEP_NUM_TASKS" in env and "SLURM_SRUN_COMM_PORT" in env:  # a task `srun` started (not sbatch's script)
         count, index = env["SLURM_STEP_NUM_TASKS"], env.get("SLURM_PROCID", "")
     else:
         return Cluster()

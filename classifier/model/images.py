@@ -164,7 +164,7 @@ class Batches(keras.utils.PyDataset):
                 "make the batch size a multiple of the number of processes"
             )
         self.paths, self.image_size, self.batch_size, self.labels = paths, image_size, batch_size, labels
-        self.shuffle, self.seed, self.cluster, self.full = shuffle, seed, cluster or backend.Cluster(), full
+        self.shuffle, self.seed, self.cluster, self.full = shuffle, seed, cluster, full
         self.epoch = 0
         self.order = self._order()
 
@@ -229,9 +229,13 @@ def dataset(
     if not on_tensorflow():
         import jax
 
-        return Batches(
-            split.paths, image_size, batch_size, split.labels, shuffle, seed, backend.cluster(), len(jax.devices()) > 1
-        )
+        devices = len(jax.devices())  # of every process
+        if batch_size % devices:
+            raise StageError(
+                f"a batch of {batch_size} pictures does not split evenly over {devices} devices: "
+                f"make the batch size a multiple of {devices}"
+            )
+        return Batches(split.paths, image_size, batch_size, split.labels, shuffle, seed, backend.cluster(), devices > 1)
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((split.paths, split.labels))

@@ -16,6 +16,7 @@ import yaml
 
 from classifier import config
 from classifier.data import fetch
+from classifier.model import backend
 
 PIPELINE_FILE = Path("dvc.yaml")
 #: Where the code a stage depends on lives: its deps there are code, not data.
@@ -185,6 +186,9 @@ def lineage_tags(stage: str) -> dict[str, str]:
     }
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get("KERAS_BACKEND"):  # a stage that runs Keras: on what, as how many processes
+        tags["pipeline.backend"] = os.environ["KERAS_BACKEND"]
+        tags["pipeline.processes"] = str(backend.cluster().count)
     hashes = locked_hashes()
     for path in data_deps(stage):
         if path in hashes:

@@ -222,7 +222,7 @@ def test_a_yaml_merge_key_may_be_overridden(tmp_path):
 def test_an_empty_file_is_refused_not_read_as_defaults(tmp_path, content):
     message = r"params.yaml: the file is empty \(no keys, only blank lines or comments\): it should map the parameters"
     with pytest.raises(
-        config.ParamsError, match=message + r" seed, deterministic, precision, data, .* restore it from git"
+        config.ParamsError, match=message + r" seed, deterministic, precision, backend, data, .* restore it from git"
     ):
         config.load(write_params(tmp_path, content))
 

@@ -86,3 +86,6 @@ def test_process_0_alone_logs_each_stage_run(jax_run):
         assert stages.count(stage) == 1, stages
     finetune = next(run for run in runs if run.data.tags.get("pipeline.stage") == "finetune")
     assert finetune.info.status == "FINISHED"
+    assert finetune.data.tags["pipeline.backend"] == "jax" and finetune.data.tags["pipeline.processes"] == "2"
+    train_top = next(run for run in runs if run.data.tags.get("pipeline.stage") == "train_top")
+    assert train_top.data.tags["pipeline.processes"] == "1"

@@ -173,7 +173,7 @@ def test_prepare_predict_and_the_served_model_give_a_picture_the_same_input(tmp_
         cleaned = cleaning.clean_file(path, "c", raw, staging, params)
         prepared.append(staging / f"{cleaned.sha256}.jpg")
         assert prepared[-1].read_bytes() == pictures.normalised_jpeg(path.read_bytes(), params.max_side)
-    read_by_evaluate = [images.decode(str(path), params.image_size).numpy() for path in prepared]
+    read_by_evaluate = [images.decode_tf(str(path), params.image_size).numpy() for path in prepared]
     for path, expected in zip(sources, read_by_evaluate, strict=True):
         given = images.model_input(path.read_bytes(), params.image_size, params.max_side)
         assert given.dtype == np.float32 and given.shape == (32, 32, 3)

@@ -26,8 +26,9 @@ SAME_PIXEL = 0.01
 @pytest.fixture
 def machine(monkeypatch):
     """A machine to describe: no KERAS_BACKEND, one process, and what is installed and present as set."""
-    for name in ("KERAS_BACKEND", "KERAS_DISTRIBUTION_NUM_PROCESSES", "SLURM_STEP_NUM_TASKS"):
-        monkeypatch.delenv(name, raising=False)
+    for name in ("KERAS_BACKEND", "KERAS_DISTRIBUTION_NUM_PROCESSES", "SLURM_STEP_NUM_TASKS", "XLA_FLAGS"):
+        monkeypatch.setenv(name, "")  # so that the test's value is undone after it, whatever select sets
+        monkeypatch.delenv(name)
     state = {"installed": {"tensorflow", "jax"}, "gpu": False}
     monkeypatch.setattr(backend, "installed", lambda module: module in state["installed"])
     monkeypatch.setattr(backend, "nvidia_gpu", lambda: state["gpu"])
@@ -85,6 +86,9 @@ def test_the_cluster_comes_from_kerass_variables_or_a_slurm_step(monkeypatch):
     assert backend.cluster() == backend.Cluster(1, 0) and backend.cluster().writes
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
     monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.delenv("SLURM_SRUN_COMM_PORT", raising=False)
+    assert backend.cluster() == backend.Cluster(1, 0)  # sbatch's script: one process, whatever the job's size
+    monkeypatch.setenv("SLURM_SRUN_COMM_PORT", "40000")  # a task srun started
     assert backend.cluster() == backend.Cluster(4, 3) and not backend.cluster().writes
     monkeypatch.setenv("KERAS_DISTRIBUTION_NUM_PROCESSES", "2")
     monkeypatch.setenv("KERAS_DISTRIBUTION_PROCESS_ID", "2")
@@ -164,11 +168,16 @@ def test_batches_shuffle_alike_in_every_process_and_complete_the_last_batch_with
         images.Batches(paths, (4, 4), 5, labels, cluster=backend.Cluster(2, 0))
 
 
-def _run_on_jax(script: str, *args: str, launch: int = 0, timeout: float = 300) -> subprocess.CompletedProcess:
+def _run_on_jax(
+    script: str, *args: str, launch: int = 0, devices: int = 1, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """`script` run on JAX with `args`; as `launch` processes (ops.launch), each with `devices` CPU devices."""
     command = [sys.executable, "-c", textwrap.dedent(script), *args]
     if launch:
         command = [sys.executable, "-m", "ops.launch", "--processes", str(launch), "--", *command]
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
@@ -200,17 +209,20 @@ def test_a_model_saved_on_tensorflow_predicts_the_same_on_jax(tmp_path, tiny_par
     assert np.abs(on_jax - on_tensorflow).max() <= 1e-5
 
 
-def test_two_processes_train_to_the_same_weights_and_score_the_padded_batches_exactly(tmp_path, prepared, tiny_params):
-    """The baseline trained by two processes on 127.0.0.1 (each half of every batch, the last batch
-    of the validation split completed with weightless pictures): both end with the same history and
-    weights, and fit's validation accuracy is the accuracy of the model's own predictions."""
+def test_two_processes_of_two_devices_train_to_the_same_weights_and_score_padded_batches_exactly(tmp_path, prepared):
+    """The baseline trained by two processes on 127.0.0.1 with two CPU devices each (a quarter of
+    every batch on each device, the last batch of the validation split completed with weightless
+    pictures): both end with the same history and weights; fit's validation accuracy is the accuracy
+    of the model's own predictions, made on each process's two devices for its half of the split
+    (an odd last batch padded) and gathered; and they are the predictions of one device."""
     _run_on_jax(
         """
         import json, sys
         from pathlib import Path
         import numpy as np
         from classifier import config, inference
-        from classifier.model import backend, devices, images
+        from classifier.errors import StageError
+        from classifier.model import devices, images
         from classifier.model.baseline import train_baseline
         from tests.conftest import TINY
 
@@ -219,20 +231,38 @@ def test_two_processes_train_to_the_same_weights_and_score_the_padded_batches_ex
         prepared, out = Path(sys.argv[1]), Path(sys.argv[2])
         model, history = train_baseline(prepared, params, devices.strategy(), "float32")
         validation = images.load_split(prepared, "validation")
-        probs = inference.class_probabilities(model, validation.paths, (32, 32), 8)
-        accuracy = float(((probs[:, 1] >= 0.5) == validation.labels).mean())
+        one_device = inference.class_probabilities(model, validation.paths, (32, 32), 5)
+        with devices.predicting():
+            local = devices.computing_in(model, "mixed_bfloat16").__class__.from_config(model.get_config())
+            local.set_weights(model.get_weights())
+            two_devices = inference.class_probabilities(local, validation.paths, (32, 32), 5)
+        accuracy = float(((one_device[:, 1] >= 0.5) == validation.labels).mean())
+        try:
+            images.dataset(validation, (32, 32), 6)
+            refused = ""
+        except StageError as err:
+            refused = str(err)
         np.savez(out / f"weights-{cluster.index}.npz", *model.get_weights())
-        (out / f"run-{cluster.index}.json").write_text(json.dumps({"history": history, "accuracy": accuracy}))
+        (out / f"run-{cluster.index}.json").write_text(json.dumps({
+            "history": history, "accuracy": accuracy, "refused": refused,
+            "apart": float(np.abs(one_device - two_devices).max()), "images": len(one_device),
+        }))
         """,
         str(prepared),
         str(tmp_path),
         launch=2,
+        devices=2,
     )
     runs = [json.loads((tmp_path / f"run-{i}.json").read_text()) for i in range(2)]
     assert runs[0] == runs[1]
     assert len(runs[0]["history"]["val_accuracy"]) == 2
-    assert len(images.load_split(prepared, "validation")) == 12  # batches of 8: the second is padded
+    assert runs[0]["images"] == len(images.load_split(prepared, "validation")) == 12  # batches of 8: one padded
     assert runs[0]["history"]["val_accuracy"][-1] == pytest.approx(runs[0]["accuracy"], abs=1e-6)
+    assert runs[0]["apart"] <= 1e-6
+    assert (
+        runs[0]["refused"]
+        == "a batch of 6 pictures does not split evenly over 4 devices: make the batch size a multiple of 4"
+    )
     with np.load(tmp_path / "weights-0.npz") as zero, np.load(tmp_path / "weights-1.npz") as one:
         assert len(zero.files) == len(one.files) > 0
         for name in zero.files:

@@ -67,13 +67,15 @@ def test_a_forced_precision_wins_over_the_hardware(precision, policy):
 @pytest.mark.parametrize(
     ("capabilities", "policy"),
     [
-        ([(8, 6)], "mixed_float16"),
-        ([(7, 0), (8, 0)], "mixed_float16"),
+        ([(9, 0)], "mixed_bfloat16"),  # H100, H200
+        ([(8, 6), (8, 0)], "mixed_bfloat16"),
+        ([(7, 5)], "mixed_float16"),  # T4: tensor cores, no bfloat16
+        ([(7, 0), (8, 0)], "mixed_float16"),  # the oldest GPU decides
         ([(6, 1)], "float32"),
         ([(8, 0), (6, 0)], "float32"),
     ],
 )
-def test_auto_picks_float16_on_gpus_with_tensor_cores(monkeypatch, capabilities, policy):
+def test_auto_picks_bfloat16_on_gpus_that_have_it_and_float16_on_older_tensor_cores(monkeypatch, capabilities, policy):
     gpus = [tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU") for i in range(len(capabilities))]
     details = {gpu.name: {"compute_capability": cc} for gpu, cc in zip(gpus, capabilities, strict=True)}
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: gpus if kind == "GPU" else [])

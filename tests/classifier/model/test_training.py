@@ -38,7 +38,7 @@ def test_features_are_in_manifest_order_with_their_labels(features, prepared, ti
         assert x.shape == (len(split), 1, 1, 512)
         # each row is the features of the image in the same position, computed on its own
         for i in (0, len(split) // 2, len(split) - 1):
-            alone = images.decode(split.paths[i], tiny_params.data.image_size)[None]
+            alone = images.decode_tf(split.paths[i], tiny_params.data.image_size)[None]
             np.testing.assert_allclose(x[i], extractor.predict_on_batch(alone)[0], rtol=1e-4, atol=1e-4)
         assert {split.classes[label] for label in y} == {Path(p).parent.name for p in split.paths}
         assert all(split.classes[label] == Path(p).parent.name for p, label in zip(split.paths, y, strict=True))
