@@ -112,8 +112,10 @@ def select(setting: str = "auto", deterministic: bool = False) -> str:
             f"`make install` (CPU) or `make install DEVICE=gpu` installs it"
         )
     loaded = sys.modules.get("keras")
-    if loaded is not None and loaded.backend.backend() != backend:
-        raise StageError(f"Keras is already running on {loaded.backend.backend()}, not {backend}")
+    if loaded is not None:  # too late to choose: it must be the one Keras runs on
+        if loaded.backend.backend() != backend:
+            raise StageError(f"Keras is already running on {loaded.backend.backend()}, not {backend}")
+        return backend
     os.environ["KERAS_BACKEND"] = backend
     if backend == "jax" and deterministic:
         flags = os.environ.get("XLA_FLAGS", "")

@@ -28,7 +28,7 @@ from classifier.errors import StageError
 from classifier.model import backend
 
 #: Threads that decode pictures for a Batches.
-WORKERS = min(8, os.cpu_count() or 1)
+WORKERS = min(16, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
