@@ -28,7 +28,7 @@ class ParamsError(ValueError):
     """A value in params.yaml is missing, unknown, of the wrong type or out of range, or the file is unusable."""
 
 
-#: Seeds reach numpy's and TensorFlow's generators, which take 32 bits.
+#: Seeds reach numpy's, TensorFlow's and JAX's generators, which take 32 bits.
 SEED_LIMIT = 2**32
 
 

@@ -40,7 +40,7 @@ def main() -> None:
     launch.relaunch("baseline")  # as several processes, where PIPELINE_LAUNCH says so
     backend.select(params.backend, params.deterministic)  # before Keras is imported
     tracking.start_worker("baseline")  # its arguments and params are good: the run will open
-    # TensorFlow is imported once there is a model to train: switched off, the stage takes a second.
+    # Keras is imported once there is a model to train: switched off, the stage takes a second.
     from classifier import inference
     from classifier.model import devices, images
     from classifier.model.baseline import train_baseline

@@ -44,7 +44,7 @@ def main() -> None:
         return
     backend.select(params.backend, params.deterministic)  # before Keras is imported
     tracking.start_worker("ensemble")  # its arguments and params are good: the run will open
-    # TensorFlow is imported once there is a model to train: switched off, the stage takes a second.
+    # Keras is imported once there is a model to train: switched off, the stage takes a second.
     from classifier.metrics import scores
     from classifier.model import devices, images, training
 

@@ -43,6 +43,19 @@ TINY: dict = {
 }
 
 
+#: Test files whose program starts in the background once the suite is collected (their `start`).
+STARTED_EARLY = ("test_jax.py", "test_gpu_check.py")
+
+
+def pytest_collection_finish(session):
+    """Two slow checks run one program each on JAX, whose compiling leaves a core idle: their programs
+    start as soon as the suite is collected, beside the tests that come first, and their tests wait
+    for them (tests/e2e/test_jax.py, tests/test_gpu_check.py). Started through the module pytest
+    imported, whose fixture then finds it started."""
+    for module in {item.module for item in session.items if item.path.name in STARTED_EARLY}:
+        module.start()
+
+
 def pytest_runtest_teardown(item):
     """Loading an MLflow model puts its code folder first on sys.path (MLflow's doing), for good. A
     logged classifier's folder holds only the part of the `classifier` package it answers with, so

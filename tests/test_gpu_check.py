@@ -1,12 +1,14 @@
 """The GPU check (benchmarks/gpu.py) in its quick mode, on Keras's JAX backend as on the GPU machine,
 where TensorFlow is not installed: here `import tensorflow` fails in the check's process. About a
-minute on a 2-core CPU."""
+minute on a 2-core CPU, in the background from the start of the suite (`start`)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -31,28 +33,51 @@ def cells(line: str) -> list[str]:
     return [cell.strip() for cell in line.strip().strip("|").split("|")]
 
 
-@pytest.mark.slow
-def test_the_gpu_check_runs_in_quick_mode_on_jax_without_tensorflow(tmp_path):
-    blocked = tmp_path / "no-tensorflow" / "tensorflow"
+#: The check's process, started by `start` (tests/conftest.py, once the suite is collected).
+RUNNING: dict = {}
+
+
+def start() -> None:
+    """The quick check started in the background, on JAX, with `import tensorflow` failing."""
+    folder = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    blocked = folder / "no-tensorflow" / "tensorflow"
     blocked.mkdir(parents=True)
     (blocked / "__init__.py").write_text("raise ImportError('TensorFlow is not installed here')\n")
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PIPELINE_LAUNCH")}
     # float32 on this CPU too (precision: auto takes bfloat16 on a CPU with avx512_bf16, which XLA
     # compiles and runs slower here): the GPU machine picks its policy by its GPU, not by these flags.
     env |= {"KERAS_BACKEND": "jax", "PYTHONPATH": str(blocked.parent), "PIPELINE_CPU_FLAGS": "none"}
-    out = tmp_path / "table.md"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/gpu.py", "--quick", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    text = out.read_text()
-    assert done.stdout == text
+    out = folder / "table.md"
+    with open(folder / "stderr.log", "w") as errors, open(folder / "stdout.log", "w") as printed:
+        process = subprocess.Popen(
+            [sys.executable, "benchmarks/gpu.py", "--quick", "--out", str(out)],
+            cwd=ROOT,
+            env=env,
+            stdout=printed,
+            stderr=errors,
+        )
+    RUNNING.update(process=process, folder=folder, out=out)
+
+
+@pytest.fixture(scope="module")
+def check():
+    if not RUNNING:
+        start()
+    try:
+        RUNNING["process"].wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        RUNNING["process"].kill()
+        pytest.fail("benchmarks/gpu.py --quick did not end within 300 s")
+    yield RUNNING
+    shutil.rmtree(RUNNING["folder"], ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_in_quick_mode_on_jax_without_tensorflow(check):
+    folder = check["folder"]
+    assert check["process"].returncode == 0, (folder / "stderr.log").read_text()[-4000:]
+    text = check["out"].read_text()
+    assert (folder / "stdout.log").read_text() == text
     header, *rest = text.splitlines()
     assert "backend jax" in header and "policy " in header
     rows = [cells(line) for line in rest if line.startswith("|")]

@@ -1,6 +1,6 @@
 """The ensemble: a head on the members' concatenated features, and the whole ensemble as one model.
 
-TensorFlow is imported where an ensemble is trained, not here: switched off, the stage takes a second.
+Keras is imported where an ensemble is trained, not here: switched off, the stage takes a second.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from classifier import errors
 if TYPE_CHECKING:
     import keras
 
-# TensorFlow is imported where an ensemble is trained, not here: switched off, the stage takes a second.
+# Keras is imported where an ensemble is trained, not here: switched off, the stage takes a second.
 
 log = logging.getLogger(__name__)
 

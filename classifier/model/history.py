@@ -1,7 +1,7 @@
 """Per-epoch training history: early stopping, the history.csv each training stage writes, its headline numbers.
 
 Plain Python and numpy (Keras only once early stopping is asked for), so a stage switched off
-(`baseline.enabled: false`, an empty `ensemble.backbones`) writes its empty history without TensorFlow.
+(`baseline.enabled: false`, an empty `ensemble.backbones`) writes its empty history without Keras.
 """
 
 from __future__ import annotations

@@ -1,36 +1,44 @@
 """End to end on Keras's JAX backend, without TensorFlow, as two processes: the real `dvc repro` of
 the tiny pipeline with `backend: jax`, featurize, finetune and evaluate each run by `ops.launch` as
-two processes on 127.0.0.1 (PIPELINE_LAUNCH), and `import tensorflow` failing in every process.
+two processes on 127.0.0.1 (PIPELINE_LAUNCH), so that each batch of fine-tuning is split two ways
+and the validation split's last batch is completed with pictures of weight 0, and `import
+tensorflow` failing in every process. The pipeline starts in the
+background as soon as the suite is collected (`start`, tests/conftest.py).
 
 Then, here on TensorFlow: the JAX run's backbone weights give the same features, and its saved
-model the same test scores, as the JAX run wrote; and process 0 alone logged to MLflow.
+model the same test scores and the same validation accuracy, as the JAX run computed; both
+processes ended fine-tuning with the same weights; and process 0 alone logged to MLflow.
 """
 
 from __future__ import annotations
 
 import copy
+import csv
 import json
+import re
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ops import demo
 from tests.conftest import TINY
-from tests.workspace import base_env, dvc_repro
+from tests.workspace import STAGES, base_env, finish_repro, ran_stages, start_repro
 
 pytestmark = pytest.mark.slow
 
-RAN = ["download", "prepare", "featurize", "train_top", "finetune", "evaluate"]
 #: How far apart TensorFlow and JAX may compute a float32 feature or probability of the same weights.
 CLOSE = 1e-4
+#: The pipeline started by `start`.
+RUNNING: dict = {}
 
 
-@pytest.fixture(scope="module")
-def jax_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("jax")
-    params = copy.deepcopy(TINY) | {"backend": "jax"}
-    workspace = demo.make_workspace(tmp / "repo", params, git=True)
+def start() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="jax-"))
+    workspace = demo.make_workspace(tmp / "repo", copy.deepcopy(TINY) | {"backend": "jax"}, git=True)
     blocked = tmp / "no-tensorflow" / "tensorflow"
     blocked.mkdir(parents=True)
     (blocked / "__init__.py").write_text("raise ImportError('TensorFlow is not installed here')\n")
@@ -39,13 +47,21 @@ def jax_run(tmp_path_factory):
         PIPELINE_LAUNCH=f"{sys.executable} -m ops.launch --processes 2 --",
         MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
     )
-    ran = dvc_repro(workspace, env, "evaluate")
-    return {"path": workspace, "ran": ran, "store": env["MLFLOW_TRACKING_URI"]}
+    RUNNING.update(tmp=tmp, path=workspace, store=env["MLFLOW_TRACKING_URI"], repro=start_repro(workspace, env))
+
+
+@pytest.fixture(scope="module")
+def jax_run():
+    if not RUNNING:
+        start()
+    output = finish_repro(RUNNING["repro"])
+    yield {**RUNNING, "output": output, "ran": ran_stages(output)}
+    shutil.rmtree(RUNNING["tmp"], ignore_errors=True)
 
 
 def test_the_jax_path_runs_every_stage_as_two_processes_without_tensorflow(jax_run):
     workspace = jax_run["path"]
-    assert jax_run["ran"] == RAN
+    assert jax_run["ran"] == STAGES
     meta = json.loads((workspace / "data/features/meta.json").read_text())
     assert meta["images"] == {"train": 24, "validation": 12, "test": 12}
     test = json.loads((workspace / "reports/metrics.json").read_text())["test"]
@@ -74,6 +90,20 @@ def test_tensorflow_reads_the_jax_runs_weights_and_model_as_it_computed_them(jax
     written = json.loads((workspace / "reports/metrics.json").read_text())["test"]
     assert scores["test"]["accuracy"] == written["accuracy"]
     assert scores["test"]["log_loss"] == pytest.approx(written["log_loss"], abs=CLOSE)
+    # fine-tuning's validation accuracy (12 pictures in batches of 8, the second completed with 4 of
+    # weight 0) is that of the saved model's own predictions: the padding counted for nothing
+    validation = images.load_split(prepared, "validation")
+    probs = inference.class_probabilities(model, validation.paths, (32, 32), 8)
+    accuracy = float(((probs[:, 1] >= 0.5) == validation.labels).mean())
+    with open(workspace / "reports/finetune/history.csv", newline="") as f:
+        history = list(csv.DictReader(f))
+    assert float(history[-1]["val_accuracy"]) == pytest.approx(accuracy, abs=1e-6)
+
+
+def test_both_processes_end_fine_tuning_with_the_same_weights(jax_run):
+    digests = re.findall(r"process (\d) of 2: weights sha256 (\w+)", jax_run["output"])
+    assert sorted(index for index, _ in digests) == ["0", "1"]
+    assert digests[0][1] == digests[1][1]
 
 
 def test_process_0_alone_logs_each_stage_run(jax_run):

@@ -1,11 +1,10 @@
 """The two backends: which one `auto` takes where, the processes a stage runs as, pictures decoded the
-same way by TensorFlow and by Pillow, models that cross from one backend to the other, and training
-as two processes on 127.0.0.1 that ends with the same weights in both."""
+same way by TensorFlow and by Pillow, models that cross from one backend to the other, and a batch
+split over several devices (tests/e2e/test_jax.py runs the stages as two processes)."""
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys
@@ -196,74 +195,33 @@ def test_a_model_saved_on_tensorflow_predicts_the_same_on_jax(tmp_path, tiny_par
     on_tensorflow = model.predict(pictures, verbose=0)
     _run_on_jax(
         """
-        import sys, numpy as np, keras
+        import json, sys, numpy as np, keras
         from classifier import inference
+        from classifier.errors import StageError
+        from classifier.model import devices, images
         assert keras.backend.backend() == "jax"
-        model = inference.load_model(sys.argv[1] + "/model.keras", "float32")
-        np.save(sys.argv[1] + "/on_jax.npy", model.predict(np.load(sys.argv[1] + "/pictures.npy"), verbose=0))
+        folder = sys.argv[1]
+        pictures = np.load(folder + "/pictures.npy")
+        model = inference.load_model(folder + "/model.keras", "float32")
+        np.save(folder + "/on_jax.npy", model.predict(pictures, verbose=0))
+        # the same model loaded over this process's two devices: a batch of 5 is split 3 + 3, padded
+        with devices.predicting():
+            both = inference.load_model(folder + "/model.keras", "float32")
+            np.save(folder + "/on_two_devices.npy", devices.predict_batch(both, pictures))
+        try:
+            images.dataset(images.Split(["a.jpg"] * 5, np.zeros(5, "int32"), ["a", "b"]), (32, 32), 5)
+            refused = ""
+        except StageError as err:
+            refused = str(err)
+        open(folder + "/refused.txt", "w").write(refused)
         """,
         str(tmp_path),
+        devices=2,
     )
     on_jax = np.load(tmp_path / "on_jax.npy")
     assert on_jax.shape == on_tensorflow.shape == (5, 3)
     assert np.abs(on_jax - on_tensorflow).max() <= 1e-5
-
-
-def test_two_processes_of_two_devices_train_to_the_same_weights_and_score_padded_batches_exactly(tmp_path, prepared):
-    """The baseline trained by two processes on 127.0.0.1 with two CPU devices each (a quarter of
-    every batch on each device, the last batch of the validation split completed with weightless
-    pictures): both end with the same history and weights; fit's validation accuracy is the accuracy
-    of the model's own predictions, made on each process's two devices for its half of the split
-    (an odd last batch padded) and gathered; and they are the predictions of one device."""
-    _run_on_jax(
-        """
-        import json, sys
-        from pathlib import Path
-        import numpy as np
-        from classifier import config, inference
-        from classifier.errors import StageError
-        from classifier.model import devices, images
-        from classifier.model.baseline import train_baseline
-        from tests.conftest import TINY
-
-        cluster = devices.start(False)
-        params = config.parse({**TINY, "baseline": {"epochs": 2, "batch_size": 8}})
-        prepared, out = Path(sys.argv[1]), Path(sys.argv[2])
-        model, history = train_baseline(prepared, params, devices.strategy(), "float32")
-        validation = images.load_split(prepared, "validation")
-        one_device = inference.class_probabilities(model, validation.paths, (32, 32), 5)
-        with devices.predicting():
-            local = devices.computing_in(model, "mixed_bfloat16").__class__.from_config(model.get_config())
-            local.set_weights(model.get_weights())
-            two_devices = inference.class_probabilities(local, validation.paths, (32, 32), 5)
-        accuracy = float(((one_device[:, 1] >= 0.5) == validation.labels).mean())
-        try:
-            images.dataset(validation, (32, 32), 6)
-            refused = ""
-        except StageError as err:
-            refused = str(err)
-        np.savez(out / f"weights-{cluster.index}.npz", *model.get_weights())
-        (out / f"run-{cluster.index}.json").write_text(json.dumps({
-            "history": history, "accuracy": accuracy, "refused": refused,
-            "apart": float(np.abs(one_device - two_devices).max()), "images": len(one_device),
-        }))
-        """,
-        str(prepared),
-        str(tmp_path),
-        launch=2,
-        devices=2,
+    assert np.abs(np.load(tmp_path / "on_two_devices.npy") - on_jax).max() <= 1e-6
+    assert (tmp_path / "refused.txt").read_text() == (
+        "a batch of 5 pictures does not split evenly over 2 devices: make the batch size a multiple of 2"
     )
-    runs = [json.loads((tmp_path / f"run-{i}.json").read_text()) for i in range(2)]
-    assert runs[0] == runs[1]
-    assert len(runs[0]["history"]["val_accuracy"]) == 2
-    assert runs[0]["images"] == len(images.load_split(prepared, "validation")) == 12  # batches of 8: one padded
-    assert runs[0]["history"]["val_accuracy"][-1] == pytest.approx(runs[0]["accuracy"], abs=1e-6)
-    assert runs[0]["apart"] <= 1e-6
-    assert (
-        runs[0]["refused"]
-        == "a batch of 6 pictures does not split evenly over 4 devices: make the batch size a multiple of 4"
-    )
-    with np.load(tmp_path / "weights-0.npz") as zero, np.load(tmp_path / "weights-1.npz") as one:
-        assert len(zero.files) == len(one.files) > 0
-        for name in zero.files:
-            assert np.array_equal(zero[name], one[name]), name
