@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import math
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -51,6 +50,7 @@ from PIL import Image
 # The checkout, for its tests/ and benchmarks/ helpers (classifier and ops are installed).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import cpu_model
 from benchmarks.prepare import generate
 from classifier import config
 from classifier.data import cleaning, pictures
@@ -488,14 +488,6 @@ def noop_row(bench: Bench) -> Row:
 
 
 # --- the table ----------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    return platform.processor() or platform.machine()
 
 
 def header(bench: Bench) -> str:

@@ -62,7 +62,6 @@ import contextlib
 import dataclasses
 import datetime
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -78,6 +77,7 @@ import numpy as np
 # `python benchmarks/gpu.py` finds `classifier` without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import cpu_model
 from classifier import config
 from classifier.data import cleaning, synthetic
 from classifier.data.layout import SPLITS
@@ -85,6 +85,19 @@ from classifier.model import backend
 
 BACKBONES = ("vgg16", "resnet50")
 TARGET = 0.7
+#: The columns of the table, in order.
+COLUMNS = (
+    "backbone",
+    "featurize img/s (pipeline)",
+    "plain predict img/s",
+    "ratio",
+    "fine-tune img/s (pipeline)",
+    "plain fit img/s",
+    "ratio",
+    f"target (>= {TARGET})",
+    "head val accuracy",
+    "test accuracy",
+)
 
 
 @dataclass(frozen=True)
@@ -301,14 +314,6 @@ def check_backbone(name: str, mode: Mode, precision: str, prepared: Path, work: 
     return result
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    return platform.processor() or platform.machine()
-
-
 def machine() -> str:
     """The accelerator the models run on (JAX's device kind, or TensorFlow's GPU name), else the CPU."""
     import keras
@@ -348,19 +353,7 @@ def header(mode: Mode, policy: str, results: list[Result], seconds: float) -> st
 
 
 def table(results: list[Result]) -> str:
-    columns = (
-        "backbone",
-        "featurize img/s (pipeline)",
-        "plain predict img/s",
-        "ratio",
-        "fine-tune img/s (pipeline)",
-        "plain fit img/s",
-        "ratio",
-        f"target (>= {TARGET})",
-        "head val accuracy",
-        "test accuracy",
-    )
-    lines = ["| " + " | ".join(columns) + " |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in results:
         lines.append(
             f"| {r.backbone} | {r.featurize:.1f} | {r.predict:.1f} | {r.featurize / r.predict:.2f} "

@@ -74,7 +74,7 @@ def probabilities(model: Any, files: Sequence[bytes], limits: Limits) -> np.ndar
 def class_probabilities(model: Any, paths: list[str], image_size: tuple[int, int], batch_size: int) -> np.ndarray:
     """(N, classes) probabilities of `model` for prepared picture files, decoded as in training. Run as
     several processes, each predicts its part of the files and every process gets the whole."""
-    mine = paths[images.part_of(len(paths), backend.cluster())]
+    mine = paths[backend.cluster().part(len(paths))]
     batches = [devices.predict_batch(model, batch) for batch in images.images_only(mine, image_size, batch_size)]
     outputs = np.concatenate(batches) if batches else np.zeros((0, model.output_shape[-1]), dtype=np.float32)
     return as_class_probabilities(devices.gather(outputs, len(paths)))

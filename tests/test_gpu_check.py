@@ -13,20 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import gpu
+
 ROOT = Path(__file__).resolve().parents[1]
-#: The columns the check's table has, in order.
-COLUMNS = [
-    "backbone",
-    "featurize img/s (pipeline)",
-    "plain predict img/s",
-    "ratio",
-    "fine-tune img/s (pipeline)",
-    "plain fit img/s",
-    "ratio",
-    "target (>= 0.7)",
-    "head val accuracy",
-    "test accuracy",
-]
 
 
 def cells(line: str) -> list[str]:
@@ -81,7 +70,7 @@ def test_the_gpu_check_runs_in_quick_mode_on_jax_without_tensorflow(check):
     header, *rest = text.splitlines()
     assert "backend jax" in header and "policy " in header
     rows = [cells(line) for line in rest if line.startswith("|")]
-    assert rows[0] == COLUMNS
+    assert rows[0] == list(gpu.COLUMNS)
     assert len(rows) == 3, text  # the column names, the alignment row, vgg16's row
     vgg16 = rows[2]
     assert vgg16[0] == "vgg16"

@@ -47,6 +47,13 @@ class Cluster:
         """Whether this process writes the outputs and logs (process 0)."""
         return self.index == 0
 
+    def part(self, total: int, index: int | None = None) -> slice:
+        """Process `index`'s (by default this one's) contiguous part of `total` items: the first
+        ceil(total / count) to process 0, and so on (the last may be short, or empty)."""
+        size = -(-total // self.count)
+        first = self.index if index is None else index
+        return slice(min(total, first * size), min(total, (first + 1) * size))
+
 
 def cluster() -> Cluster:
     """This process's place among the processes of its stage (from Keras's or Slurm's variables)."""

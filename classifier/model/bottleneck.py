@@ -38,7 +38,7 @@ def write_features(
     is told the number of images of each batch as it finishes. Run as several processes, each
     computes its part of the split and process 0 writes the whole (`devices.gather`)."""
     shape = tuple(extractor.output_shape[1:])
-    paths = split.paths[images.part_of(len(split), backend.cluster())]
+    paths = split.paths[backend.cluster().part(len(split))]
     buffer = path.with_suffix(".tmp.npy")
     features = np.lib.format.open_memmap(buffer, mode="w+", dtype=np.float32, shape=(len(paths), *shape))
     try:
@@ -81,7 +81,7 @@ def write_splits(
     out.mkdir(parents=True, exist_ok=True)
     splits = {name: images.load_split(prepared, name) for name in SPLITS}
     cluster = backend.cluster()
-    total = sum(len(range(len(split))[images.part_of(len(split), cluster)]) for split in splits.values())
+    total = sum(len(range(len(split))[cluster.part(len(split))]) for split in splits.values())
     pace = eta.Pace(stage, f"{total:,} images", total, devices.device_name(), policy)
     with tqdm(total=total, desc=stage, unit="img", mininterval=5) as bar:
 

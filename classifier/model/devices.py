@@ -192,7 +192,7 @@ def predict_batch(model: keras.Model, batch: Any) -> np.ndarray:
 
 
 def gather(part: np.ndarray, total: int) -> np.ndarray:
-    """Every process's `part` of a result, in process order (the parts of `images.part_of`), to every
+    """Every process's `part` of a result, in process order (the parts of `Cluster.part`), to every
     process; `part` itself when the stage runs as one process. `total`: the whole result's length."""
     cluster = backend.cluster()
     if not cluster.several:
@@ -203,7 +203,7 @@ def gather(part: np.ndarray, total: int) -> np.ndarray:
     padded = np.zeros((longest, *part.shape[1:]), dtype=part.dtype)
     padded[: len(part)] = part
     every = np.asarray(multihost_utils.process_allgather(padded))
-    pieces = [every[i][: len(range(total)[i * longest : (i + 1) * longest])] for i in range(cluster.count)]
+    pieces = [every[i][: len(range(total)[cluster.part(total, i)])] for i in range(cluster.count)]
     return np.concatenate(pieces)
 
 

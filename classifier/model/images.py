@@ -9,6 +9,7 @@ computes the same in numpy), as float32 0..255.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -88,6 +89,7 @@ def decode_bytes(data: Any, image_size: tuple[int, int]) -> Any:
     return image
 
 
+@functools.lru_cache(maxsize=64)
 def _resize_weights(before: int, after: int) -> np.ndarray:
     """(after, before) weights of antialiased bilinear resampling along one axis, as TensorFlow's
     ScaleAndTranslate computes them: a triangle kernel, widened by the shrink factor when shrinking,
@@ -96,7 +98,9 @@ def _resize_weights(before: int, after: int) -> np.ndarray:
     width = max(1.0, 1.0 / scale)
     centres = (np.arange(after, dtype=np.float64) + 0.5) / scale
     weights = np.maximum(0.0, 1.0 - np.abs((np.arange(before) + 0.5 - centres[:, None]) / width))
-    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+    weights = (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+    weights.flags.writeable = False  # cached: shared by every picture of these sizes
+    return weights
 
 
 def resize(image: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
@@ -183,7 +187,7 @@ class Batches(keras.utils.PyDataset):
             missing = self.batch_size - len(chosen)
             chosen = np.concatenate([chosen, np.resize(self.order, missing)])
             weights = np.concatenate([weights, np.zeros(missing, dtype=np.float32)])
-        mine = slice(*_bounds(len(chosen), self.cluster.count, self.cluster.index))
+        mine = self.cluster.part(len(chosen))
         chosen, weights = chosen[mine], weights[mine]
         images = np.stack([decode_pillow(Path(self.paths[i]).read_bytes(), self.image_size) for i in chosen])
         if self.labels is None:
@@ -205,16 +209,6 @@ class Batches(keras.utils.PyDataset):
         # Keras calls this once the epoch's reading threads are stopped: the next epoch's order.
         self.epoch += 1
         self.order = self._order()
-
-
-def _bounds(total: int, parts: int, index: int) -> tuple[int, int]:
-    size = -(-total // parts)
-    return min(total, index * size), min(total, (index + 1) * size)
-
-
-def part_of(total: int, cluster: backend.Cluster) -> slice:
-    """This process's contiguous part of `total` items (prediction; `devices.gather` joins them)."""
-    return slice(*_bounds(total, cluster.count, cluster.index))
 
 
 def dataset(

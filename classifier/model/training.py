@@ -15,6 +15,8 @@ from classifier.model import backend, devices, eta, heads
 from classifier.model.history import early_stopping
 from classifier.model.images import Split, dataset
 
+log = logging.getLogger(__name__)
+
 
 def fit(
     name: str,
@@ -54,9 +56,6 @@ def fit(
         digest = hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in model.get_weights())).hexdigest()
         log.info("process %d of %d: weights sha256 %s", cluster.index, cluster.count, digest[:16])
     return model, history.history
-
-
-log = logging.getLogger(__name__)
 
 
 def optimizer(params: config.TopParams) -> keras.optimizers.Optimizer:
