@@ -98,21 +98,21 @@ def precision_policy(precision: str, flags: frozenset[str] | None = None) -> str
     return "mixed_bfloat16" if (machine_flags() if flags is None else flags) & BF16_CPU_FLAGS else "float32"
 
 
-def local_devices() -> list[Any]:
-    """The devices this process computes on: its GPUs, else its CPU device(s)."""
+def local_gpus() -> int:
+    """How many GPUs this process computes on."""
     if on_jax():
         import jax
 
-        return jax.local_devices()
+        return sum(device.platform == "gpu" for device in jax.local_devices())
     import tensorflow as tf
 
-    return tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")[:1]
+    return len(tf.config.list_logical_devices("GPU"))
 
 
 def device_name() -> str:
     """What the models run on, for messages: 'CPU', 'GPU', '2 GPUs', '2 processes x 8 GPUs'."""
-    gpus = [d for d in local_devices() if "GPU" in str(getattr(d, "device_type", getattr(d, "platform", ""))).upper()]
-    here = "CPU" if not gpus else "GPU" if len(gpus) == 1 else f"{len(gpus)} GPUs"
+    gpus = local_gpus()
+    here = "CPU" if not gpus else "GPU" if gpus == 1 else f"{gpus} GPUs"
     processes = backend.cluster().count
     return here if processes == 1 else f"{processes} processes x {here}"
 
