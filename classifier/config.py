@@ -18,15 +18,18 @@ import yaml
 
 from classifier.params import (  # noqa: F401  re-exported: config.Params, config.TopParams...
     BACKBONES,
+    EXPORT_FORMATS,
     PARAMS_FILE,
     PRESETS,
     SEED_LIMIT,
     SEED_RANGE,
+    AuditParams,
     AugmentParams,
     BaselineParams,
     DataParams,
     EnsembleParams,
     EvaluateParams,
+    ExportParams,
     FeaturizeParams,
     FinetuneParams,
     ModelParams,

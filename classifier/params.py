@@ -267,6 +267,38 @@ class EnsembleParams:
 
 
 @dataclass(frozen=True)
+class AuditParams:
+    """The label audit (the `audit` stage): heads on k folds of the cached features rank suspect labels."""
+
+    folds: int = 5  # heads trained, each on all folds but one, to score the one it did not see
+    sheet: int = 24  # the most suspect pictures shown on reports/audit/suspects.png
+
+    def check(self, key: str) -> None:
+        if self.folds < 2:
+            _fail(f"{key}.folds", self.folds, "at least 2 (each picture is scored by a head trained on the others)")
+        if self.sheet < 0:
+            _fail(f"{key}.sheet", self.sheet, "0 or more pictures")
+
+
+#: The formats `export` writes, as Keras 3's `model.export` names them.
+EXPORT_FORMATS = ("onnx", "tf_saved_model", "litert")
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    """The best model in standard formats (the `export` stage)."""
+
+    formats: tuple[str, ...] = EXPORT_FORMATS  # empty: nothing exported
+
+    def check(self, key: str) -> None:
+        for name in self.formats:
+            if name not in EXPORT_FORMATS:
+                _fail(f"{key}.formats", list(self.formats), f"each one of {', '.join(EXPORT_FORMATS)}")
+        if len(set(self.formats)) != len(self.formats):
+            _fail(f"{key}.formats", list(self.formats), "each format at most once")
+
+
+@dataclass(frozen=True)
 class FeaturizeParams:
     batch_size: int = 32
 
@@ -288,6 +320,8 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     baseline: BaselineParams = field(default_factory=BaselineParams)
     ensemble: EnsembleParams = field(default_factory=EnsembleParams)
+    audit: AuditParams = field(default_factory=AuditParams)
+    export: ExportParams = field(default_factory=ExportParams)
 
     def check(self, key: str) -> None:
         if not 0 <= self.seed < SEED_LIMIT:

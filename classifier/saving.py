@@ -116,6 +116,10 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 #: The timestamp every member of a saved model gets: the earliest a zip file can hold.
+#: The model file in a stage's model folder (models/frozen, models/baseline, models/ensemble).
+MODEL = "model.keras"
+
+
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 

@@ -18,9 +18,10 @@ import logging
 from pathlib import Path
 
 from classifier import config, saving
+from classifier.metrics.figures import RELIABILITY, write_reliability
 from classifier.model import backend
-from classifier.model.baseline import MODEL
 from classifier.model.history import write_reports, write_switched_off
+from classifier.saving import MODEL
 from ops import launch, runner, tracking
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def main() -> None:
     params = config.load()
     if not params.baseline.enabled:
         write_switched_off(args.models, args.reports)
+        write_reliability(args.reports / RELIABILITY, None, None, params.evaluate.threshold, "baseline (switched off)")
         log.info("baseline.enabled is false in params.yaml: no baseline trained")
         return
     launch.relaunch("baseline")  # as several processes, where PIPELINE_LAUNCH says so
@@ -53,10 +55,11 @@ def main() -> None:
             args.prepared, params, devices.strategy(), policy, callbacks=[tracking.epoch_logger(f"{name}.")]
         )
         split = images.load_split(args.prepared, "test")
-        _, scores = inference.evaluate(devices.computing_in(model, policy), split, params)
+        probs, scores = inference.evaluate(devices.computing_in(model, policy), split, params)
         with saving.atomic_dir(args.models) as tmp:
             saving.save_model(model, tmp / MODEL)
         kept = write_reports(args.reports, history, name, params.baseline.patience, scores["test"])
+        write_reliability(args.reports / RELIABILITY, split.labels, probs, params.evaluate.threshold, "baseline")
     log.info("test accuracy %.4f on %d images (kept epoch %d)", scores["test"]["accuracy"], len(split), kept + 1)
 
 

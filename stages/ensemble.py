@@ -21,9 +21,11 @@ import logging
 from pathlib import Path
 
 from classifier import config, saving
+from classifier.metrics.figures import RELIABILITY, write_reliability
 from classifier.model import backend
-from classifier.model.ensemble import MODEL, assemble, concatenated, member_meta
+from classifier.model.ensemble import assemble, concatenated, member_meta
 from classifier.model.history import write_reports, write_switched_off
+from classifier.saving import MODEL
 from ops import runner, tracking
 
 log = logging.getLogger(__name__)
@@ -40,12 +42,12 @@ def main() -> None:
     members = params.ensemble.backbones
     if not members:
         write_switched_off(args.models, args.reports)
+        write_reliability(args.reports / RELIABILITY, None, None, params.evaluate.threshold, "ensemble (switched off)")
         log.info("ensemble.backbones is empty in params.yaml: no ensemble trained")
         return
     backend.select(params.backend, params.deterministic)  # before Keras is imported
     tracking.start_worker("ensemble")  # its arguments and params are good: the run will open
     # Keras is imported once there is a model to train: switched off, the stage takes a second.
-    from classifier.metrics import scores
     from classifier.model import devices, images, training
 
     devices.start(params.deterministic)
@@ -62,19 +64,19 @@ def main() -> None:
             "flatten",  # the members' features are vectors already
             callbacks=[tracking.epoch_logger(f"{name}.")],
         )
-        features, labels = concatenated(args.features, members, "test")
-        probs = scores.as_class_probabilities(head.predict(features, verbose=0))
-        metrics = scores.compute_metrics(labels, probs, classes, params.evaluate.threshold)
+        test = concatenated(args.features, members, "test")
+        probs, metrics = training.score_head(head, test, classes, params.evaluate.threshold)
         model = assemble(args.features, members, metas, head)
         with saving.atomic_dir(args.models) as tmp:
             saving.save_model(model, tmp / MODEL)
         write_reports(args.reports, history, name, params.top.patience, metrics["test"])
+        write_reliability(args.reports / RELIABILITY, test[1], probs, params.evaluate.threshold, "ensemble")
         example = Path(images.load_split(args.prepared, "test").paths[0])
         tracking.log_classifier(
             "ensemble", args.models / MODEL, classes, example, args.prepared, params, metrics["test"]
         )
     accuracy = metrics["test"]["accuracy"]
-    log.info("ensemble of %s: test accuracy %.4f on %d images", ", ".join(members), accuracy, len(labels))
+    log.info("ensemble of %s: test accuracy %.4f on %d images", ", ".join(members), accuracy, len(test[1]))
 
 
 if __name__ == "__main__":

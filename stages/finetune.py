@@ -14,6 +14,7 @@ Run: dvc repro finetune   (or: python -m stages.finetune data/prepared models/ba
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def main() -> None:
     parser.add_argument("output", type=Path, help="where to save the fine-tuned model (.keras)")
     parser.add_argument("classes", type=Path, help="where to save the class names (JSON list)")
     parser.add_argument("reports", type=Path, help="folder for history.csv and metrics.json")
+    parser.add_argument(
+        "--head-metrics", type=Path, help="train_top's metrics.json: a warning when fine-tuning ends below the head"
+    )
     args = parser.parse_args()
     params = config.load()
     launch.relaunch("finetune")  # as several processes, where PIPELINE_LAUNCH says so
@@ -60,9 +64,18 @@ def main() -> None:
         saving.save_model(result.model, args.output)
         saving.write_json(args.classes, result.classes)
         kept = write_reports(args.reports, result.history, name, params.finetune.patience)
-    log.info(
-        "kept epoch %d: validation accuracy %.4f; wrote %s", kept + 1, result.history["val_accuracy"][kept], args.output
-    )
+    accuracy = result.history["val_accuracy"][kept]
+    log.info("kept epoch %d: validation accuracy %.4f; wrote %s", kept + 1, accuracy, args.output)
+    if args.head_metrics and args.head_metrics.is_file():
+        head = json.loads(args.head_metrics.read_text(encoding="utf-8")).get("top", {}).get("val_accuracy")
+        if head is not None and accuracy < head:
+            log.warning(
+                "fine-tuning ended at validation accuracy %.4f, below the %.4f of the head it started from: the "
+                "frozen-backbone model (models/frozen, row top of reports/models.csv) is the better one. Try a lower "
+                "finetune.learning_rate, or finetune.patience to keep the best epoch",
+                accuracy,
+                head,
+            )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The PNG figures of evaluate: the confusion matrix, the ROC curve, and the training curves of both
-training stages on one axis (fine-tuning's epochs after the head's)."""
+"""The PNG figures: evaluate's confusion matrix, ROC curve, and training curves of both training
+stages on one axis (fine-tuning's epochs after the head's); the reliability diagram of every scored
+model (`write_reliability`)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from classifier.metrics.scores import Roc
+from classifier.metrics.scores import Calibration, Roc, calibration
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+
+#: The reliability diagram's file in a scoring stage's reports folder.
+RELIABILITY = "reliability.png"
 
 
 #: Above this many classes the confusion matrix PNG shows colours only, no counts.
@@ -109,10 +114,86 @@ def training_figure(histories: Sequence[Path]) -> Figure:
     return fig
 
 
+def reliability_figure(cal: Calibration | None, model: str) -> Figure:
+    """The reliability diagram: each confidence bin's accuracy against its mean confidence (on the
+    diagonal when calibrated), with the number of predictions per bin below; `cal` None draws the
+    frame of a model that was not trained."""
+    plt = _pyplot()
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(5, 6), height_ratios=(3, 1), sharex=True, layout="constrained")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="calibrated")
+    if cal is None or cal.ece is None:
+        ax.text(0.5, 0.5, "no model scored", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(f"{model}: reliability on the test split")
+    else:
+        width = np.diff(cal.edges)
+        shown = cal.counts > 0
+        ax.bar(
+            cal.edges[:-1][shown],
+            cal.accuracy[shown],
+            width=width[shown],
+            align="edge",
+            alpha=0.7,
+            edgecolor="black",
+            label="accuracy in the bin",
+        )
+        ax.plot(
+            cal.confidence[shown],
+            cal.accuracy[shown],
+            "o",
+            color="black",
+            markersize=3,
+            label="at the bin's mean confidence",
+        )
+        counts.bar(cal.edges[:-1], cal.counts, width=width, align="edge", color="grey", edgecolor="black")
+        ax.set_title(f"{model}: reliability on the test split\nexpected calibration error {cal.ece:.3f}")
+        ax.legend(fontsize=8, loc="upper left")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
+    counts.set(xlabel="confidence (probability of the predicted class)", ylabel="predictions")
+    return fig
+
+
+def write_reliability(
+    path: Path, labels: np.ndarray | None, probs: np.ndarray | None, threshold: float, model: str
+) -> None:
+    """The reliability diagram of `model`'s test `probs` as a PNG at `path` (its frame only when
+    `labels` is None: a stage switched off still writes its declared output)."""
+    plt = _pyplot()
+    cal = None if labels is None or probs is None else calibration(labels, probs, threshold)
+    fig = reliability_figure(cal, model)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_contact_sheet(path: Path, pictures: Sequence[Path], captions: Sequence[str], title: str) -> None:
+    """`pictures` in a grid of up to 6 columns, each with its caption, as a PNG at `path` (a sheet that
+    says so when there are none)."""
+    from PIL import Image
+
+    plt = _pyplot()
+    columns = max(1, min(6, len(pictures)))
+    rows = max(1, -(-len(pictures) // columns))
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(2.2 * columns, 2.4 * rows + 0.6), squeeze=False, layout="constrained"
+    )
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, picture, caption in zip(axes.ravel(), pictures, captions, strict=False):
+        with Image.open(picture) as image:
+            image.thumbnail((256, 256))
+            ax.imshow(np.asarray(image.convert("RGB")))
+        ax.set_title(caption, fontsize=8)
+    if not pictures:
+        axes[0, 0].text(0.5, 0.5, "nothing to show", ha="center", va="center", transform=axes[0, 0].transAxes)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_figures(
     out: Path, metrics: dict[str, Any], curve: Roc, classes: Sequence[str], histories: Sequence[Path]
 ) -> None:
-    """confusion.png, roc.png and training_curves.png into `out`; `classes` in the model's order."""
+    """confusion.png, roc.png and training_curves.png into `out`; `classes` in the model's order.
+    (reliability.png is `write_reliability`'s.)"""
     plt = _pyplot()
     confusion = metrics["confusion"]
     figures = {

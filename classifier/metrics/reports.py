@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from classifier import saving
-from classifier.metrics.figures import write_figures
+from classifier.metrics.figures import RELIABILITY, write_figures, write_reliability
 from classifier.metrics.scores import Roc, predicted_classes, roc
 from classifier.model import images
 
@@ -54,3 +54,4 @@ def write_reports(
     write_per_class(out / "per_class.csv", metrics)
     saving.write_json(out / "confusion.json", metrics["confusion"])
     write_figures(out, metrics, curve, split.classes, histories)
+    write_reliability(out / RELIABILITY, split.labels, probs, threshold, "fine-tuned model")

@@ -1,6 +1,6 @@
 """The scores of class probabilities against labels (`compute_metrics`), with scikit-learn: accuracy,
-top-3 accuracy, precision, recall, F1, log loss, ROC AUC, per class and the confusion matrix; and
-the order tables show classes in (`natural_key`).
+top-3 accuracy, precision, recall, F1, log loss, ROC AUC, the expected calibration error, per class
+and the confusion matrix; and the order tables show classes in (`natural_key`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,12 @@ EPS = 1e-7
 
 
 #: The keys reports/metrics.json's "test" object always has: the headline numbers, nothing per class.
-HEADLINE = ("accuracy", "precision", "recall", "f1", "log_loss", "roc_auc", "images")
+HEADLINE = ("accuracy", "precision", "recall", "f1", "log_loss", "ece", "roc_auc", "images")
+
+
+#: Equal-width confidence bins of the expected calibration error and the reliability diagram:
+#: (0, 0.1], (0.1, 0.2], ... (0.9, 1].
+CALIBRATION_BINS = 10
 
 
 #: Top-k accuracy's k. With more than TOP_K classes the "test" object has TOP_K_ACCURACY too (after
@@ -114,6 +119,39 @@ def roc(labels: np.ndarray, probs: np.ndarray) -> Roc:
     return Roc(fpr, tpr, thresholds, _defined(roc_auc(onehot.ravel(), probs.ravel())), macro, probs.shape[1])
 
 
+@dataclass
+class Calibration:
+    """How far a model's confidence is from its accuracy, bin by bin (`CALIBRATION_BINS`); a bin without
+    predictions has NaN confidence and accuracy."""
+
+    edges: np.ndarray  # the bins' bounds, 0 to 1
+    confidence: np.ndarray  # mean confidence of the predictions in each bin
+    accuracy: np.ndarray  # the fraction of them that are right
+    counts: np.ndarray  # how many there are
+    ece: float | None  # expected calibration error: sum over bins of count/N * |accuracy - confidence|
+
+
+def calibration(labels: np.ndarray, probs: np.ndarray, threshold: float, bins: int = CALIBRATION_BINS) -> Calibration:
+    """The calibration of `probs` against `labels`: each prediction (the class `predicted_classes`
+    picks) counts in the bin of its confidence, the probability the model gave that class. A model is
+    calibrated when, of the pictures it is 80% sure of, 80% are right (Guo et al. 2017, "On
+    Calibration of Modern Neural Networks"). The ECE is None without predictions."""
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    predicted = predicted_classes(probs, threshold) if len(labels) else np.zeros(0, dtype=np.int64)
+    confidence = probs[np.arange(len(labels)), predicted]
+    correct = (predicted == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    counts = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(index, weights=confidence, minlength=bins) / counts
+        accuracy = np.bincount(index, weights=correct, minlength=bins) / counts
+    gaps = np.where(counts > 0, np.abs(np.nan_to_num(accuracy) - np.nan_to_num(mean_confidence)), 0.0)
+    ece = float(np.sum(counts * gaps) / len(labels)) if len(labels) else None
+    return Calibration(edges, mean_confidence, accuracy, counts, ece)
+
+
 def headline_keys(classes: int) -> tuple[str, ...]:
     """The keys of reports/metrics.json's "test" object for a model of `classes` classes, in order:
     HEADLINE, with TOP_K_ACCURACY after "accuracy" for more than TOP_K classes."""
@@ -156,6 +194,7 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str], t
     headline |= {
         "accuracy": float(accuracy_score(labels, predicted)),
         "log_loss": float(loss),
+        "ece": calibration(labels, probs, threshold).ece,
         "images": len(labels),
     }
     keys = headline_keys(n)

@@ -1,4 +1,5 @@
-"""reports/models.csv: the models side by side on the same test set, best test accuracy first."""
+"""reports/models.csv: the models side by side on the same test set, best test accuracy first, with a
+note where fine-tuning made the model worse than the head it started from."""
 
 from __future__ import annotations
 
@@ -17,8 +18,12 @@ log = logging.getLogger(__name__)
 FINETUNED = "finetuned"
 
 
+#: The stage that scores (and, but for the baseline, registers) each model of the table.
+STAGES = {FINETUNED: "evaluate", "top": "train_top", "baseline": "baseline", "ensemble": "ensemble"}
+
+
 #: The columns after `model` and `description`, in order, as far as some model has them.
-COLUMNS = ("accuracy", "top3_accuracy", "f1", "log_loss", "roc_auc", "images")
+COLUMNS = ("accuracy", "top3_accuracy", "f1", "log_loss", "ece", "roc_auc", "images")
 
 
 def describe(model: str, params: config.Params) -> str:
@@ -30,7 +35,32 @@ def describe(model: str, params: config.Params) -> str:
         return f"{params.model.backbone}, last {blocks} block{'s' if blocks > 1 else ''} fine-tuned"
     if model == "ensemble":
         return f"head on {' + '.join(params.ensemble.backbones)} features"
+    if model == "top":
+        return f"{params.model.backbone} frozen, dense head on its cached features"
     return model
+
+
+def validation_accuracies(paths: list[Path]) -> dict[str, float]:
+    """{stage prefix: its kept epoch's validation accuracy} from metrics files (`top.val_accuracy`,
+    `finetune.val_accuracy`...)."""
+    found = {}
+    for path in paths:
+        for name, value in json.loads(path.read_text(encoding="utf-8")).items():
+            if isinstance(value, dict) and isinstance(value.get("val_accuracy"), int | float):
+                found[name] = float(value["val_accuracy"])
+    return found
+
+
+def finetune_note(accuracies: dict[str, float]) -> str | None:
+    """What the table says when fine-tuning ended with a lower validation accuracy than the head it
+    started from, else None."""
+    head, tuned = accuracies.get("top"), accuracies.get("finetune")
+    if head is None or tuned is None or tuned >= head:
+        return None
+    return (
+        f"fine-tuning lowered validation accuracy from {head:.4f} (the head, row top) to {tuned:.4f}: "
+        "try a lower finetune.learning_rate or finetune.patience"
+    )
 
 
 def scores(paths: list[Path]) -> dict[str, dict[str, Any]]:
@@ -47,13 +77,18 @@ def scores(paths: list[Path]) -> dict[str, dict[str, Any]]:
     return found
 
 
-def table(found: dict[str, dict[str, Any]], params: config.Params) -> list[dict[str, Any]]:
-    """One row per model, best test accuracy first (ties: in the order of the metrics files given)."""
+def table(
+    found: dict[str, dict[str, Any]], params: config.Params, notes: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """One row per model, best test accuracy first (ties: in the order of the metrics files given),
+    with a `note` column when `notes` ({model: text}) has one."""
     columns = [c for c in COLUMNS if any(c in test for test in found.values())]
     rows = [
         {"model": model, "description": describe(model, params)} | {c: test.get(c) for c in columns}
         for model, test in found.items()
     ]
+    if notes:
+        rows = [row | {"note": notes.get(str(row["model"]), "")} for row in rows]
     return sorted(rows, key=lambda row: -(row.get("accuracy") or 0.0))
 
 

@@ -19,10 +19,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-#: The saved model, in the stage's model folder.
-MODEL = "model.keras"
-
-
 #: Filters of the three convolution blocks, as in the recipe.
 FILTERS = (32, 32, 64)
 

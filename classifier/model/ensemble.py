@@ -22,10 +22,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-#: The saved model, in the stage's model folder.
-MODEL = "model.keras"
-
-
 def member_meta(folder: Path, backbones: tuple[str, ...], image_size: int) -> list[dict[str, Any]]:
     """The meta.json of each member's features in `folder`, checked: present, at `image_size`, same classes."""
     from classifier.model.bottleneck import META

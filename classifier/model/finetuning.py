@@ -27,21 +27,11 @@ class Finetuned:
     classes: list[str]
 
 
-def _parts(params: config.Params, num_classes: int) -> tuple[keras.Model, keras.Model]:
-    """A fresh backbone (random init) and head, in the current dtype policy."""
-    base = backbones.build_backbone(params.model.backbone, None, params.data.image_size)
-    pool = heads.head_pool(params.top, params.model.backbone)
-    head = heads.build_head(tuple(base.output_shape[1:]), num_classes, params.top, pool)
-    return base, head
-
-
 def assemble(
     params: config.Params, backbone_weights: Path, top: keras.Model, num_classes: int
 ) -> tuple[keras.Model, list[str]]:
     """Backbone (saved weights) + head (trained weights) + augmentation, last block(s) trainable."""
-    base, head = _parts(params, num_classes)
-    base.load_weights(backbone_weights)
-    head.set_weights(top.get_weights())
+    base, head = heads.trained_parts(params, backbone_weights, top, num_classes)
     unfrozen = backbones.unfreeze_last_blocks(base, params.model.backbone, params.finetune.blocks)
     augmentation = augment.augmentation(params.finetune.augment, params.seed)
     return heads.build_classifier(base, head, params.model.backbone, augmentation), unfrozen
@@ -53,7 +43,7 @@ def inference_model(trained: keras.Model, params: config.Params, num_classes: in
     Augmentation only acts in training, and a model that holds none reloads on any Keras
     version; float32 makes the saved model independent of the precision that trained it.
     """
-    base, head = _parts(params, num_classes)
+    base, head = heads.fresh_parts(params, num_classes)
     base.set_weights(trained.get_layer(base.name).get_weights())
     head.set_weights(trained.get_layer(head.name).get_weights())
     return heads.build_classifier(base, head, params.model.backbone)

@@ -6,11 +6,13 @@ a sigmoid for two classes or a softmax for more.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 
-from classifier.config import TopParams
+from classifier.config import Params, TopParams
 from classifier.errors import StageError
-from classifier.model.backbones import REGISTRY, Preprocess
+from classifier.model.backbones import REGISTRY, Preprocess, build_backbone
 
 
 def head_pool(top: TopParams, backbone: str) -> str:
@@ -61,3 +63,28 @@ def build_classifier(
     x = base(x, training=False)  # BatchNorm stays in inference mode even when unfrozen
     outputs = head(x)
     return keras.Model(inputs, outputs, name=f"{backbone}_classifier")
+
+
+def fresh_parts(params: Params, num_classes: int) -> tuple[keras.Model, keras.Model]:
+    """A fresh backbone (random init) and head, in the current dtype policy."""
+    base = build_backbone(params.model.backbone, None, params.data.image_size)
+    head = build_head(
+        tuple(base.output_shape[1:]), num_classes, params.top, head_pool(params.top, params.model.backbone)
+    )
+    return base, head
+
+
+def trained_parts(
+    params: Params, backbone_weights: Path, top: keras.Model, num_classes: int
+) -> tuple[keras.Model, keras.Model]:
+    """The backbone with the weights its features came from and the head trained on those features."""
+    base, head = fresh_parts(params, num_classes)
+    base.load_weights(backbone_weights)
+    head.set_weights(top.get_weights())
+    return base, head
+
+
+def frozen_classifier(params: Params, backbone_weights: Path, top: keras.Model, num_classes: int) -> keras.Model:
+    """The recipe's second model: the frozen backbone and the head trained on its cached features, as
+    one classifier of raw pictures (float32, what train_top registers)."""
+    return build_classifier(*trained_parts(params, backbone_weights, top, num_classes), params.model.backbone)

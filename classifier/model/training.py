@@ -1,4 +1,5 @@
-"""Training: fitting a model on image splits (`fit`), and the head on cached features (`train_top`)."""
+"""Training: fitting a model on image splits (`fit`), and the head on cached features (`train_top`)
+and its scores on them (`score_head`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import keras
 import numpy as np
 
 from classifier import config
+from classifier.metrics import scores
 from classifier.model import backend, devices, eta, heads
 from classifier.model.history import early_stopping
 from classifier.model.images import Split, dataset
@@ -91,3 +93,12 @@ def train_top(
         verbose=2,
     )
     return head, history.history
+
+
+def score_head(
+    head: keras.Model, test: tuple[np.ndarray, np.ndarray], classes: list[str], threshold: float
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """(class probabilities, `scores.compute_metrics`) of a head on cached (features, labels): the
+    test scores of the frozen-backbone model and of the ensemble, without a backbone pass."""
+    probs = scores.as_class_probabilities(head.predict(test[0], verbose=0))
+    return probs, scores.compute_metrics(test[1], probs, classes, threshold)

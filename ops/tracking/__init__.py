@@ -40,6 +40,7 @@ from ops.tracking.runs import (
     log_outputs,
     relog,
     stage_run,
+    tag_exported,
 )
 from ops.tracking.store import (
     CONFLICT_ATTEMPTS,
@@ -127,6 +128,7 @@ __all__ = [
     "store_lock",
     "store_uri",
     "switched_off",
+    "tag_exported",
     "tracking_uri",
     "version_name",
     "versions_url",

@@ -30,16 +30,16 @@ from ops.tracking.store import (
     store_uri,
     tracking_uri,
 )
-from ops.tracking.version import _record_failed_attempt
+from ops.tracking.version import _record_failed_attempt, runs_that_wrote
 from ops.tracking.worker import in_worker
 
 log = logging.getLogger(__name__)
 
 
 #: Outputs not copied into the tracking store: data and the backbone are too large (DVC keeps
-#: them), and the fine-tuned and ensemble models are stored once, inside the models evaluate and
-#: ensemble log and register.
-NOT_ARTIFACTS = ("data/", "models/backbone.weights.h5", "models/model.keras", "models/ensemble")
+#: them), and the frozen-backbone, fine-tuned and ensemble models are stored once, inside the models
+#: train_top, evaluate and ensemble log and register.
+NOT_ARTIFACTS = ("data/", "models/backbone.weights.h5", "models/model.keras", "models/frozen", "models/ensemble")
 
 
 @contextlib.contextmanager
@@ -239,6 +239,27 @@ def log_classifier(
         )
     except Exception as err:
         raise logging_failed(stage, "logging the model", err) from err
+
+
+@in_worker
+def tag_exported(stage: str, folder: Path, registered_model: str | None) -> None:
+    """Say where the exports of the model that `stage` logged are: the registry version that stage's
+    run registered (the newest run that wrote the outputs dvc.lock records for it) gets the tag
+    `export.run`, this run's id (the exports are its `folder` artifacts), and this run gets
+    `export.model_version`. Nothing when the model was not registered."""
+    if not enabled():
+        return
+    import mlflow
+
+    hashes = locked_hashes()
+    with store_lock():
+        found = runs_that_wrote({p: hashes[p] for p in stage_outputs(stage) if p in hashes}, stage, 1)
+        version = found[0].data.tags.get("model.version") if found else None
+        if registered_model is None or version is None:
+            mlflow.set_tag("export.model_version", "none (the model is not registered)")
+            return
+        mlflow.MlflowClient().set_model_version_tag(registered_model, version, "export.run", active_run_id())
+        mlflow.set_tags({"export.model_version": f"{registered_model} v{version}", "export.folder": folder.as_posix()})
 
 
 def relog(stage: str, run_id: str | None) -> str:

@@ -43,6 +43,8 @@ KEY_METRICS = (
     "test.accuracy",
     "test.top3_accuracy",
     "test.log_loss",
+    "test.ece",
+    "top.test.accuracy",
     "baseline.test.accuracy",
     "ensemble.test.accuracy",
 )
@@ -157,8 +159,9 @@ def log_pipeline_version(params: config.Params, stage: str = "compare") -> str |
     other stage. Each stage's run is the newest that wrote the outputs dvc.lock records for it, so a
     stage reused unchanged (or restored from DVC's run-cache) links the run that first wrote its
     outputs; a stage switched off (`switched_off`) has none. Runs made in this version get it as
-    their parent: they nest under it in the MLflow UI. The version shows the models that evaluate
-    and ensemble logged, and carries evaluate's `model.*` tags (the ensemble's as `ensemble.model.*`).
+    their parent: they nest under it in the MLflow UI. The version shows the models that train_top,
+    evaluate and ensemble logged, and carries evaluate's `model.*` tags (train_top's as `top.model.*`,
+    the ensemble's as `ensemble.model.*`).
     """
     if not enabled():
         return None
@@ -183,7 +186,7 @@ def log_pipeline_version(params: config.Params, stage: str = "compare") -> str |
             experiment = _experiment(client)
             linked = {name: client.get_run(run_id) for name, run_id in runs.items()}
             new = [r for r in linked.values() if "mlflow.parentRunId" not in r.data.tags]  # made in this version
-            for name, prefix in (("evaluate", ""), ("ensemble", "ensemble.")):
+            for name, prefix in (("evaluate", ""), ("train_top", "top."), ("ensemble", "ensemble.")):
                 if name in linked:
                     tags |= {prefix + k: v for k, v in linked[name].data.tags.items() if k.startswith("model.")}
             version = client.create_run(
@@ -198,7 +201,7 @@ def log_pipeline_version(params: config.Params, stage: str = "compare") -> str |
             for key, value in metrics.items():
                 if key not in curves:  # a curve ends on the final value already
                     client.log_metric(version_id, key, value)
-            for name in ("evaluate", "ensemble"):
+            for name in ("train_top", "evaluate", "ensemble"):
                 if name in runs:
                     _link_models(client, experiment.experiment_id, runs[name], version_id)
             for other in new:

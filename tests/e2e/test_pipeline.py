@@ -41,7 +41,7 @@ from tests.workspace import (
 pytestmark = pytest.mark.slow
 
 #: The keys of reports/metrics.json's "test" object (DVC and MLflow: test.accuracy, ...).
-TEST_METRICS = {"accuracy", "precision", "recall", "f1", "log_loss", "roc_auc", "images"}
+TEST_METRICS = {"accuracy", "precision", "recall", "f1", "log_loss", "ece", "roc_auc", "images"}
 
 
 @pytest.fixture(scope="module")

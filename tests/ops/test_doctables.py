@@ -38,16 +38,27 @@ def test_precision_re_runs_every_stage_that_computes_in_it_and_what_follows():
         "baseline",
         FEATURES,
         "ensemble",
+        "audit",
+        "export",
         "compare",
     ]
 
 
-def test_top_pool_re_runs_the_head_the_fine_tuning_and_the_ensemble_members():
-    assert rerun_of("top.pool") == ["train_top", "finetune", "evaluate", FEATURES, "ensemble", "compare"]
+def test_top_pool_re_runs_the_head_the_fine_tuning_the_ensemble_members_and_the_audit():
+    assert rerun_of("top.pool") == [
+        "train_top",
+        "finetune",
+        "evaluate",
+        FEATURES,
+        "ensemble",
+        "audit",
+        "export",
+        "compare",
+    ]
 
 
-def test_a_learning_rate_of_fine_tuning_re_runs_finetune_evaluate_and_compare_only():
-    assert rerun_of("finetune") == ["finetune", "evaluate", "compare"]
+def test_a_learning_rate_of_fine_tuning_re_runs_finetune_evaluate_export_and_compare_only():
+    assert rerun_of("finetune") == ["finetune", "evaluate", "export", "compare"]
 
 
 def test_a_param_no_stage_lists_re_runs_compare_only():
@@ -67,7 +78,7 @@ def test_a_foreach_stage_is_one_stage_with_its_item_named():
 
 def test_downstream_follows_outputs_into_the_folders_that_hold_them():
     # ensemble depends on data/ensemble, which holds each member's data/ensemble/<backbone>
-    assert doctables.downstream(doctables.stages(), {FEATURES}) == [FEATURES, "ensemble", "compare"]
+    assert doctables.downstream(doctables.stages(), {FEATURES}) == [FEATURES, "ensemble", "export", "compare"]
 
 
 def test_the_params_table_has_every_key_of_params_yaml():

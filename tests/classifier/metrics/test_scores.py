@@ -11,7 +11,7 @@ import pytest
 from classifier.metrics import scores
 from classifier.model.history import final_metrics
 
-HEADLINE = {"accuracy", "precision", "recall", "f1", "log_loss", "roc_auc", "images"}
+HEADLINE = {"accuracy", "precision", "recall", "f1", "log_loss", "ece", "roc_auc", "images"}
 
 
 def test_binary_metrics_match_hand_computation():
@@ -181,6 +181,7 @@ def test_top3_accuracy_counts_the_true_class_among_the_three_most_probable():
         "recall",
         "f1",
         "log_loss",
+        "ece",
         "roc_auc",
         "images",
     ]
@@ -250,3 +251,41 @@ def test_log_loss_clips_a_zero_probability_of_the_true_class():
     assert loss == pytest.approx(-math.log(scores.EPS) / 2)
     sure = scores.compute_metrics(np.array([2, 1]), three, list("abc"), 0.5)["test"]["log_loss"]  # 0.7, then 1
     assert sure == pytest.approx(-math.log(0.7) / 2)
+
+
+def test_the_expected_calibration_error_weighs_each_bin_by_its_predictions():
+    # Three classes; confidence is the probability of the predicted (most probable) class.
+    labels = np.array([0, 0, 1, 1, 2])
+    probs = np.array(
+        [
+            [0.95, 0.03, 0.02],  # bin (0.9, 1]: right
+            [0.92, 0.05, 0.03],  # bin (0.9, 1]: right
+            [0.90, 0.05, 0.05],  # bin (0.8, 0.9] (0.9 is its upper edge): wrong
+            [0.30, 0.65, 0.05],  # bin (0.6, 0.7]: right
+            [0.30, 0.65, 0.05],  # bin (0.6, 0.7]: wrong
+        ]
+    )
+    cal = scores.calibration(labels, probs, 0.5)
+    assert cal.counts.tolist() == [0, 0, 0, 0, 0, 0, 2, 0, 1, 2]
+    assert cal.accuracy[9] == 1.0 and cal.confidence[9] == pytest.approx(0.935)
+    assert cal.accuracy[6] == 0.5 and cal.confidence[6] == pytest.approx(0.65)
+    assert np.isnan(cal.accuracy[0])
+    expected = (2 * abs(1 - 0.935) + 1 * abs(0 - 0.9) + 2 * abs(0.5 - 0.65)) / 5
+    assert cal.ece == pytest.approx(expected)
+    assert scores.compute_metrics(labels, probs, ["a", "b", "c"], 0.5)["test"]["ece"] == pytest.approx(expected)
+
+
+def test_two_classes_are_calibrated_on_the_class_the_threshold_predicts():
+    labels = np.array([1, 0])
+    probs = np.array([[0.7, 0.3], [0.8, 0.2]])  # the second class' probability 0.3 and 0.2
+    # threshold 0.25: the first picture is predicted as class 1 (confidence 0.3, right), the second as
+    # class 0 (confidence 0.8, right)
+    cal = scores.calibration(labels, probs, 0.25)
+    assert cal.ece == pytest.approx((abs(1 - 0.3) + abs(1 - 0.8)) / 2)
+
+
+def test_a_perfectly_calibrated_model_has_no_calibration_error_and_no_pictures_none():
+    probs = np.tile([0.75, 0.25], (8, 1))  # every picture: class 0, 75% sure
+    labels = np.array([0, 0, 0, 1] * 2)  # 6 of 8 right: 75%
+    assert scores.calibration(labels, probs, 0.5).ece == pytest.approx(0.0)
+    assert scores.calibration(np.zeros(0, dtype=int), np.zeros((0, 2)), 0.5).ece is None

@@ -1,0 +1,115 @@
+"""The chosen model in standard formats, each checked against the Keras model it came from.
+
+Keras 3's `model.export` writes ONNX (for onnxruntime and the runtimes that read ONNX), a
+TensorFlow SavedModel (what TF Serving loads) and LiteRT (.tflite, for phones and browsers). Each
+holds the whole classifier, preprocessing included: it takes a batch of RGB pixels, 0..255 as
+float32, at the model's size, as the Keras model does, and gives its output (two classes: one column,
+the probability of the second class; more: one probability per class). The model is exported in
+float32, whatever precision scored it. `check` runs each export with its own runtime (onnxruntime,
+TensorFlow, the LiteRT interpreter) on the same pictures as the Keras model and measures the largest
+difference in any class probability.
+
+TensorFlow does the conversion: the stage runs on Keras's TensorFlow backend.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from classifier.metrics.scores import as_class_probabilities
+
+log = logging.getLogger(__name__)
+
+#: Each format's file or folder in the export folder.
+FILES = {"onnx": "model.onnx", "tf_saved_model": "saved_model", "litert": "model.tflite"}
+
+
+def float32(model: Any) -> Any:
+    """`model` when every layer computes in float32; else a float32 copy with the same weights (a
+    model built under a bfloat16 or float16 policy): ONNX and LiteRT take float32 pixels, and Keras
+    exports ONNX from float32 models only."""
+    import keras
+
+    layers = model._flatten_layers(include_self=False, recursive=True)
+    if all(layer.dtype_policy.name == "float32" for layer in layers):
+        return model
+
+    def clone(layer: keras.Layer) -> keras.Layer:
+        config = layer.get_config()
+        config["dtype"] = "float32"
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    copy.set_weights([np.asarray(w, dtype=np.float32) for w in model.get_weights()])
+    return copy
+
+
+def export(model: Any, out: Path, formats: Iterable[str]) -> dict[str, Path]:
+    """Write `model` (float32: see `float32`) into `out` in each of `formats` (keys of FILES); return
+    where each went."""
+    written = {}
+    model(np.zeros((1, *model.input_shape[1:]), dtype=np.float32))  # Keras exports only a model it has run
+    for name in formats:
+        path = out / FILES[name]
+        log.info("exporting as %s: %s", name, path)
+        model.export(str(path), format=name, verbose=False)
+        written[name] = path
+    return written
+
+
+def _onnx(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch})[0]
+
+
+def _saved_model(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(path))  # held by the function: its variables live as long as it
+    return lambda batch: loaded.serve(tf.constant(batch)).numpy()
+
+
+def _litert(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    given, taken = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        interpreter.resize_tensor_input(given, list(batch.shape))  # the batch dimension is free
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(given, batch)
+        interpreter.invoke()
+        return interpreter.get_tensor(taken).copy()
+
+    return run
+
+
+#: How each format is run: its path -> a function of a batch of pixels.
+RUNTIMES: dict[str, Callable[[Path], Callable[[np.ndarray], np.ndarray]]] = {
+    "onnx": _onnx,
+    "tf_saved_model": _saved_model,
+    "litert": _litert,
+}
+
+
+def check(model: Any, exported: dict[str, Path], batches: Iterable[Any]) -> dict[str, float]:
+    """{format: the largest absolute difference between its class probabilities and the Keras model's},
+    over every picture of `batches`."""
+    runs = {name: RUNTIMES[name](path) for name, path in exported.items()}
+    largest = dict.fromkeys(runs, 0.0)
+    for batch in batches:
+        pixels = np.asarray(batch, dtype=np.float32)
+        expected = as_class_probabilities(model.predict(pixels, verbose=0))
+        for name, run in runs.items():
+            got = as_class_probabilities(run(pixels))
+            largest[name] = max(largest[name], float(np.max(np.abs(got - expected))))
+    return largest

@@ -1,0 +1,65 @@
+"""The exported formats: each run by its own runtime gives the Keras model's probabilities, from raw pixels."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import onnxruntime
+
+from classifier.model import exporting
+from classifier.model.backbones import Preprocess
+
+
+def small_classifier(classes: int, dtype: str = "float32") -> keras.Model:
+    """Raw 0..255 pixels -> VGG16's preprocessing -> a small convnet -> probabilities."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(shape=(24, 24, 3), name="image")
+    x = Preprocess("vgg16", name="preprocess", dtype=dtype)(inputs)
+    x = keras.layers.Conv2D(4, 3, activation="relu", dtype=dtype)(x)
+    x = keras.layers.GlobalAveragePooling2D(dtype=dtype)(x)
+    x = keras.layers.Dense(8, activation="relu", dtype=dtype)(x)
+    if classes == 2:
+        outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32")(x)
+    else:
+        outputs = keras.layers.Dense(classes, activation="softmax", dtype="float32")(x)
+    return keras.Model(inputs, outputs)
+
+
+def pixels(count: int) -> np.ndarray:
+    return np.random.default_rng(1).uniform(0, 255, (count, 24, 24, 3)).astype(np.float32)
+
+
+def test_each_format_gives_the_keras_probabilities_from_raw_pixels(tmp_path):
+    model = small_classifier(3)
+    written = exporting.export(model, tmp_path, exporting.FILES)
+    assert {name: path.name for name, path in written.items()} == exporting.FILES
+    assert all(path.exists() for path in written.values())
+    # Batches of different sizes: the batch dimension of every export is free.
+    largest = exporting.check(model, written, [pixels(5), pixels(2)])
+    assert set(largest) == set(exporting.FILES)
+    assert all(value < 1e-5 for value in largest.values()), largest
+    # The preprocessing is inside: onnxruntime alone, given the pixels, gives the model's answer.
+    session = onnxruntime.InferenceSession(str(written["onnx"]), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: pixels(3)})[0]
+    np.testing.assert_allclose(got, model.predict(pixels(3), verbose=0), atol=1e-5)
+    assert got.shape == (3, 3)
+
+
+def test_a_two_class_model_is_checked_on_both_class_probabilities(tmp_path):
+    model = small_classifier(2)
+    written = exporting.export(model, tmp_path, ["onnx"])
+    largest = exporting.check(model, written, [pixels(4)])
+    assert list(largest) == ["onnx"] and largest["onnx"] < 1e-5
+
+
+def test_a_bfloat16_model_is_exported_in_float32_with_its_weights():
+    model = small_classifier(3, dtype="mixed_bfloat16")
+    copy = exporting.float32(model)
+    assert copy is not model
+    assert {layer.dtype_policy.name for layer in copy._flatten_layers(include_self=False)} == {"float32"}
+    for mine, theirs in zip(copy.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(mine, np.asarray(theirs, dtype=np.float32))
+    # bfloat16 keeps about 3 significant digits (pixels near 100 round by up to 0.5): the copies agree to that
+    np.testing.assert_allclose(copy.predict(pixels(4), verbose=0), model.predict(pixels(4), verbose=0), atol=0.05)
+    float_model = small_classifier(3)
+    assert exporting.float32(float_model) is float_model
