@@ -120,13 +120,22 @@ def main() -> None:
     print(
         f"\nDemo finished in {time.perf_counter() - started:.0f} s. Test accuracy on the same {test['images']} images:"
     )
-    with open(workspace / "reports" / "models.csv", newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            print(f"  {row['model']:<10} {float(row['accuracy']):.3f}  {row['description']}")
+    reports = workspace / "reports"
+    with open(reports / "models.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        print(f"  {row['model']:<10} {float(row['accuracy']):.3f}  ECE {float(row['ece']):.3f}  {row['description']}")
+    for row in rows:
+        if row.get("note"):
+            print(f"  note: {row['note']}")
+    audit = json.loads((reports / "audit" / "metrics.json").read_text())["audit"]
     print(
-        f"  table:    {workspace / 'reports' / 'models.csv'}\n"
-        f"  metrics:  {workspace / 'reports' / 'metrics.json'}\n"
-        f"  figures:  {workspace / 'reports' / 'evaluate'}/*.png\n"
+        f"  table:    {reports / 'models.csv'}\n"
+        f"  metrics:  {reports / 'metrics.json'}\n"
+        f"  figures:  {reports / 'evaluate'}/*.png, {reports}/*/reliability.png\n"
+        f"  labels:   {audit['flagged']} of {audit['pictures']} look wrong: {reports / 'audit' / 'suspects.csv'}, "
+        f"suspects.png\n"
+        f"  exports:  {workspace / 'models' / 'export'} (ONNX, SavedModel, LiteRT of the best model)\n"
         f"  MLflow:   mlflow ui --backend-store-uri {uri}\n"
         f"            then open {tracking.versions_url()}\n"
         f"  an experiment:  cd {workspace} && dvc exp run -S finetune.learning_rate=0.0002"

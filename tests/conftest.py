@@ -37,9 +37,11 @@ TINY: dict = {
     "top": {"units": 16, "epochs": 2, "batch_size": 8},
     "finetune": {"learning_rate": 0.01, "epochs": 1, "batch_size": 8},
     "evaluate": {"batch_size": 8},
-    # Switched off here; tests/e2e/test_many_classes.py runs both end to end.
+    # Switched off here; tests/e2e/test_many_classes.py runs them end to end.
     "baseline": {"enabled": False},
     "ensemble": {"backbones": []},
+    "audit": {"folds": 2},
+    "export": {"formats": []},
 }
 
 
@@ -167,6 +169,7 @@ FOUR_CLASSES = copy.deepcopy(TINY)
 FOUR_CLASSES["data"]["synthetic"]["classes"] = 4
 FOUR_CLASSES["baseline"] = {"enabled": True, "units": 8, "epochs": 1, "batch_size": 8}
 FOUR_CLASSES["ensemble"] = {"backbones": ["mobilenet_v2", "efficientnet_v2_b0"], "weights": None, "image_size": 32}
+FOUR_CLASSES["export"] = {"formats": ["onnx", "tf_saved_model", "litert"]}
 
 
 @pytest.fixture(scope="session")

@@ -21,10 +21,23 @@ import yaml
 from ops import demo
 from tests.conftest import TINY
 
-#: The stages of the tiny pipeline (TINY: baseline and ensemble switched off), in the order `dvc repro` runs them.
-STAGES = ["download", "prepare", "featurize", "train_top", "finetune", "evaluate", "baseline", "ensemble", "compare"]
+#: The stages of the tiny pipeline (TINY: baseline, ensemble and export switched off), in the order
+#: `dvc repro` runs them.
+STAGES = [
+    "download",
+    "prepare",
+    "featurize",
+    "train_top",
+    "finetune",
+    "evaluate",
+    "baseline",
+    "ensemble",
+    "audit",
+    "export",
+    "compare",
+]
 #: Those that log a run of their own (compare logs the pipeline version; a stage switched off, nothing).
-LOGGED = STAGES[:6]
+LOGGED = [*STAGES[:6], "audit"]
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "Test",
     "GIT_AUTHOR_EMAIL": "test@example.org",

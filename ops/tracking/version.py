@@ -47,6 +47,7 @@ KEY_METRICS = (
     "top.test.accuracy",
     "baseline.test.accuracy",
     "ensemble.test.accuracy",
+    "audit.flagged",
 )
 
 
@@ -147,6 +148,8 @@ def switched_off(params: config.Params) -> set[str]:
         off.add("baseline")
     if not params.ensemble.backbones:
         off.add("ensemble")
+    if not params.export.formats:
+        off.add("export")
     return off
 
 

@@ -45,7 +45,7 @@ def exp_run(clone: dict, *sets: str) -> str:
 def test_a_clean_run_runs_every_stage_and_records_every_output(clone):
     # That two clean clones write the same bytes is checked by tests/ops/test_team.py: two members at once.
     assert clone["ran"] == STAGES
-    assert len(locked_hashes(clone["path"])) == 21
+    assert len(locked_hashes(clone["path"])) == 30
 
 
 def test_a_comment_in_the_tracking_code_changes_nothing(clone):
@@ -62,12 +62,12 @@ def test_a_comment_in_the_tracking_code_changes_nothing(clone):
 def test_a_param_changed_and_back_restores_every_stage_from_the_cache(clone):
     before = locked_hashes(clone["path"])
     changed = exp_run(clone, "finetune.learning_rate=0.02")
-    assert ran_stages(changed) == ["finetune", "evaluate", "compare"]
+    assert ran_stages(changed) == ["finetune", "evaluate", "export", "compare"]
     assert locked_hashes(clone["path"])["models/model.keras"] != before["models/model.keras"]
 
     back = exp_run(clone, "finetune.learning_rate=0.01")  # the committed value
     assert ran_stages(back) == []
-    assert restored_stages(back) == ["finetune", "evaluate", "compare"]
+    assert restored_stages(back) == ["finetune", "evaluate", "export", "compare"]
     assert locked_hashes(clone["path"]) == before
     assert json.loads((clone["path"] / "reports/metrics.json").read_text())["test"]["images"] == 12
 
@@ -94,6 +94,7 @@ def test_a_new_training_seed_keeps_the_split(clone):
             "finetune",
             "baseline",  # switched off in TINY, yet its seed is a dep: switched on, it trains with it
             "ensemble",
+            "audit",
             "compare",  # every param is its dep
         ]
         assert dvc_repro(workspace, env, "prepare") == []
@@ -108,12 +109,12 @@ def test_checking_out_an_earlier_commit_restores_its_outputs_from_the_cache(clon
     before = locked_hashes(workspace)
     set_param(workspace, "finetune", "learning_rate", 0.02)  # run before (above) or now: from the cache or not
     done = dvc("repro", cwd=workspace, env=env).stdout
-    assert ran_stages(done) + restored_stages(done) == ["finetune", "evaluate", "compare"]
+    assert ran_stages(done) + restored_stages(done) == ["finetune", "evaluate", "export", "compare"]
     commit(workspace, env, "learning rate 0.02")
 
     run(["git", "checkout", "-q", earlier], workspace, env)
     done = dvc("repro", cwd=workspace, env=env).stdout
     assert ran_stages(done) == []
-    assert restored_stages(done) == ["finetune", "evaluate", "compare"]
+    assert restored_stages(done) == ["finetune", "evaluate", "export", "compare"]
     assert locked_hashes(workspace) == before
     assert dvc("status", cwd=workspace, env=env).stdout.strip() == "Data and pipelines are up to date."

@@ -43,7 +43,7 @@ def test_the_readme_demo_path_runs_as_written(tmp_path):
     folder, experiment = re.search(r"an experiment:\s+cd (\S+) && (dvc exp run .+)", printed).groups()
     assert experiment in section
     done = run([sys.executable, "-m", *shlex.split(experiment)], Path(folder), env)
-    assert ran_stages(done.stdout) == ["finetune", "evaluate", "compare"]
+    assert ran_stages(done.stdout) == ["finetune", "evaluate", "export", "compare"]
 
     # The MLflow UI, as printed, shows both versions (the demo's and the experiment's) in its link.
     store = re.search(r"mlflow ui --backend-store-uri (\S+)", printed).group(1)

@@ -1,7 +1,7 @@
-"""End to end with four classes and all three models: the real `dvc repro` of the tiny pipeline with
-the baseline and an ensemble of two small backbones switched on, then the models it served and the
-`predict` command, in a temporary git repository (the other end-to-end tests use two classes and the
-fine-tuned model alone). The `four_classes` fixture (tests/conftest.py) runs the pipeline in the
+"""End to end with four classes and every model: the real `dvc repro` of the tiny pipeline with the
+baseline, an ensemble of two small backbones and the exports switched on, then the models it served,
+exported and audited, and the `predict` command, in a temporary git repository (the other end-to-end
+tests use two classes, and export nothing). The `four_classes` fixture (tests/conftest.py) runs the pipeline in the
 background, beside the team members' two pipelines.
 
 Four classes is more than top-3: evaluate adds `test.top3_accuracy`, macro-averages precision,
@@ -27,7 +27,7 @@ PARAMS = FOUR_CLASSES
 CLASSES = PARAMS["data"]["synthetic"]["classes"]
 MEMBERS = PARAMS["ensemble"]["backbones"]
 #: Every stage runs: the ensemble's after one featurize stage per member.
-RAN = [*STAGES[:-2], *(f"ensemble_features@{m}" for m in MEMBERS), *STAGES[-2:]]
+RAN = [*STAGES[:7], *(f"ensemble_features@{m}" for m in MEMBERS), *STAGES[7:]]
 #: The model's class order: sorted names (images.load_split).
 NAMES = sorted(synthetic.PATTERNS[:CLASSES])
 PER_CLASS_TEST = PARAMS["data"]["split"]["test"]
@@ -52,7 +52,18 @@ def test_four_classes_run_through_every_stage_and_serve_and_predict_every_class(
 
     # the headline metrics: top-3 accuracy (more than 3 classes), macro averages
     test = json.loads((workspace / "reports/metrics.json").read_text())["test"]
-    assert set(test) == {"accuracy", "top3_accuracy", "precision", "recall", "f1", "roc_auc", "log_loss", "images"}
+    assert set(test) == {
+        "accuracy",
+        "top3_accuracy",
+        "precision",
+        "recall",
+        "f1",
+        "roc_auc",
+        "log_loss",
+        "ece",
+        "images",
+    }
+    assert 0 <= test["ece"] <= 1
     total = CLASSES * PER_CLASS_TEST
     assert test["images"] == total == 24
     for key in ("accuracy", "top3_accuracy", "precision", "recall", "f1"):
@@ -75,10 +86,13 @@ def test_four_classes_run_through_every_stage_and_serve_and_predict_every_class(
     assert sum(map(sum, cells)) == total
     assert [sum(row) for row in cells] == [PER_CLASS_TEST] * CLASSES, "rows are the actual classes"
 
-    # the three models side by side on the same test images, best first, in the pipeline version too
+    # the four models side by side on the same test images, best first, in the pipeline version too
     with open(workspace / "reports/models.csv", newline="") as f:
         table = {row["model"]: row for row in csv.DictReader(f)}
-    assert set(table) == {"finetuned", "baseline", "ensemble"}
+    assert set(table) == {"finetuned", "top", "baseline", "ensemble"}
+    assert table["top"]["description"] == "vgg16 frozen, dense head on its cached features"
+    top = json.loads((workspace / "reports/train_top/metrics.json").read_text())["top"]["test"]
+    assert float(table["top"]["accuracy"]) == pytest.approx(top["accuracy"], abs=1e-6)
     assert {row["images"] for row in table.values()} == {str(total)}
     assert table["ensemble"]["description"] == "head on mobilenet_v2 + efficientnet_v2_b0 features"
     accuracies = [float(row["accuracy"]) for row in table.values()]
@@ -94,7 +108,7 @@ def test_four_classes_run_through_every_stage_and_serve_and_predict_every_class(
         experiment = client.get_experiment_by_name("image-classifier")
         runs = {
             stage: client.search_runs([experiment.experiment_id], f"tags.`pipeline.stage` = '{stage}'")
-            for stage in ("evaluate", "ensemble", "pipeline")
+            for stage in ("train_top", "evaluate", "ensemble", "export", "pipeline")
         }
         registered = {v.run_id: v.version for v in client.search_model_versions("name = 'image-classifier'")}
         (version,) = runs["pipeline"]
@@ -109,6 +123,10 @@ def test_four_classes_run_through_every_stage_and_serve_and_predict_every_class(
         }
         ensemble_version = registered[runs["ensemble"][0].info.run_id]
         finetuned_version = registered[runs["evaluate"][0].info.run_id]
+        frozen_version = registered[runs["train_top"][0].info.run_id]
+        tagged = {
+            v.version: v.tags.get("export.run") for v in client.search_model_versions("name = 'image-classifier'")
+        }
         model = mlflow.pyfunc.load_model(f"models:/image-classifier/{finetuned_version}")
         scored = model.predict(frame)
         by_ensemble = mlflow.pyfunc.load_model(f"models:/image-classifier/{ensemble_version}").predict(frame)
@@ -116,9 +134,46 @@ def test_four_classes_run_through_every_stage_and_serve_and_predict_every_class(
     finally:
         mlflow.set_tracking_uri(None)
     assert list(by_ensemble.columns) == ["label", "confidence", *(f"p.{name}" for name in NAMES)]
-    # evaluate registered first (RAN): the ensemble is champion only if it scored higher
-    better = float(table["ensemble"]["accuracy"]) > float(table["finetuned"]["accuracy"])
-    assert champion.version == (ensemble_version if better else finetuned_version)
+    # train_top registered first, then evaluate, then the ensemble (RAN): a later one is champion only
+    # if it scored higher than every earlier one
+    order = [("top", frozen_version), ("finetuned", finetuned_version), ("ensemble", ensemble_version)]
+    best = max(float(table[name]["accuracy"]) for name, _ in order)
+    assert champion.version == next(v for name, v in order if float(table[name]["accuracy"]) == best)
+
+    # the best model of the table exported, each format checked against Keras; its registry version
+    # says which run holds the exports
+    spec = json.loads((workspace / "models/export/spec.json").read_text())
+    chosen = next(iter(table))  # the table is best first
+    assert spec["model"] == chosen and spec["classes"] == NAMES
+    assert spec["input"] == {"shape": [None, 32, 32, 3], "dtype": "float32", "pixels": "RGB, 0 to 255"}
+    assert sorted(p.name for p in (workspace / "models/export").iterdir()) == [
+        "model.onnx",
+        "model.tflite",
+        "saved_model",
+        "spec.json",
+    ]
+    checks = json.loads((workspace / "reports/export/metrics.json").read_text())["export"]
+    assert set(checks) == {"onnx", "tf_saved_model", "litert"}
+    assert all(0 <= c["max_difference"] < 1e-4 for c in checks.values()), checks
+    (export_run,) = runs["export"]
+    versions = {"top": frozen_version, "finetuned": finetuned_version, "ensemble": ensemble_version}
+    if chosen in versions:
+        assert tagged[versions[chosen]] == export_run.info.run_id
+    assert {v for v in tagged.values() if v} <= {export_run.info.run_id}
+
+    # the label audit: every train and validation picture ranked, the worst first
+    with open(workspace / "reports/audit/suspects.csv", newline="") as f:
+        suspects = list(csv.DictReader(f))
+    per_class = PARAMS["data"]["split"]["train"] + PARAMS["data"]["split"]["validation"]
+    assert len(suspects) == CLASSES * per_class
+    assert [int(row["rank"]) for row in suspects] == list(range(1, len(suspects) + 1))
+    quality = [float(row["label_quality"]) for row in suspects]
+    assert quality == sorted(quality)
+    assert {row["given"] for row in suspects} == set(NAMES)
+    assert all((workspace / row["picture"]).is_file() for row in suspects)
+    audited = json.loads((workspace / "reports/audit/metrics.json").read_text())["audit"]
+    assert audited["pictures"] == len(suspects)
+    assert audited["flagged"] == sum(row["flagged"] == "1" for row in suspects)
     columns = [f"p.{name}" for name in NAMES]
     assert list(scored.columns) == ["label", "confidence", *columns]
     assert len(scored) == 3

@@ -123,13 +123,18 @@ def test_first_repro_runs_every_stage_and_writes_outputs(repo):
         "data/features/train.npz",
         "models/backbone.weights.h5",
         "models/top.keras",
+        "models/frozen/model.keras",
         "models/model.keras",
         "reports/train_top/history.csv",
+        "reports/train_top/reliability.png",
         "reports/finetune/history.csv",
         "reports/evaluate/confusion.png",
         "reports/evaluate/roc.png",
         "reports/evaluate/training_curves.png",
+        "reports/evaluate/reliability.png",
         "reports/evaluate/predictions.csv",
+        "reports/audit/suspects.csv",
+        "reports/audit/suspects.png",
     ]:
         assert (workspace / output).is_file(), output
     # the metrics files: headline numbers only, nested under the names MLflow gives them
@@ -141,8 +146,12 @@ def test_first_repro_runs_every_stage_and_writes_outputs(repo):
     assert metrics["test"]["log_loss"] > 0
     for stage, name in (("train_top", "top"), ("finetune", "finetune")):
         final = json.loads((workspace / f"reports/{stage}/metrics.json").read_text())
-        assert set(final) == {name} and set(final[name]) == {"loss", "accuracy", "val_loss", "val_accuracy", "epoch"}
+        scored = {"test"} if name == "top" else set()  # the frozen backbone with its head is scored too
+        assert set(final) == {name}
+        assert set(final[name]) == {"loss", "accuracy", "val_loss", "val_accuracy", "epoch"} | scored
         assert final[name]["epoch"] == TINY[name]["epochs"], "no patience: the last epoch is kept"
+    frozen = json.loads((workspace / "reports/train_top/metrics.json").read_text())["top"]["test"]
+    assert set(frozen) == TEST_METRICS and frozen["images"] == metrics["test"]["images"]
     # the details: plain cached outputs
     data = json.loads((workspace / "reports/data.json").read_text())
     assert data["classes"]["horizontal"] == {"train": 12, "validation": 6, "test": 6}
@@ -153,10 +162,16 @@ def test_first_repro_runs_every_stage_and_writes_outputs(repo):
     assert confusion["classes"] == ["horizontal", "vertical"]
     assert sum(map(sum, confusion["rows_actual_columns_predicted"])) == metrics["test"]["images"]
     with open(workspace / "reports/models.csv", newline="") as f:  # the baseline and ensemble are switched off
-        (row,) = csv.DictReader(f)
-    assert row["model"] == "finetuned" and float(row["accuracy"]) == pytest.approx(
-        metrics["test"]["accuracy"], abs=1e-6
-    )
+        rows = {row["model"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"finetuned", "top"}
+    assert float(rows["finetuned"]["accuracy"]) == pytest.approx(metrics["test"]["accuracy"], abs=1e-6)
+    assert float(rows["top"]["accuracy"]) == pytest.approx(frozen["accuracy"], abs=1e-6)
+    assert float(rows["top"]["ece"]) == pytest.approx(frozen["ece"], abs=1e-6)
+    # the label audit: every train and validation picture ranked
+    with open(workspace / "reports/audit/suspects.csv", newline="") as f:
+        suspects = list(csv.DictReader(f))
+    assert len(suspects) == 2 * (TINY["data"]["split"]["train"] + TINY["data"]["split"]["validation"])
+    assert json.loads((workspace / "reports/audit/metrics.json").read_text())["audit"]["pictures"] == len(suspects)
 
     shown = json.loads(dvc("metrics", "show", "--json", cwd=workspace, env=repo["env"]).stdout)
     files = next(iter(shown.values()))["data"]
@@ -166,6 +181,8 @@ def test_first_repro_runs_every_stage_and_writes_outputs(repo):
         "reports/metrics.json": {"test"},
         "reports/baseline/metrics.json": set(),  # switched off in TINY
         "reports/ensemble/metrics.json": set(),
+        "reports/audit/metrics.json": {"audit"},
+        "reports/export/metrics.json": set(),  # switched off in TINY
     }
     plots = json.loads(dvc("plots", "show", "--json", cwd=workspace, env=repo["env"]).stdout)["data"]
     assert set(plots) == {
@@ -181,6 +198,11 @@ def test_first_repro_runs_every_stage_and_writes_outputs(repo):
         "reports/evaluate/confusion.png",
         "reports/evaluate/roc.png",
         "reports/evaluate/training_curves.png",
+        "reports/train_top/reliability.png",
+        "reports/evaluate/reliability.png",
+        "reports/baseline/reliability.png",
+        "reports/ensemble/reliability.png",
+        "reports/audit/suspects.png",
     }
     # DVC's confusion matrix: actual on the rows (y) as in confusion.png, counting confusion.json's cells
     spec = plots["confusion_matrix"][0]["content"]
@@ -225,9 +247,13 @@ def test_mlflow_holds_one_pipeline_version_linking_every_stage_run(repo):
         assert sorted(m.step for m in c.get_metric_history(version.info.run_id, name)) == list(range(epochs))
     earliest = min(r.info.start_time for r in runs.values() if r.info.run_id != version.info.run_id)
     assert version.info.start_time == earliest and version.info.end_time > version.info.start_time
-    (linked,) = c.get_run(version.info.run_id).outputs.model_outputs
-    assert c.get_logged_model(linked.model_id).source_run_id == ids["evaluate"]
-    assert version.data.tags["model.version"] == "1" and "champion" in version.data.tags["model.registry"]
+    linked = c.get_run(version.info.run_id).outputs.model_outputs
+    assert {c.get_logged_model(m.model_id).source_run_id for m in linked} == {ids["train_top"], ids["evaluate"]}
+    # train_top registered the frozen-backbone model first (v1), evaluate the fine-tuned one (v2)
+    assert version.data.tags["top.model.version"] == "1" and version.data.tags["model.version"] == "2"
+    with open(workspace / "reports/models.csv", newline="") as f:
+        accuracy = {row["model"]: float(row["accuracy"]) for row in csv.DictReader(f)}
+    best = "2" if accuracy["finetuned"] > accuracy["top"] else "1"  # of equals, the earlier stays champion
 
     lock = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]
     out_hash = locked_hashes(workspace)
@@ -256,7 +282,10 @@ def test_mlflow_holds_one_pipeline_version_linking_every_stage_run(repo):
     # per-epoch curves of the training stages, named as their final values in the metrics files
     for stage, name in (("train_top", "top"), ("finetune", "finetune")):
         logged = runs[ids[stage]].data.metrics
-        assert set(logged) == {f"{name}.{k}" for k in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch")}, stage
+        scored = {f"top.test.{k}" for k in TEST_METRICS} if name == "top" else set()
+        assert (
+            set(logged) == {f"{name}.{k}" for k in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch")} | scored
+        )
         history = sorted(c.get_metric_history(ids[stage], f"{name}.val_accuracy"), key=lambda m: m.step)
         assert [m.step for m in history] == list(range(TINY[name]["epochs"]))
         final = json.loads((workspace / f"reports/{stage}/metrics.json").read_text())[name]["val_accuracy"]
@@ -279,8 +308,9 @@ def test_mlflow_holds_one_pipeline_version_linking_every_stage_run(repo):
     # the model: registered, aliased, loadable with pyfunc, scoring like evaluate
     candidate = c.get_model_version_by_alias("image-classifier", "candidate")
     champion = c.get_model_version_by_alias("image-classifier", "champion")
-    assert candidate.version == champion.version == "1"
-    assert "candidate and champion" in runs[ids["evaluate"]].data.tags["model.registry"]
+    assert candidate.version == "2" and champion.version == best
+    assert "candidate and champion" in runs[ids["train_top"]].data.tags["model.registry"]
+    assert ("candidate and champion" in runs[ids["evaluate"]].data.tags["model.registry"]) == (best == "2")
     model = mlflow.pyfunc.load_model("models:/image-classifier@candidate")
     assert [c.name for c in model.metadata.get_input_schema().inputs] == ["image"]
     with open(workspace / "reports/evaluate/predictions.csv") as f:
@@ -310,7 +340,7 @@ def test_finetune_change_reruns_finetune_and_evaluate_linked_to_earlier_runs(rep
     workspace, c = repo["path"], client(repo["server"])
     before = run_ids(repo["server"])
     set_param(workspace, "finetune", "learning_rate", 0.005)
-    assert dvc_repro(workspace, repo["env"]) == ["finetune", "evaluate", "compare"]
+    assert dvc_repro(workspace, repo["env"]) == ["finetune", "evaluate", "export", "compare"]
     after = run_ids(repo["server"])
     changed = [s for s in LOGGED if before[s] != after[s]]
     assert changed == ["finetune", "evaluate"]
@@ -322,14 +352,15 @@ def test_finetune_change_reruns_finetune_and_evaluate_linked_to_earlier_runs(rep
     # the reused runs keep their first version as parent; the new ones nest under the new version
     assert c.get_run(after["featurize"]).data.tags["mlflow.parentRunId"] == versions[1].info.run_id
     assert c.get_run(after["finetune"]).data.tags["mlflow.parentRunId"] == newest.info.run_id
-    # registry: the new model is the candidate; champion only if it scored higher
+    # registry: the new model (v3, after the frozen-backbone v1 and the first fine-tuned v2) is the
+    # candidate; champion only if it scored higher than both
     candidate = c.get_model_version_by_alias("image-classifier", "candidate")
     champion = c.get_model_version_by_alias("image-classifier", "champion")
-    assert candidate.version == "2"
-    first, second = (float(c.get_model_version("image-classifier", v).tags["test.accuracy"]) for v in ("1", "2"))
-    assert champion.version == ("2" if second > first else "1")
+    assert candidate.version == "3"
+    scores = [float(c.get_model_version("image-classifier", v).tags["test.accuracy"]) for v in ("1", "2", "3")]
+    assert champion.version == str(scores.index(max(scores)) + 1), "the best; of equals the earliest"
     outcome = c.get_run(after["evaluate"]).data.tags["model.registry"]
-    assert ("champion" in outcome.split(":")[1].split("(")[0]) == (second > first)
+    assert ("champion" in outcome.split(":")[1].split("(")[0]) == (scores[2] > max(scores[:2]))
 
 
 def test_top_change_reruns_from_train_top_not_featurize(repo):
@@ -339,7 +370,7 @@ def test_top_change_reruns_from_train_top_not_featurize(repo):
     set_param(repo["path"], "top", "units", 8)
     try:
         dry = dvc("repro", "--dry", cwd=repo["path"], env=repo["env"]).stdout
-        assert ran_stages(dry) == ["train_top", "finetune", "ensemble", "compare"]  # all read top.units
+        assert ran_stages(dry) == ["train_top", "finetune", "ensemble", "audit", "compare"]  # all read top.units
     finally:
         params.write_text(committed)
 
@@ -349,7 +380,17 @@ def test_unreachable_tracking_server_fails_fast_before_any_work(repo, tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
     done = run(
-        [sys.executable, "-m", "stages.train_top", "data/features", "models/top.keras", "reports/train_top"],
+        [
+            sys.executable,
+            "-m",
+            "stages.train_top",
+            "data/features",
+            "models/backbone.weights.h5",
+            "data/prepared",
+            "models/top.keras",
+            "models/frozen",
+            "reports/train_top",
+        ],
         workspace,
         repo["env"] | {"MLFLOW_TRACKING_URI": uri},
         check=False,
@@ -365,9 +406,10 @@ def test_queued_experiments_run_in_parallel_into_the_embedded_store(repo):
     env = {k: v for k, v in repo["env"].items() if k != "MLFLOW_TRACKING_URI"}  # the default: mlflow.db
     run(["git", "add", "-A"], workspace, env)
     run(["git", "commit", "-qm", "baseline"], workspace, env)
-    # A change that re-runs evaluate (and compare) alone: each experiment logs its own runs and version.
-    for threshold in ("0.3", "0.7"):
-        dvc("exp", "run", "--queue", "-S", f"evaluate.threshold={threshold}", cwd=workspace, env=env)
+    # A change that re-runs evaluate (export, switched off, and compare) alone: each experiment logs its
+    # own runs and version.
+    for size in ("4", "6"):
+        dvc("exp", "run", "--queue", "-S", f"evaluate.batch_size={size}", cwd=workspace, env=env)
     # The workers `queue start` leaves running would hold a pipe of its: its output goes to a file.
     with open(workspace.parent / "queue-start.log", "w") as out:
         subprocess.run(
@@ -398,26 +440,26 @@ def test_queued_experiments_run_in_parallel_into_the_embedded_store(repo):
     assert queue_workers(workspace) == [], "no worker is left behind"
 
     shown = json.loads(dvc("exp", "show", "--json", cwd=workspace, env=env).stdout)
-    thresholds = set()
+    sizes = set()
     for baseline in shown:
         for exp in baseline.get("experiments") or []:
             for rev in exp["revs"]:
                 data = rev["data"]
-                thresholds.add(data["params"]["params.yaml"]["data"]["evaluate"]["threshold"])
+                sizes.add(data["params"]["params.yaml"]["data"]["evaluate"]["batch_size"])
                 assert "accuracy" in data["metrics"]["reports/metrics.json"]["data"]["test"]
-    assert {0.3, 0.7} <= thresholds
+    assert {4, 6} <= sizes
 
     c = client(f"sqlite:///{workspace / 'mlflow.db'}")
     experiment = c.get_experiment_by_name("image-classifier")
     runs = c.search_runs([experiment.experiment_id])
     versions = [r for r in runs if r.data.tags["pipeline.stage"] == "pipeline"]
-    assert sorted(r.data.params["evaluate.threshold"] for r in versions) == ["0.3", "0.7"]
+    assert sorted(r.data.params["evaluate.batch_size"] for r in versions) == ["4", "6"]
     for version in versions:
         assert version.data.tags.get("dvc.experiment")
-        threshold = version.data.params["evaluate.threshold"]
-        assert version.info.run_name == f"{version.data.tags['dvc.experiment']} evaluate.threshold={threshold}"
+        size = version.data.params["evaluate.batch_size"]
+        assert version.info.run_name == f"{version.data.tags['dvc.experiment']} evaluate.batch_size={size}"
         evaluated = c.get_run(version.data.tags["run.evaluate"])
         assert evaluated.info.status == "FINISHED"
         assert evaluated.data.tags["dvc.experiment"] == version.data.tags["dvc.experiment"]
-        assert evaluated.data.params["evaluate.threshold"] == threshold
+        assert evaluated.data.params["evaluate.batch_size"] == size
     shutil.rmtree(workspace / ".dvc" / "tmp", ignore_errors=True)

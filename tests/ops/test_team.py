@@ -58,19 +58,20 @@ def test_two_members_at_once_lose_nothing_and_leave_one_champion(team_members):
     alice, bob, then = team_members["alice"], team_members["bob"], team_members["snapshot"]
     assert ran_stages(alice["log"]) == STAGES and ran_stages(bob["log"]) == STAGES
     assert then["hashes"]["alice"] == then["hashes"]["bob"], "two clean clones write the same bytes"
-    # every run is in PostgreSQL, finished, under its member's login: six stages and a pipeline version each
+    # every run is in PostgreSQL, finished, under its member's login: seven stages and a pipeline version each
     for name in ("alice", "bob"):
         stages = sorted(value for user, status, value in then["runs"] if user == name and status == "FINISHED")
-        assert stages == sorted(["download", "prepare", "featurize", "train_top", "finetune", "evaluate"])
+        assert stages == sorted(["download", "prepare", "featurize", "train_top", "finetune", "evaluate", "audit"])
     assert [v for _, _, v in then["runs"] if v == "pipeline"] == ["pipeline", "pipeline"]
     assert all(status == "FINISHED" for _, status, _ in then["runs"])
     # their artifacts are in the object store, through the server
     assert len(then["evaluate_runs"]) == 2
     for run_id in then["evaluate_runs"]:
         assert any(k.startswith("artifacts/") and f"/{run_id}/artifacts/reports/evaluate/" in k for k in then["keys"])
-    assert sum(k.endswith("/MLmodel") for k in then["keys"]) == 2, "both members' models"
-    # two versions registered; exactly one champion, the better (of equals, the earlier)
-    assert sorted(then["versions"]) == [1, 2]
+    assert sum(k.endswith("/MLmodel") for k in then["keys"]) == 4, "both members' two models"
+    # four versions registered (each member's frozen-backbone and fine-tuned models); exactly one
+    # champion, the best (of equals, the earliest)
+    assert sorted(then["versions"]) == [1, 2, 3, 4]
     accuracy = then["accuracy"]
     assert then["champion"] == [max(accuracy, key=lambda v: (float(accuracy[v]), -v))]
 

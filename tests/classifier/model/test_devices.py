@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from classifier import config
-from classifier.model import bottleneck, devices, eta, finetuning, heads
+from classifier.model import bottleneck, devices, eta, heads
 from tests.conftest import TINY
 
 ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 sha_ni\n"
@@ -88,7 +88,7 @@ def test_auto_picks_bfloat16_on_gpus_that_have_it_and_float16_on_older_tensor_co
 def classifier() -> keras.Model:
     params = config.parse(TINY)
     keras.utils.set_random_seed(1)
-    base, head = finetuning._parts(params, 3)
+    base, head = heads.fresh_parts(params, 3)
     return heads.build_classifier(base, head, "vgg16")
 
 

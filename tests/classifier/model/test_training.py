@@ -119,6 +119,23 @@ def test_finetune_starts_from_the_trained_top(features, top, tiny_params):
     assert model.get_layer("augmentation") is not None
 
 
+def test_the_frozen_model_scores_pictures_as_its_head_scores_their_cached_features(
+    features, top, prepared, tiny_params, tmp_path
+):
+    """train_top's second model: the backbone with featurize's weights and the trained head, as one
+    model of pictures, gives what the head gives on the cached test features (float32 here)."""
+    model = heads.frozen_classifier(tiny_params, features / "backbone.weights.h5", top, 2)
+    saving.save_model(model, tmp_path / "model.keras")
+    reloaded = inference.load_model(tmp_path / "model.keras", "float32")
+    test = images.load_split(prepared, "test")
+    served = inference.class_probabilities(reloaded, test.paths, tiny_params.data.image_size, 4)
+    cached, metrics = training.score_head(
+        top, bottleneck.load_features(features / "features", "test"), test.classes, 0.5
+    )
+    np.testing.assert_allclose(served, cached, atol=1e-5)
+    assert metrics["test"]["images"] == len(test) and 0 <= metrics["test"]["ece"] <= 1
+
+
 def test_finetune_changes_only_the_last_block_and_the_head(
     tmp_path, features, top, prepared, tiny_params, monkeypatch, caplog
 ):
