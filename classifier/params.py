@@ -268,7 +268,7 @@ class EnsembleParams:
 
 @dataclass(frozen=True)
 class AuditParams:
-    """The label audit (the `audit` stage): heads on k folds of the cached features rank suspect labels."""
+    """The label audit (the `audit` stage): linear heads on k folds of the cached features rank suspect labels."""
 
     folds: int = 5  # heads trained, each on all folds but one, to score the one it did not see
     sheet: int = 24  # the most suspect pictures shown on reports/audit/suspects.png

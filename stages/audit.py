@@ -1,10 +1,10 @@
 """Audit the labels: rank the train and validation pictures whose given label looks wrong.
 
-With a few thousand pictures, a few wrong labels cost more than any hyperparameter. Heads like
-train_top's, trained on `audit.folds` folds of the cached train and validation features, give every
-picture class probabilities from a head that never saw it; cleanlab ranks the pictures by the
-probability of their given label and flags those that confident learning counts as label errors
-(classifier.model.audit). No backbone pass: it takes about `audit.folds` times train_top's time.
+With a few thousand pictures, a few wrong labels cost more than any hyperparameter. Linear heads
+(logistic regressions), trained on `audit.folds` folds of the cached train and validation features,
+give every picture class probabilities from a head that never saw it; cleanlab ranks the pictures by
+the probability of their given label and flags those that confident learning counts as label errors
+(classifier.model.audit). No backbone pass, no training on a GPU: seconds.
 
 reports/audit/suspects.csv lists every audited picture, most suspect first (rank, picture, split,
 given, suggested, label_quality, flagged); reports/audit/suspects.png shows the first `audit.sheet`
@@ -41,14 +41,13 @@ def main() -> None:
     parser.add_argument("reports", type=Path, help=f"folder for {SUSPECTS}, {SHEET} and metrics.json")
     args = parser.parse_args()
     params = config.load()
-    backend.select(params.backend, params.deterministic)  # before Keras is imported
+    backend.select(params.backend, params.deterministic)  # before Keras is imported (it reads the features)
     tracking.start_worker("audit")  # its arguments and params are good: the run will open
     # Imported once the worker is started: MLflow loads there while Keras loads here.
     from classifier.metrics.figures import write_contact_sheet
-    from classifier.model import audit, devices, heads, images
+    from classifier.model import audit, heads, images
     from classifier.model.bottleneck import META, load_features
 
-    devices.start(params.deterministic)
     classes = json.loads((args.features / META).read_text())["classes"]
     splits = ("train", "validation")
     with tracking.stage_run("audit", params):
@@ -58,7 +57,7 @@ def main() -> None:
         pictures = [p for split in splits for p in images.load_split(args.prepared, split).paths]
         names = [split for split, (_, y) in zip(splits, parts, strict=True) for _ in range(len(y))]
         pool = heads.head_pool(params.top, params.model.backbone)
-        probs = audit.out_of_sample(features, labels, len(classes), params.top, params.seed, pool, params.audit.folds)
+        probs = audit.out_of_sample(features, labels, len(classes), pool, params.seed, params.audit.folds)
         ranking = audit.rank(labels, probs)
         args.reports.mkdir(parents=True, exist_ok=True)
         audit.write_suspects(args.reports / SUSPECTS, ranking, pictures, names, labels, classes)

@@ -123,7 +123,7 @@ def reliability_figure(cal: Calibration | None, model: str) -> Figure:
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="calibrated")
     if cal is None or cal.ece is None:
         ax.text(0.5, 0.5, "no model scored", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(f"{model}: reliability on the test split")
+        ax.set_title(f"{model}\nreliability on the test split")
     else:
         width = np.diff(cal.edges)
         shown = cal.counts > 0
@@ -145,7 +145,7 @@ def reliability_figure(cal: Calibration | None, model: str) -> Figure:
             label="at the bin's mean confidence",
         )
         counts.bar(cal.edges[:-1], cal.counts, width=width, align="edge", color="grey", edgecolor="black")
-        ax.set_title(f"{model}: reliability on the test split\nexpected calibration error {cal.ece:.3f}")
+        ax.set_title(f"{model}\nreliability on the test split, ECE {cal.ece:.3f}")
         ax.legend(fontsize=8, loc="upper left")
     ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
     counts.set(xlabel="confidence (probability of the predicted class)", ylabel="predictions")

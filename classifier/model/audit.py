@@ -1,11 +1,16 @@
 """The label audit: which pictures' labels look wrong, from the cached features alone.
 
-Heads like train_top's are trained on k folds of the train and validation features (each on all
-folds but one), so every picture gets class probabilities from a head that never saw it
-(`out_of_sample`). cleanlab ranks the pictures by how little those probabilities believe the given
-label, and picks the likely label errors by confident learning (Northcutt et al. 2021, "Confident
-Learning: Estimating Uncertainty in Dataset Labels"), which sets a per-class threshold instead of
-one for all (`rank`). No backbone pass: seconds where train_top takes seconds.
+Linear heads (logistic regression on the standardised features, scikit-learn) are trained on k
+folds of the train and validation features, each on all folds but one, so every picture gets class
+probabilities from a head that never saw it (`out_of_sample`). cleanlab ranks the pictures by how
+little those probabilities believe the given label, and picks the likely label errors by confident
+learning (Northcutt et al. 2021, "Confident Learning: Estimating Uncertainty in Dataset Labels"),
+which sets a per-class threshold instead of one for all (`rank`).
+
+Logistic regression rather than train_top's dense head: it is what cleanlab itself fits by default,
+it is deterministic, and it takes seconds where k dense heads of 50 epochs take a minute on a CPU
+(on the demo's features: 1-2 s against about 40 s, at the same out-of-sample accuracy). No backbone
+pass.
 """
 
 from __future__ import annotations
@@ -17,28 +22,34 @@ from pathlib import Path
 
 import numpy as np
 
-from classifier import config, saving
+from classifier import saving
 from classifier.errors import StageError
 
 log = logging.getLogger(__name__)
 
+#: The inverse regularisation strength of the logistic regressions (scikit-learn's C): with more
+#: feature dimensions than pictures (VGG16 at 150 px: 8,192), a strong penalty keeps the
+#: probabilities from going to 0 and 1 on pictures the head has not seen.
+REGULARISATION = 0.1
+
+
+def vectors(features: np.ndarray, pool: str) -> np.ndarray:
+    """One vector per picture, as the dense head would see it (`heads.head_pool`): the feature map
+    flattened, or averaged over its positions."""
+    if pool == "flatten" or features.ndim == 2:
+        return features.reshape(len(features), -1)
+    return features.mean(axis=tuple(range(1, features.ndim - 1)))
+
 
 def out_of_sample(
-    features: np.ndarray,
-    labels: np.ndarray,
-    num_classes: int,
-    params: config.TopParams,
-    seed: int,
-    pool: str,
-    folds: int,
+    features: np.ndarray, labels: np.ndarray, num_classes: int, pool: str, seed: int, folds: int
 ) -> np.ndarray:
     """(N, classes) probabilities of each picture from the head trained on the other `folds` - 1
-    folds (stratified: each fold has every class in proportion). Each head is validated on its
-    held-out fold, so `top.patience`, where set, stops it on pictures it is not trained on."""
+    folds (stratified: each fold has every class in proportion)."""
+    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
-
-    from classifier.metrics.scores import as_class_probabilities
-    from classifier.model.training import train_top
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     smallest = int(np.bincount(labels, minlength=num_classes).min())
     if smallest < folds:
@@ -46,14 +57,14 @@ def out_of_sample(
             f"audit.folds is {folds}, but a class has only {smallest} train and validation pictures: every fold "
             f"needs one of each class. Set audit.folds in params.yaml to at most {smallest} (and at least 2)"
         )
+    x = vectors(features, pool)
     probs = np.zeros((len(labels), num_classes), dtype=np.float64)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for fold, (train, held_out) in enumerate(splitter.split(features, labels)):
+    for fold, (train, held_out) in enumerate(splitter.split(x, labels)):
         log.info("audit fold %d of %d: a head on %d pictures scores %d", fold + 1, folds, len(train), len(held_out))
-        head, _ = train_top(
-            (features[train], labels[train]), (features[held_out], labels[held_out]), num_classes, params, seed, pool
-        )
-        probs[held_out] = as_class_probabilities(head.predict(features[held_out], verbose=0))
+        head = make_pipeline(StandardScaler(), LogisticRegression(C=REGULARISATION, max_iter=1000))
+        head.fit(x[train], labels[train])
+        probs[np.ix_(held_out, head.classes_)] = head.predict_proba(x[held_out])
     return probs
 
 

@@ -1,7 +1,8 @@
 """The chosen model in standard formats, each checked against the Keras model it came from.
 
-Keras 3's `model.export` writes ONNX (for onnxruntime and the runtimes that read ONNX), a
-TensorFlow SavedModel (what TF Serving loads) and LiteRT (.tflite, for phones and browsers). Each
+Keras 3's `model.export` writes a TensorFlow SavedModel (what TF Serving loads) and LiteRT (.tflite,
+for phones and browsers); ONNX (for onnxruntime and the runtimes that read ONNX) is tf2onnx's
+conversion of that SavedModel (`_onnx_from_saved_model` says why not Keras's own). Each
 holds the whole classifier, preprocessing included: it takes a batch of RGB pixels, 0..255 as
 float32, at the model's size, as the Keras model does, and gives its output (two classes: one column,
 the probability of the second class; more: one probability per class). The model is exported in
@@ -49,16 +50,42 @@ def float32(model: Any) -> Any:
     return copy
 
 
+def _onnx_from_saved_model(saved_model: Path, path: Path) -> None:
+    """ONNX converted by tf2onnx from a SavedModel, whose graph it freezes whole. Keras's own ONNX
+    export converts the model's function instead, where tf2onnx turns the constant tensors a layer
+    holds (the mean and variance of EfficientNetV2's Normalization) into inputs nobody can give."""
+    from tf2onnx import convert, tf_loader
+
+    graph, inputs, outputs, renamed = tf_loader.from_saved_model(
+        str(saved_model), None, None, signatures=["serving_default"], return_tensors_to_rename=True
+    )
+    convert.from_graph_def(
+        graph, input_names=inputs, output_names=outputs, tensors_to_rename=renamed, output_path=str(path)
+    )
+
+
 def export(model: Any, out: Path, formats: Iterable[str]) -> dict[str, Path]:
     """Write `model` (float32: see `float32`) into `out` in each of `formats` (keys of FILES); return
-    where each went."""
+    where each went. ONNX goes through the SavedModel (`_onnx_from_saved_model`)."""
+    import tempfile
+
     written = {}
     model(np.zeros((1, *model.input_shape[1:]), dtype=np.float32))  # Keras exports only a model it has run
-    for name in formats:
-        path = out / FILES[name]
-        log.info("exporting as %s: %s", name, path)
-        model.export(str(path), format=name, verbose=False)
-        written[name] = path
+    formats = list(formats)
+    with tempfile.TemporaryDirectory() as tmp:
+        saved_model = out / FILES["tf_saved_model"] if "tf_saved_model" in formats else Path(tmp) / "saved_model"
+        if "tf_saved_model" in formats or "onnx" in formats:
+            log.info("exporting as tf_saved_model: %s", saved_model)
+            model.export(str(saved_model), format="tf_saved_model", verbose=False)
+        for name in formats:
+            path = out / FILES[name]
+            if name == "onnx":
+                log.info("converting the SavedModel to onnx: %s", path)
+                _onnx_from_saved_model(saved_model, path)
+            elif name == "litert":
+                log.info("exporting as litert: %s", path)
+                model.export(str(path), format=name, verbose=False)
+            written[name] = path
     return written
 
 

@@ -15,9 +15,11 @@ import json
 import re
 import sys
 
+import numpy as np
 import pytest
 
 from classifier.data import synthetic
+from ops.code import ROOT
 from tests.conftest import FOUR_CLASSES
 from tests.workspace import STAGES, finish_repro, ran_stages, run
 
@@ -160,6 +162,21 @@ def test_four_classes_run_through_every_stage_and_serve_and_predict_every_class(
     if chosen in versions:
         assert tagged[versions[chosen]] == export_run.info.run_id
     assert {v for v in tagged.values() if v} <= {export_run.info.run_id}
+
+    # the README's example runs each export on a test picture: the three agree
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    example = readme.split("### Using the exported model", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    printed = run([sys.executable, "-c", example], workspace, env).stdout
+    number = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+    answers = {
+        name: np.array([float(x) for x in re.findall(number, rest)])
+        for name, _, rest in (line.partition(" ") for line in printed.splitlines())
+        if name in ("onnx", "saved_model", "litert")
+    }
+    assert set(answers) == {"onnx", "saved_model", "litert"}, printed
+    assert answers["onnx"].shape == (CLASSES,) and answers["onnx"].sum() == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(answers["saved_model"], answers["onnx"], atol=1e-5)
+    np.testing.assert_allclose(answers["litert"], answers["onnx"], atol=1e-5)
 
     # the label audit: every train and validation picture ranked, the worst first
     with open(workspace / "reports/audit/suspects.csv", newline="") as f:

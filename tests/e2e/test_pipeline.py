@@ -340,7 +340,16 @@ def test_finetune_change_reruns_finetune_and_evaluate_linked_to_earlier_runs(rep
     workspace, c = repo["path"], client(repo["server"])
     before = run_ids(repo["server"])
     set_param(workspace, "finetune", "learning_rate", 0.005)
-    assert dvc_repro(workspace, repo["env"]) == ["finetune", "evaluate", "export", "compare"]
+    done = dvc("repro", cwd=workspace, env=repo["env"])
+    assert ran_stages(done.stdout) == ["finetune", "evaluate", "export", "compare"]
+    # a fine-tuning that ends below the head it started from says so, in its log and in the table
+    head = json.loads((workspace / "reports/train_top/metrics.json").read_text())["top"]["val_accuracy"]
+    tuned = json.loads((workspace / "reports/finetune/metrics.json").read_text())["finetune"]["val_accuracy"]
+    warned = f"fine-tuning ended at validation accuracy {tuned:.4f}, below the {head:.4f} of the head"
+    assert (warned in done.stdout + done.stderr) == (tuned < head)
+    with open(workspace / "reports/models.csv", newline="") as f:
+        notes = {row["model"]: row.get("note", "") for row in csv.DictReader(f)}
+    assert bool(notes["finetuned"]) == (tuned < head), notes
     after = run_ids(repo["server"])
     changed = [s for s in LOGGED if before[s] != after[s]]
     assert changed == ["finetune", "evaluate"]
@@ -370,7 +379,7 @@ def test_top_change_reruns_from_train_top_not_featurize(repo):
     set_param(repo["path"], "top", "units", 8)
     try:
         dry = dvc("repro", "--dry", cwd=repo["path"], env=repo["env"]).stdout
-        assert ran_stages(dry) == ["train_top", "finetune", "ensemble", "audit", "compare"]  # all read top.units
+        assert ran_stages(dry) == ["train_top", "finetune", "ensemble", "compare"]  # all read top.units
     finally:
         params.write_text(committed)
 
@@ -406,10 +415,10 @@ def test_queued_experiments_run_in_parallel_into_the_embedded_store(repo):
     env = {k: v for k, v in repo["env"].items() if k != "MLFLOW_TRACKING_URI"}  # the default: mlflow.db
     run(["git", "add", "-A"], workspace, env)
     run(["git", "commit", "-qm", "baseline"], workspace, env)
-    # A change that re-runs evaluate (export, switched off, and compare) alone: each experiment logs its
-    # own runs and version.
-    for size in ("4", "6"):
-        dvc("exp", "run", "--queue", "-S", f"evaluate.batch_size={size}", cwd=workspace, env=env)
+    # A change that re-runs the two stages that score on a threshold (train_top and evaluate), export
+    # (switched off) and compare: each experiment logs its own runs and version.
+    for threshold in ("0.3", "0.7"):
+        dvc("exp", "run", "--queue", "-S", f"evaluate.threshold={threshold}", cwd=workspace, env=env)
     # The workers `queue start` leaves running would hold a pipe of its: its output goes to a file.
     with open(workspace.parent / "queue-start.log", "w") as out:
         subprocess.run(
@@ -440,26 +449,26 @@ def test_queued_experiments_run_in_parallel_into_the_embedded_store(repo):
     assert queue_workers(workspace) == [], "no worker is left behind"
 
     shown = json.loads(dvc("exp", "show", "--json", cwd=workspace, env=env).stdout)
-    sizes = set()
+    thresholds = set()
     for baseline in shown:
         for exp in baseline.get("experiments") or []:
             for rev in exp["revs"]:
                 data = rev["data"]
-                sizes.add(data["params"]["params.yaml"]["data"]["evaluate"]["batch_size"])
+                thresholds.add(data["params"]["params.yaml"]["data"]["evaluate"]["threshold"])
                 assert "accuracy" in data["metrics"]["reports/metrics.json"]["data"]["test"]
-    assert {4, 6} <= sizes
+    assert {0.3, 0.7} <= thresholds
 
     c = client(f"sqlite:///{workspace / 'mlflow.db'}")
     experiment = c.get_experiment_by_name("image-classifier")
     runs = c.search_runs([experiment.experiment_id])
     versions = [r for r in runs if r.data.tags["pipeline.stage"] == "pipeline"]
-    assert sorted(r.data.params["evaluate.batch_size"] for r in versions) == ["4", "6"]
+    assert sorted(r.data.params["evaluate.threshold"] for r in versions) == ["0.3", "0.7"]
     for version in versions:
         assert version.data.tags.get("dvc.experiment")
-        size = version.data.params["evaluate.batch_size"]
-        assert version.info.run_name == f"{version.data.tags['dvc.experiment']} evaluate.batch_size={size}"
+        threshold = version.data.params["evaluate.threshold"]
+        assert version.info.run_name == f"{version.data.tags['dvc.experiment']} evaluate.threshold={threshold}"
         evaluated = c.get_run(version.data.tags["run.evaluate"])
         assert evaluated.info.status == "FINISHED"
         assert evaluated.data.tags["dvc.experiment"] == version.data.tags["dvc.experiment"]
-        assert evaluated.data.params["evaluate.batch_size"] == size
+        assert evaluated.data.params["evaluate.threshold"] == threshold
     shutil.rmtree(workspace / ".dvc" / "tmp", ignore_errors=True)

@@ -174,3 +174,43 @@ def test_dvc_training_plots_draw_each_stage_apart():
     for name, spec in training.items():
         assert list(spec["y"]) == [stage_history[name.split("_")[0]]], name
         assert spec["x"] == "epoch"
+
+
+def test_reliability_diagram_draws_each_bins_accuracy_and_names_the_ece(tmp_path):
+    labels = np.array([0, 0, 1, 1, 2])
+    probs = np.array([[0.95, 0.03, 0.02], [0.92, 0.05, 0.03], [0.9, 0.05, 0.05], [0.3, 0.65, 0.05], [0.3, 0.65, 0.05]])
+    cal = scores.calibration(labels, probs, 0.5)
+    fig = figures.reliability_figure(cal, "fine-tuned model")
+    fig.savefig(tmp_path / "reliability.png")
+    ax, counts = fig.axes
+    assert ax.get_title() == f"fine-tuned model\nreliability on the test split, ECE {cal.ece:.3f}"
+    bars = [(round(p.get_x(), 2), round(p.get_height(), 2)) for p in ax.patches]
+    assert bars == [(0.6, 0.5), (0.8, 0.0), (0.9, 1.0)], "one bar per bin with predictions: its accuracy"
+    assert [round(p.get_height()) for p in counts.patches] == cal.counts.tolist()
+    renderer = fig.canvas.get_renderer()
+    title = ax.title.get_window_extent(renderer)
+    assert fig.bbox.x0 <= title.x0 and title.x1 <= fig.bbox.x1, "the title fits"
+
+
+def test_a_switched_off_models_reliability_diagram_says_so(tmp_path):
+    figures.write_reliability(tmp_path / "reliability.png", None, None, 0.5, "baseline (switched off)")
+    assert (tmp_path / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = figures.reliability_figure(None, "baseline (switched off)")
+    assert [t.get_text() for t in fig.axes[0].texts] == ["no model scored"]
+
+
+def test_the_contact_sheet_shows_each_picture_with_its_caption(tmp_path):
+    from PIL import Image
+
+    pictures = []
+    for i in range(7):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (40, 30), (i * 30, 0, 0)).save(path)
+        pictures.append(path)
+    captions = [f"#{i + 1} cat -> dog?" for i in range(7)]
+    out = tmp_path / "sheet.png"
+    figures.write_contact_sheet(out, pictures, captions, "suspects")
+    with Image.open(out) as sheet:
+        assert sheet.size == (1320, 540), "6 columns, 2 rows"
+    figures.write_contact_sheet(tmp_path / "empty.png", [], [], "no suspects")
+    assert (tmp_path / "empty.png").is_file()

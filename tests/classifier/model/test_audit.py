@@ -11,8 +11,6 @@ from classifier import config
 from classifier.errors import StageError
 from classifier.model import audit
 
-HEAD = config.TopParams(units=16, dropout=0.2, optimizer="adam", learning_rate=0.01, epochs=8, batch_size=32)
-
 
 def blobs(per_class: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Features of `classes` overlapping Gaussian clouds in 16 dimensions, `per_class` each."""
@@ -35,7 +33,7 @@ def flip(labels: np.ndarray, count: int, classes: int, seed: int) -> tuple[np.nd
 def test_most_labels_flipped_at_random_rank_first_and_are_flagged():
     features, labels = blobs(per_class=100, classes=3, seed=0)
     given, wrong = flip(labels, 15, 3, seed=1)
-    probs = audit.out_of_sample(features, given, 3, HEAD, seed=3, pool="flatten", folds=5)
+    probs = audit.out_of_sample(features, given, 3, "flatten", seed=3, folds=5)
     ranking = audit.rank(given, probs)
     precision = wrong[ranking.order[: wrong.sum()]].mean()  # precision at the number flipped
     assert precision >= 0.8, f"precision at 15: {precision:.2f}"
@@ -52,7 +50,7 @@ def test_each_picture_is_scored_by_a_head_that_never_saw_it():
     features, labels = blobs(per_class=40, classes=2, seed=4)
     given = labels.copy()
     given[0] = 1 - labels[0]
-    probs = audit.out_of_sample(features, given, 2, HEAD, seed=3, pool="flatten", folds=2)
+    probs = audit.out_of_sample(features, given, 2, "flatten", seed=3, folds=2)
     assert probs.shape == (80, 2)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
     assert probs[0, given[0]] < 0.5
@@ -62,7 +60,14 @@ def test_each_picture_is_scored_by_a_head_that_never_saw_it():
 def test_more_folds_than_a_class_has_pictures_is_refused_with_the_largest_that_works():
     features, labels = blobs(per_class=3, classes=2, seed=0)
     with pytest.raises(StageError, match=r"audit.folds is 5, but a class has only 3 .*at most 3"):
-        audit.out_of_sample(features, labels, 2, HEAD, seed=0, pool="flatten", folds=5)
+        audit.out_of_sample(features, labels, 2, "flatten", seed=0, folds=5)
+
+
+def test_feature_maps_are_flattened_or_averaged_as_the_head_would():
+    maps = np.arange(2 * 2 * 2 * 3, dtype=np.float32).reshape(2, 2, 2, 3)  # 2 pictures, 2x2 positions, 3 channels
+    assert audit.vectors(maps, "flatten").shape == (2, 12)
+    np.testing.assert_allclose(audit.vectors(maps, "avg"), maps.mean(axis=(1, 2)))
+    assert audit.vectors(maps[:, 0, 0, :], "avg").shape == (2, 3), "vectors stay as they are"
 
 
 def test_suspects_csv_lists_every_picture_most_suspect_first(tmp_path):

@@ -202,3 +202,30 @@ def test_the_table_lists_each_trained_model_best_first(tmp_path, tiny_params):
     ]
     params = dataclasses.replace(tiny_params, ensemble=config.EnsembleParams(backbones=MEMBERS))
     assert table.describe("ensemble", params) == "head on mobilenet_v2 + efficientnet_v2_b0 features"
+
+
+def test_the_table_notes_a_fine_tuning_that_ended_below_the_head_it_started_from(tmp_path, tiny_params):
+    # As seen on a real 10-class data set: the head reached 0.862, fine-tuning brought it to 0.651.
+    files = {
+        "train_top.json": {"top": {"val_accuracy": 0.862, "test": {"accuracy": 0.85, "ece": 0.05, "images": 360}}},
+        "finetune.json": {"finetune": {"val_accuracy": 0.651}},
+        "metrics.json": {"test": {"accuracy": 0.632, "ece": 0.2, "images": 360}},
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    paths = [tmp_path / name for name in files]
+    assert table.validation_accuracies(paths) == {"top": 0.862, "finetune": 0.651}
+    note = table.finetune_note(table.validation_accuracies(paths))
+    assert note == (
+        "fine-tuning lowered validation accuracy from 0.8620 (the head, row top) to 0.6510: "
+        "try a lower finetune.learning_rate or finetune.patience"
+    )
+    rows = table.table(table.scores(paths), tiny_params, {table.FINETUNED: note})
+    table.write_table(rows, tmp_path / "models.csv")
+    assert (tmp_path / "models.csv").read_text().splitlines() == [
+        "model,description,accuracy,ece,images,note",
+        'top,"vgg16 frozen, dense head on its cached features",0.850000,0.050000,360,',
+        f'finetuned,"vgg16, last 1 block fine-tuned",0.632000,0.200000,360,"{note}"',  # quoted: it has a comma
+    ]
+    assert table.finetune_note({"top": 0.8, "finetune": 0.8}) is None, "as good is no regression"
+    assert table.finetune_note({"finetune": 0.8}) is None

@@ -63,3 +63,18 @@ def test_a_bfloat16_model_is_exported_in_float32_with_its_weights():
     np.testing.assert_allclose(copy.predict(pixels(4), verbose=0), model.predict(pixels(4), verbose=0), atol=0.05)
     float_model = small_classifier(3)
     assert exporting.float32(float_model) is float_model
+
+
+def test_a_model_holding_constant_tensors_exports_to_onnx_with_one_input(tmp_path):
+    """EfficientNetV2's Normalization layer holds its mean and variance as constant tensors, which a
+    conversion of the Keras function would turn into ONNX inputs: the export takes the pixels alone."""
+    from classifier.model import backbones
+
+    base = backbones.build_backbone("efficientnet_v2_b0", None, (32, 32))
+    model = backbones.member(base, "efficientnet_v2_b0", 32, "avg")
+    written = exporting.export(model, tmp_path, ["onnx"])
+    session = onnxruntime.InferenceSession(str(written["onnx"]), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(session.run(None, {"image": x})[0], model.predict(x, verbose=0), atol=1e-5)
+    assert not (tmp_path / "saved_model").exists(), "the SavedModel it went through is not left behind"
