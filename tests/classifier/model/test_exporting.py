@@ -66,12 +66,14 @@ def test_a_bfloat16_model_is_exported_in_float32_with_its_weights():
 
 
 def test_a_model_holding_constant_tensors_exports_to_onnx_with_one_input(tmp_path):
-    """EfficientNetV2's Normalization layer holds its mean and variance as constant tensors, which a
-    conversion of the Keras function would turn into ONNX inputs: the export takes the pixels alone."""
-    from classifier.model import backbones
-
-    base = backbones.build_backbone("efficientnet_v2_b0", None, (32, 32))
-    model = backbones.member(base, "efficientnet_v2_b0", 32, "avg")
+    """A Normalization layer given its mean and variance (as EfficientNetV2's is) holds them as constant
+    tensors, which a conversion of the Keras function turns into ONNX inputs: the export takes the
+    pixels alone."""
+    inputs = keras.Input(shape=(32, 32, 3), name="image")
+    x = keras.layers.Normalization(mean=[120.0, 110.0, 100.0], variance=[3000.0, 2800.0, 2600.0])(inputs)
+    x = keras.layers.Conv2D(4, 3, activation="relu")(x)
+    outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, outputs)
     written = exporting.export(model, tmp_path, ["onnx"])
     session = onnxruntime.InferenceSession(str(written["onnx"]), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
