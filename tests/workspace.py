@@ -106,32 +106,36 @@ def dvc_repro(workspace: Path, env: dict, *args: str) -> list[str]:
 
 
 class Repro(NamedTuple):
-    """A `dvc repro` running in the background (`start_repro`), its output going to `log`."""
+    """A program (`dvc repro`: `start_repro`) running in the background, its output going to `log`."""
 
     process: subprocess.Popen
     log: Path
 
 
-def start_repro(workspace: Path, env: dict) -> Repro:
-    """`dvc repro` started in `workspace`, its output (both streams) going to a file beside it (a pipe
-    nobody reads yet would fill and stop it); `finish_repro` waits for it."""
-    log = workspace.parent / f"{workspace.name}.repro.log"
+def start_background(args: list[str], cwd: Path, env: dict, log: Path) -> Repro:
+    """`args` started in `cwd`, its output (both streams) going to `log` (a pipe nobody reads yet would
+    fill and stop it); `finish_repro` waits for it."""
     with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "dvc", "repro"], cwd=workspace, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
+        process = subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
     return Repro(process, log)
 
 
+def start_repro(workspace: Path, env: dict) -> Repro:
+    """`dvc repro` started in `workspace` (`start_background`), its output in a file beside it."""
+    return start_background(
+        [sys.executable, "-m", "dvc", "repro"], workspace, env, workspace.parent / f"{workspace.name}.repro.log"
+    )
+
+
 def finish_repro(repro: Repro, timeout: float = 600) -> str:
-    """The output of a `start_repro`, once it has succeeded; past `timeout` seconds, it is stopped and
-    the test fails with the end of its log."""
+    """The output of a `start_background`, once it has succeeded; past `timeout` seconds, it is stopped
+    and the test fails with the end of its log."""
     try:
         repro.process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         repro.process.kill()
         repro.process.wait()
-        pytest.fail(f"dvc repro did not end within {timeout:.0f} s:\n{repro.log.read_text()[-3000:]}")
+        pytest.fail(f"{repro.process.args} did not end within {timeout:.0f} s:\n{repro.log.read_text()[-3000:]}")
     output = repro.log.read_text()
     assert repro.process.returncode == 0, output[-3000:]
     return output

@@ -1,12 +1,15 @@
 """The README's demo path, run as written: `make demo` (here `python -m ops.demo` on the tiny
-config), then the experiment and the MLflow link it prints, whose commands the README shows."""
+config, started in the background once the suite is collected), then the experiment and the MLflow
+link it prints, whose commands the README shows."""
 
 from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -14,7 +17,15 @@ from pathlib import Path
 import pytest
 
 from ops.code import ROOT
-from tests.workspace import base_env, free_port, ran_stages, run, wait_until_answering
+from tests.workspace import (
+    base_env,
+    finish_repro,
+    free_port,
+    ran_stages,
+    run,
+    start_background,
+    wait_until_answering,
+)
 
 #: `make demo` with the tiny config: the same code path, in seconds rather than minutes.
 DEMO_ON_TINY = """
@@ -31,11 +42,31 @@ def readme_section(title: str) -> str:
     return (ROOT / "README.md").read_text(encoding="utf-8").split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
-@pytest.mark.slow
-def test_the_readme_demo_path_runs_as_written(tmp_path):
+#: The demo started by `start`: its folder, environment and process.
+RUNNING: dict = {}
+
+
+def start() -> None:
+    """The demo on the tiny config, started in the background as soon as the suite is collected
+    (tests/conftest.py, STARTED_EARLY): its pipeline runs beside the tests that come first."""
     env = base_env()
-    env.pop("MLFLOW_TRACKING_URI", None)
-    printed = run([sys.executable, "-c", DEMO_ON_TINY, str(tmp_path / "demo")], ROOT, env).stdout
+    env.pop("MLFLOW_TRACKING_URI", None)  # the demo's own store, as `make demo` has
+    tmp = Path(tempfile.mkdtemp(prefix="demo-"))
+    args = [sys.executable, "-c", DEMO_ON_TINY, str(tmp / "demo")]
+    RUNNING.update(tmp=tmp, env=env, demo=start_background(args, ROOT, env, tmp / "demo.log"))
+
+
+@pytest.fixture(scope="module")
+def demo_run():
+    if not RUNNING:
+        start()
+    yield {**RUNNING, "printed": finish_repro(RUNNING["demo"])}
+    shutil.rmtree(RUNNING["tmp"], ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_the_readme_demo_path_runs_as_written(demo_run, tmp_path):
+    env, printed = demo_run["env"], demo_run["printed"]
     section = readme_section("The offline demo")
     assert "make demo" in section
 
