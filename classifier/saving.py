@@ -115,11 +115,11 @@ def write_json(path: str | Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-#: The timestamp every member of a saved model gets: the earliest a zip file can hold.
 #: The model file in a stage's model folder (models/frozen, models/baseline, models/ensemble).
 MODEL = "model.keras"
 
 
+#: The timestamp every member of a saved model gets: the earliest a zip file can hold.
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 

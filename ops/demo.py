@@ -135,11 +135,20 @@ def main() -> None:
         f"  figures:  {reports / 'evaluate'}/*.png, {reports}/*/reliability.png\n"
         f"  labels:   {audit['flagged']} of {audit['pictures']} look wrong: {reports / 'audit' / 'suspects.csv'}, "
         f"suspects.png\n"
-        f"  exports:  {workspace / 'models' / 'export'} (ONNX, SavedModel, LiteRT of the best model)\n"
+        f"  exports:  {exported(workspace)}\n"
         f"  MLflow:   mlflow ui --backend-store-uri {uri}\n"
         f"            then open {tracking.versions_url()}\n"
         f"  an experiment:  cd {workspace} && dvc exp run -S finetune.learning_rate=0.0002"
     )
+
+
+def exported(workspace: Path) -> str:
+    """Where the export stage put the best model, and in which formats (or that it exported none)."""
+    spec = workspace / "models" / "export" / "spec.json"
+    if not spec.is_file():
+        return "none (export.formats is empty)"
+    written = json.loads(spec.read_text(encoding="utf-8"))
+    return f"{spec.parent} ({', '.join(written['files'])} of the {written['model']} model)"
 
 
 def commit(workspace: Path, message: str) -> None:

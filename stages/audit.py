@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from classifier import config, saving
+from classifier.errors import StageError
 from classifier.model import backend
 from ops import runner, tracking
 
@@ -55,6 +56,11 @@ def main() -> None:
         features = np.concatenate([f for f, _ in parts])
         labels = np.concatenate([y for _, y in parts]).astype(np.int64)
         pictures = [p for split in splits for p in images.load_split(args.prepared, split).paths]
+        if len(pictures) != len(labels):
+            raise StageError(
+                f"{args.features} holds {len(labels)} train and validation pictures, {args.prepared} lists "
+                f"{len(pictures)}: the features are not of these pictures; run `dvc repro featurize`"
+            )
         names = [split for split, (_, y) in zip(splits, parts, strict=True) for _ in range(len(y))]
         pool = heads.head_pool(params.top, params.model.backbone)
         probs = audit.out_of_sample(features, labels, len(classes), pool, params.seed, params.audit.folds)

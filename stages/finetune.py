@@ -46,7 +46,7 @@ def main() -> None:
 
     from classifier.model import devices
     from classifier.model.finetuning import finetune
-    from classifier.model.history import write_reports
+    from classifier.model.history import finetune_note, write_reports
 
     devices.start(params.deterministic)
     name = "finetune"  # the metrics' prefix, live in MLflow and in metrics.json: finetune.val_accuracy
@@ -68,14 +68,8 @@ def main() -> None:
     log.info("kept epoch %d: validation accuracy %.4f; wrote %s", kept + 1, accuracy, args.output)
     if args.head_metrics and args.head_metrics.is_file():
         head = json.loads(args.head_metrics.read_text(encoding="utf-8")).get("top", {}).get("val_accuracy")
-        if head is not None and accuracy < head:
-            log.warning(
-                "fine-tuning ended at validation accuracy %.4f, below the %.4f of the head it started from: the "
-                "frozen-backbone model (models/frozen, row top of reports/models.csv) is the better one. Try a lower "
-                "finetune.learning_rate, or finetune.patience to keep the best epoch",
-                accuracy,
-                head,
-            )
+        if note := finetune_note(head, accuracy):
+            log.warning("%s", note)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from classifier import saving
 from classifier.metrics.scores import Calibration, Roc, calibration
 
 if TYPE_CHECKING:
@@ -114,6 +115,12 @@ def training_figure(histories: Sequence[Path]) -> Figure:
     return fig
 
 
+def _save(fig: Figure, path: Path) -> None:
+    """`fig` as a PNG at `path`, atomically (and by process 0 alone, run as several: `saving.atomic_path`)."""
+    with saving.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+
+
 def reliability_figure(cal: Calibration | None, model: str) -> Figure:
     """The reliability diagram: each confidence bin's accuracy against its mean confidence (on the
     diagonal when calibrated), with the number of predictions per bin below; `cal` None draws the
@@ -160,7 +167,7 @@ def write_reliability(
     plt = _pyplot()
     cal = None if labels is None or probs is None else calibration(labels, probs, threshold)
     fig = reliability_figure(cal, model)
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -185,7 +192,7 @@ def write_contact_sheet(path: Path, pictures: Sequence[Path], captions: Sequence
     if not pictures:
         axes[0, 0].text(0.5, 0.5, "nothing to show", ha="center", va="center", transform=axes[0, 0].transAxes)
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from classifier import config, saving
+from classifier.model import history
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +53,8 @@ def validation_accuracies(paths: list[Path]) -> dict[str, float]:
 
 
 def finetune_note(accuracies: dict[str, float]) -> str | None:
-    """What the table says when fine-tuning ended with a lower validation accuracy than the head it
-    started from, else None."""
-    head, tuned = accuracies.get("top"), accuracies.get("finetune")
-    if head is None or tuned is None or tuned >= head:
-        return None
-    return (
-        f"fine-tuning lowered validation accuracy from {head:.4f} (the head, row top) to {tuned:.4f}: "
-        "try a lower finetune.learning_rate or finetune.patience"
-    )
+    """The fine-tuned row's note (`history.finetune_note`), from the stages' validation accuracies."""
+    return history.finetune_note(accuracies.get("top"), accuracies.get("finetune"))
 
 
 def scores(paths: list[Path]) -> dict[str, dict[str, Any]]:

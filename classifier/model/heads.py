@@ -86,5 +86,6 @@ def trained_parts(
 
 def frozen_classifier(params: Params, backbone_weights: Path, top: keras.Model, num_classes: int) -> keras.Model:
     """The recipe's second model: the frozen backbone and the head trained on its cached features, as
-    one classifier of raw pictures (float32, what train_top registers)."""
+    one classifier of raw pictures (what train_top registers), in the current dtype policy: float32
+    there, as in every saved model."""
     return build_classifier(*trained_parts(params, backbone_weights, top, num_classes), params.model.backbone)

@@ -77,6 +77,18 @@ def write_reports(
     return kept
 
 
+def finetune_note(head: float | None, tuned: float | None) -> str | None:
+    """What finetune's log and the models table say when fine-tuning ended with a lower validation
+    accuracy (`tuned`) than the head it started from (`head`, train_top's), else None."""
+    if head is None or tuned is None or tuned >= head:
+        return None
+    return (
+        f"fine-tuning lowered validation accuracy from {head:.4f} (the head, row top) to {tuned:.4f}: the "
+        "frozen-backbone model (models/frozen) is the better one; try a lower finetune.learning_rate, or "
+        "finetune.patience to keep the best epoch"
+    )
+
+
 def write_switched_off(models: Path, reports: Path) -> None:
     """What a training stage switched off in params.yaml writes: an empty model folder, a history
     without epochs and no metrics (`{}`), so that DVC finds every output it declares."""

@@ -246,7 +246,7 @@ def tag_exported(stage: str, folder: Path, registered_model: str | None) -> None
     """Say where the exports of the model that `stage` logged are: the registry version that stage's
     run registered (the newest run that wrote the outputs dvc.lock records for it) gets the tag
     `export.run`, this run's id (the exports are its `folder` artifacts), and this run gets
-    `export.model_version`. Nothing when the model was not registered."""
+    `export.model_version` ("none (...)" when the model was not registered, as the baseline is not)."""
     if not enabled():
         return
     import mlflow

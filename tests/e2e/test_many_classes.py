@@ -161,6 +161,9 @@ def test_four_classes_run_through_every_stage_and_serve_and_predict_every_class(
     versions = {"top": frozen_version, "finetuned": finetuned_version, "ensemble": ensemble_version}
     if chosen in versions:
         assert tagged[versions[chosen]] == export_run.info.run_id
+        assert export_run.data.tags["export.model_version"] == f"image-classifier v{versions[chosen]}"
+    else:  # the baseline, which is not registered
+        assert export_run.data.tags["export.model_version"] == "none (the model is not registered)"
     assert {v for v in tagged.values() if v} <= {export_run.info.run_id}
 
     # the README's example runs each export on a test picture: the three agree

@@ -345,7 +345,7 @@ def test_finetune_change_reruns_finetune_and_evaluate_linked_to_earlier_runs(rep
     # a fine-tuning that ends below the head it started from says so, in its log and in the table
     head = json.loads((workspace / "reports/train_top/metrics.json").read_text())["top"]["val_accuracy"]
     tuned = json.loads((workspace / "reports/finetune/metrics.json").read_text())["finetune"]["val_accuracy"]
-    warned = f"fine-tuning ended at validation accuracy {tuned:.4f}, below the {head:.4f} of the head"
+    warned = f"fine-tuning lowered validation accuracy from {head:.4f} (the head, row top) to {tuned:.4f}"
     assert (warned in done.stdout + done.stderr) == (tuned < head)
     with open(workspace / "reports/models.csv", newline="") as f:
         notes = {row["model"]: row.get("note", "") for row in csv.DictReader(f)}

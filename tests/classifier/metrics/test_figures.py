@@ -213,4 +213,5 @@ def test_the_contact_sheet_shows_each_picture_with_its_caption(tmp_path):
     with Image.open(out) as sheet:
         assert sheet.size == (1320, 540), "6 columns, 2 rows"
     figures.write_contact_sheet(tmp_path / "empty.png", [], [], "no suspects")
-    assert (tmp_path / "empty.png").is_file()
+    with Image.open(tmp_path / "empty.png") as sheet:
+        assert sheet.size == (220, 300), "one empty cell saying so"

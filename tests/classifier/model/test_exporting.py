@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import onnxruntime
 
+from classifier.metrics import scores
 from classifier.model import exporting
 from classifier.model.backbones import Preprocess
 
@@ -48,8 +49,14 @@ def test_each_format_gives_the_keras_probabilities_from_raw_pixels(tmp_path):
 def test_a_two_class_model_is_checked_on_both_class_probabilities(tmp_path):
     model = small_classifier(2)
     written = exporting.export(model, tmp_path, ["onnx"])
+    session = onnxruntime.InferenceSession(str(written["onnx"]), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"image": pixels(4)})[0].shape == (4, 1), "the second class' probability"
     largest = exporting.check(model, written, [pixels(4)])
     assert list(largest) == ["onnx"] and largest["onnx"] < 1e-5
+    # the check compares class probabilities: the first class' is 1 - the export's one column
+    p = model.predict(pixels(4), verbose=0)[:, 0]
+    run = exporting.RUNTIMES["onnx"](written["onnx"])
+    np.testing.assert_allclose(scores.as_class_probabilities(run(pixels(4)))[:, 0], 1 - p, atol=1e-5)
 
 
 def test_a_bfloat16_model_is_exported_in_float32_with_its_weights():
