@@ -115,6 +115,7 @@ def test_checking_out_an_earlier_commit_restores_its_outputs_from_the_cache(clon
     run(["git", "checkout", "-q", earlier], workspace, env)
     done = dvc("repro", cwd=workspace, env=env).stdout
     assert ran_stages(done) == []
-    assert restored_stages(done) == ["finetune", "evaluate", "export", "compare"]
+    # export (switched off in TINY) wrote the same empty outputs for both commits: nothing to restore
+    assert restored_stages(done) == ["finetune", "evaluate", "compare"]
     assert locked_hashes(workspace) == before
     assert dvc("status", cwd=workspace, env=env).stdout.strip() == "Data and pipelines are up to date."
