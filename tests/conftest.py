@@ -46,16 +46,15 @@ TINY: dict = {
 
 
 #: Test files whose program starts in the background once the suite is collected (their `start`).
-STARTED_EARLY = ("test_jax.py", "test_gpu_check.py", "test_demo.py", "test_pipeline.py")
+STARTED_EARLY = ("test_jax.py", "test_gpu_check.py", "test_demo.py")
 
 
 def pytest_collection_finish(session):
-    """Four slow checks run one program each, mostly a process starting after another (the JAX
-    pipeline, whose compiling leaves a core idle, the GPU check's quick mode, the demo, the first
-    `dvc repro` against an MLflow server): their programs start as soon as the suite is collected,
-    beside the tests that come first, and their tests wait for them (tests/e2e/test_jax.py,
-    tests/test_gpu_check.py, tests/e2e/test_demo.py, tests/e2e/test_pipeline.py). Started through the
-    module pytest imported, whose fixture then finds it started."""
+    """Three slow checks run one program each, mostly a process starting after another (the JAX
+    pipeline, whose compiling leaves a core idle, the GPU check's quick mode, the demo): their programs
+    start as soon as the suite is collected, beside the tests that come first, and their tests wait
+    for them (tests/e2e/test_jax.py, tests/test_gpu_check.py, tests/e2e/test_demo.py). Started through
+    the module pytest imported, whose fixture then finds it started."""
     for module in {item.module for item in session.items if item.path.name in STARTED_EARLY}:
         module.start()
 

@@ -1,8 +1,7 @@
 """End to end through the real `dvc repro`, in a temporary git repository, with the tiny config.
 
 The pipeline logs to a real `mlflow server` started here on 127.0.0.1 (sqlite backend, served
-artifacts); both start in the background once the suite is collected (`start`). The tests run in
-file order on one repository: each builds on what the previous left.
+artifacts). The tests run in file order on one repository: each builds on what the previous left.
 """
 
 from __future__ import annotations
@@ -14,8 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,14 +28,12 @@ from tests.workspace import (
     base_env,
     dvc,
     dvc_repro,
-    finish_repro,
     free_port,
     locked_hashes,
     queue_workers,
     ran_stages,
     run,
     set_param,
-    start_repro,
     stop_queue,
     wait_until_answering,
 )
@@ -49,70 +44,43 @@ pytestmark = pytest.mark.slow
 TEST_METRICS = {"accuracy", "precision", "recall", "f1", "log_loss", "ece", "roc_auc", "images"}
 
 
-#: The MLflow server and the first `dvc repro`, started by `start`.
-RUNNING: dict = {}
-
-
-def start() -> None:
-    """A real MLflow tracking server on 127.0.0.1 (sqlite backend store, artifacts served by it), and
-    the tiny pipeline's first `dvc repro` against it once it answers, started in the background as
-    soon as the suite is collected (tests/conftest.py, STARTED_EARLY): they run beside the tests that
-    come first. The `repo` fixture waits for them."""
-    root = Path(tempfile.mkdtemp(prefix="pipeline-"))
-    log = root / "server.log"
-    port = free_port()
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--backend-store-uri",
-                f"sqlite:///{root / 'mlflow.db'}",
-                "--artifacts-destination",
-                str(root / "artifacts"),
-                "--serve-artifacts",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            # without the four processes of MLflow's GenAI job runner, which the pipeline does not use
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        )
-    uri = f"http://127.0.0.1:{port}"
-    workspace = demo.make_workspace(root / "repo", TINY, git=True)
-    env = base_env() | {"MLFLOW_TRACKING_URI": uri}
-
-    def reproduce() -> None:  # a thread: the suite goes on while the server starts
-        try:
-            wait_until_answering(f"{uri}/health", process, log, timeout=180)
-        except BaseException as err:  # noqa: BLE001  pytest's failure: the `repo` fixture reports it
-            RUNNING["error"] = str(err)
-            return
-        RUNNING["repro"] = start_repro(workspace, env)
-
-    thread = threading.Thread(target=reproduce, daemon=True)
-    RUNNING.update(root=root, server=process, uri=uri, log=log, workspace=workspace, env=env, thread=thread)
-    thread.start()
-
-
 @pytest.fixture(scope="module")
-def server():
-    """The MLflow server `start` started (or starts now), stopped at the end of the module."""
-    if not RUNNING:
-        start()
+def server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1: sqlite backend store, artifacts served by it."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    server_log = open(root / "server.log", "w")  # noqa: SIM115  closed in the finally below, once the server stops
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--serve-artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=server_log,
+        stderr=subprocess.STDOUT,
+        # without the four processes of MLflow's GenAI job runner, which the pipeline does not use
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
+    uri = f"http://127.0.0.1:{port}"
     try:
-        yield RUNNING["uri"]
+        wait_until_answering(f"{uri}/health", process, root / "server.log", timeout=60)
+        yield uri
     finally:
-        RUNNING["server"].terminate()
-        RUNNING["server"].wait(timeout=30)
-        shutil.rmtree(RUNNING["root"], ignore_errors=True)
+        process.terminate()
+        process.wait(timeout=30)
+        server_log.close()
 
 
 def run_ids(uri: str, version: int = 0) -> dict[str, str]:
@@ -130,13 +98,13 @@ def pipeline_versions(uri: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def repo(server):
-    """The tiny pipeline in a fresh git repository, reproduced once against the MLflow server (`start`)."""
-    RUNNING["thread"].join(timeout=240)
-    if "repro" not in RUNNING:
-        pytest.fail(f"the MLflow server for the pipeline did not start: {RUNNING.get('error', 'still waiting')}")
-    ran = ran_stages(finish_repro(RUNNING["repro"]))
-    return {"path": RUNNING["workspace"], "env": RUNNING["env"], "first_run": ran, "server": server}
+def repo(tmp_path_factory, server):
+    """The tiny pipeline in a fresh git repository, reproduced once against the MLflow server."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    workspace = demo.make_workspace(tmp / "repo", TINY, git=True)
+    env = base_env() | {"MLFLOW_TRACKING_URI": server}
+    ran = dvc_repro(workspace, env)
+    return {"path": workspace, "env": env, "first_run": ran, "server": server}
 
 
 def client(uri: str):
