@@ -44,6 +44,15 @@ def _positive(key: str, value: float) -> None:
         _fail(key, value, "must be > 0")
 
 
+def _check_choices(key: str, values: tuple[str, ...], allowed: tuple[str, ...], what: str) -> None:
+    """A list of some of `allowed`, each at most once."""
+    for name in values:
+        if name not in allowed:
+            _fail(key, list(values), f"each one of {', '.join(allowed)}")
+    if len(set(values)) != len(values):
+        _fail(key, list(values), f"each {what} at most once")
+
+
 def _check_patience(key: str, value: int | None) -> None:
     if value is not None and value < 1:
         _fail(key, value, "a number of epochs >= 1, or null to train every epoch")
@@ -255,11 +264,7 @@ class EnsembleParams:
     image_size: int = 299  # the square images the ensemble model takes; each backbone resizes them down
 
     def check(self, key: str) -> None:
-        for name in self.backbones:
-            if name not in BACKBONES:
-                _fail(f"{key}.backbones", list(self.backbones), f"each one of {', '.join(BACKBONES)}")
-        if len(set(self.backbones)) != len(self.backbones):
-            _fail(f"{key}.backbones", list(self.backbones), "each backbone at most once")
+        _check_choices(f"{key}.backbones", self.backbones, BACKBONES, "backbone")
         if self.weights not in (None, "imagenet"):
             _fail(f"{key}.weights", self.weights, "imagenet, or null (random init)")
         if self.image_size < 32:
@@ -291,11 +296,7 @@ class ExportParams:
     formats: tuple[str, ...] = EXPORT_FORMATS  # empty: nothing exported
 
     def check(self, key: str) -> None:
-        for name in self.formats:
-            if name not in EXPORT_FORMATS:
-                _fail(f"{key}.formats", list(self.formats), f"each one of {', '.join(EXPORT_FORMATS)}")
-        if len(set(self.formats)) != len(self.formats):
-            _fail(f"{key}.formats", list(self.formats), "each format at most once")
+        _check_choices(f"{key}.formats", self.formats, EXPORT_FORMATS, "format")
 
 
 @dataclass(frozen=True)
