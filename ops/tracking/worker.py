@@ -25,27 +25,14 @@ from collections.abc import Callable
 from typing import Any
 
 from ops import runner
+from ops.code import ROOT
 from ops.tracking.lineage import STAGE_PID
 from ops.tracking.store import TrackingError, _sqlite_path, enabled, experiment_name, store_lock, tracking_uri
 
 log = logging.getLogger(__name__)
 
-#: The stage modules whose processes log through a worker.
-STAGE_MODULES = frozenset(
-    f"stages.{name}"
-    for name in (
-        "download",
-        "prepare",
-        "featurize",
-        "train_top",
-        "finetune",
-        "evaluate",
-        "baseline",
-        "ensemble_features",
-        "ensemble",
-        "compare",
-    )
-)
+#: The stage modules whose processes log through a worker: every module of stages/.
+STAGE_MODULES = frozenset(f"stages.{path.stem}" for path in (ROOT / "stages").glob("*.py") if path.stem != "__init__")
 
 
 _worker: _Worker | None = None
