@@ -4,7 +4,8 @@ Builds a self-contained copy of the pipeline in demo/ (its own git repository an
 dvc.yaml, the stages, and params.yaml with the demo's overrides: the `synthetic` source, random
 backbone weights, small images, few epochs), runs `dvc repro` there and commits the result, so
 `dvc exp run` works there at once. Runs are logged to demo/mlflow.db (or MLFLOW_TRACKING_URI).
-Running it again re-runs only what changed.
+Running it again re-runs only what changed; run at a copied or moved demo folder (--dir), it first
+points that folder's mlflow.db at the folder's own mlartifacts/.
 """
 
 from __future__ import annotations
@@ -109,6 +110,9 @@ def main() -> None:
     workspace = make_workspace(args.dir, DEMO_PARAMS, git=True)
     env = pipeline_env()
     uri = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace.resolve() / 'mlflow.db'}"
+    store = workspace.resolve() / "mlflow.db"
+    if store.is_file() and tracking.store.relocate(store):  # a demo folder copied or moved here
+        print(f"{store} now points at its own {store.parent / 'mlartifacts'}")
     commit(workspace, "The demo's pipeline and params")
     started = time.perf_counter()
     result = subprocess.run(DVC + ["repro"], cwd=workspace, env=env | {"MLFLOW_TRACKING_URI": uri}, check=False)

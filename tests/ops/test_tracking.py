@@ -615,3 +615,123 @@ def test_the_version_is_logged_to_a_store_that_has_no_experiment_yet(project, ca
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert experiment.artifact_location == (project / "mlartifacts").as_uri()
     assert "no run in" in caplog.text, "train_top ran nowhere it logs: said, and not linked"
+
+
+class Echo:
+    """The smallest python model: what it is given."""
+
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+def _store_with_a_run(folder: Path) -> tuple[str, str]:
+    """A store in `folder` made as a stage makes it: the experiment, a run with an artifact file, a
+    logged model registered as version 1 of "echo". Returns the run's id and the model's id."""
+    import mlflow
+    import mlflow.pyfunc
+
+    client = mlflow.MlflowClient(store.store_uri())
+    mlflow.set_tracking_uri(store.tracking_uri())
+    mlflow.set_experiment(experiment_id=store._experiment(client).experiment_id)
+    (folder / "note.txt").write_text("made in A")
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(folder / "note.txt"), "notes")
+        model = mlflow.pyfunc.log_model(
+            name="echo",
+            python_model=type("EchoModel", (Echo, mlflow.pyfunc.PythonModel), {})(),
+            registered_model_name="echo",
+            pip_requirements=[],
+        )
+    (folder / "note.txt").unlink()
+    return run.info.run_id, model.model_id
+
+
+@pytest.mark.parametrize("how", ["copied", "moved"])
+def test_a_copied_or_moved_store_finds_and_writes_its_own_artifacts(tmp_path, monkeypatch, caplog, how):
+    import shutil
+    import sqlite3
+
+    import mlflow
+
+    a, b = tmp_path / "A", tmp_path / "B"
+    a.mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{a / 'mlflow.db'}")
+    run_id, model_id = _store_with_a_run(a)
+    if how == "copied":
+        shutil.copytree(a, b)
+        (a / "mlartifacts" / run_id / "artifacts" / "notes" / "note.txt").write_text("the original's")
+    else:
+        shutil.move(a, b)
+    before = sorted(p.relative_to(a) for p in a.rglob("*")) if a.exists() else []
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{b / 'mlflow.db'}")
+    mlflow.set_tracking_uri(store.tracking_uri())
+    with caplog.at_level("INFO", logger="ops.tracking.store"):
+        store.store_uri()
+    assert "now point at" in caplog.text and str(b / "mlartifacts") in caplog.text
+    own = (b / "mlartifacts").as_uri()
+    client = mlflow.MlflowClient(store.tracking_uri())
+    assert client.get_experiment_by_name("image-classifier").artifact_location == own
+    assert client.get_run(run_id).info.artifact_uri == f"{own}/{run_id}/artifacts"
+    assert client.get_logged_model(model_id).artifact_location.startswith(f"{own}/")
+    version = client.get_model_version("echo", "1")
+    assert version.source == f"models:/{model_id}"
+    with contextlib.closing(sqlite3.connect(b / "mlflow.db")) as db:
+        storage = db.execute("SELECT storage_location FROM model_versions").fetchone()[0]
+        everywhere = [
+            row[0]
+            for table, column, _ in store.LOCATIONS
+            for row in db.execute(f'SELECT "{column}" FROM "{table}" WHERE "{column}" LIKE ?', (f"%{a}%",))
+        ]
+    assert storage.startswith(f"{own}/") and not everywhere
+    note = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="notes/note.txt", dst_path=str(tmp_path))
+    assert Path(note).read_text() == "made in A"
+    assert mlflow.pyfunc.load_model("models:/echo/1").predict({"x": [1]}) == {"x": [1]}
+
+    (b / "new.txt").write_text("made in B")
+    with mlflow.start_run(experiment_id=client.get_experiment_by_name("image-classifier").experiment_id) as new:
+        mlflow.log_artifact(str(b / "new.txt"))
+    assert (b / "mlartifacts" / new.info.run_id / "artifacts" / "new.txt").read_text() == "made in B"
+    assert (sorted(p.relative_to(a) for p in a.rglob("*")) if a.exists() else []) == before, "A is left alone"
+    assert a.exists() == (how == "copied")
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ops.tracking.store"):
+        store.store_uri()
+        assert store.relocate(b / "mlflow.db") is False
+    assert not caplog.text, "once done, nothing more to do"
+
+
+def test_locations_that_are_no_mlartifacts_folder_are_left_alone(project, monkeypatch, caplog):
+    """A server's, a bucket's, one's own folder: a copied store keeps them, and moves only mlartifacts/."""
+    import shutil
+    import sqlite3
+
+    import mlflow
+
+    client = mlflow.MlflowClient(store.store_uri())
+    ours = store._experiment(client).experiment_id
+    plain = client.create_experiment("plain", artifact_location=f"{project}/mlartifacts/plain")
+    theirs = {"s3://bucket/x", "mlflow-artifacts:/7", "file:///data/mine", "/data/mlartifacts-old"}
+    for n, location in enumerate(sorted(theirs)):
+        client.create_run(client.create_experiment(f"other{n}", artifact_location=location))
+    with contextlib.closing(sqlite3.connect(project / "mlflow.db")) as db:
+        db.execute("UPDATE experiments SET artifact_location = 'file:///elsewhere/mlruns/0' WHERE experiment_id = 0")
+        db.commit()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ops.tracking.store"):
+        assert store.relocate(project / "mlflow.db") is False
+    assert not caplog.text, "at its own place: nothing to do"
+
+    copy = project.parent / "copy"
+    shutil.copytree(project, copy)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{copy / 'mlflow.db'}")
+    assert store.relocate(copy / "mlflow.db") is True
+    with contextlib.closing(sqlite3.connect(copy / "mlflow.db")) as db:
+        experiments = dict(db.execute("SELECT experiment_id, artifact_location FROM experiments").fetchall())
+        runs = {row[0] for row in db.execute("SELECT artifact_uri FROM runs")}
+    assert experiments.pop(int(ours)) == (copy / "mlartifacts").as_uri()
+    assert experiments.pop(int(plain)) == f"{copy}/mlartifacts/plain", "a plain path too"
+    assert set(experiments.values()) == theirs | {"file:///elsewhere/mlruns/0"}
+    assert {uri.rsplit("/", 2)[0] for uri in runs} == theirs
