@@ -1,6 +1,6 @@
-"""The PNG figures: evaluate's confusion matrix, ROC curve, and training curves of both training
-stages on one axis (fine-tuning's epochs after the head's); the reliability diagram of every scored
-model (`write_reliability`)."""
+"""The PNG figures: evaluate's confusion matrix, ROC curve, and training curves (each training stage
+in its own panels, its epochs counted 1, 2, ... within the stage); the reliability diagram of every
+scored model (`write_reliability`)."""
 
 from __future__ import annotations
 
@@ -87,31 +87,62 @@ def roc_figure(curve: Roc, classes: Sequence[str]) -> Figure:
     return fig
 
 
+#: The colour of each training stage's curves, in the order the histories are given.
+STAGE_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+
+#: The least width of a stage's panels, as a fraction of the widest's: a stage of a few epochs
+#: beside one of fifty stays readable.
+MIN_PANEL_WIDTH = 0.4
+
+
 def training_figure(histories: Sequence[Path]) -> Figure:
-    """Loss and accuracy per epoch, train (solid) and validation (dashed), of each training stage
-    in its own colour on one epoch axis: the head's epochs, then fine-tuning's, with a line where
-    fine-tuning starts. Epoch ticks are whole numbers."""
+    """Loss (top row) and accuracy (bottom row) per epoch, train (solid) and validation (dashed): a
+    column for each training stage that has epochs, in its own colour, on an epoch axis of its own
+    numbered 1, 2, ... as its history.csv and MLflow count them. A column is as wide as its stage's
+    epochs (at least MIN_PANEL_WIDTH of the widest); a row shares its y axis, so the stages
+    compare. Epoch ticks are whole numbers; without any history, the frame says so."""
     from matplotlib.ticker import MaxNLocator
 
     plt = _pyplot()
-    series = training_series(histories)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
-    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
-        for (stage, epochs, history), colour in zip(series, ("tab:blue", "tab:orange", "tab:green"), strict=False):
+    keys = ("loss", "accuracy")
+    drawn = [
+        (stage, epochs, history, STAGE_COLOURS[i % len(STAGE_COLOURS)])
+        for i, (stage, epochs, history) in enumerate(training_series(histories))
+        if len(epochs)
+    ]
+    if not drawn:
+        fig, empty = plt.subplots(len(keys), 1, figsize=(6, 6.5), squeeze=False, layout="constrained")
+        for ax, key in zip(empty[:, 0], keys, strict=True):
+            ax.text(0.5, 0.5, "no training history", ha="center", va="center", transform=ax.transAxes)
+            ax.set(title=key, ylabel=key, xlabel="epoch")
+        return fig
+    longest = max(len(epochs) for _, epochs, _, _ in drawn)
+    widths = [max(len(epochs), MIN_PANEL_WIDTH * longest) for _, epochs, _, _ in drawn]
+    fig, axes = plt.subplots(
+        len(keys),
+        len(drawn),
+        figsize=(min(16.0, 3.0 + 4.0 * len(drawn)), 6.5),
+        width_ratios=widths,
+        sharex="col",
+        sharey="row",
+        squeeze=False,
+        layout="constrained",
+    )
+    for row, key in enumerate(keys):
+        for column, (stage, epochs, history, colour) in enumerate(drawn):
+            ax = axes[row, column]
             # Markers (filled: train, hollow: validation) keep a stage of one epoch visible.
             style = {"color": colour, "marker": "o" if len(epochs) <= 30 else None, "markersize": 5}
             ax.plot(epochs, history[key], label=f"{stage} train", **style)
             ax.plot(epochs, history[f"val_{key}"], "--", markerfacecolor="white", label=f"{stage} validation", **style)
-        for _, epochs, _ in series[1:]:
-            if len(epochs):
-                ax.axvline(epochs[0] - 0.5, color="grey", linestyle=":", linewidth=1)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch (" + ", then ".join(stage for stage, _, _ in series) + ")" if series else "epoch")
-        ax.set_title(key)
-        if series:
+            ax.set_xlim(0.5, len(epochs) + 0.5)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+            ax.set_title(f"{stage}: {key}")
             ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "no training history", ha="center", va="center", transform=ax.transAxes)
+            if column == 0:
+                ax.set_ylabel(key)
+            if row == len(keys) - 1:
+                ax.set_xlabel(f"epoch of {stage}")
     return fig
 
 
@@ -224,18 +255,12 @@ def read_history(path: Path) -> dict[str, np.ndarray]:
 
 
 def training_series(histories: Sequence[Path]) -> list[tuple[str, np.ndarray, dict[str, np.ndarray]]]:
-    """(stage, epochs, history) of each history.csv that exists, in the order given, each stage's
-    epochs continuing the previous one's (fine-tuning's first epoch follows the head's last), so
-    both stages fit on one axis without overlapping. The stage is named as its metrics are
-    (`top`, `finetune`): the history's folder without `train_`."""
+    """(stage, epochs, history) of each history.csv that exists, in the order given; `epochs` is the
+    history's own `epoch` column, 1, 2, ... within the stage (empty for a stage switched off). The
+    stage is named as its metrics are (`top`, `finetune`): the history's folder without `train_`."""
     series = []
-    offset = 0
     for path in histories:
-        if not path.is_file():
-            continue
-        history = read_history(path)
-        epochs = history["epoch"] + offset
-        if len(epochs):
-            offset = int(epochs[-1])
-        series.append((path.parent.name.removeprefix("train_"), epochs, history))
+        if path.is_file():
+            history = read_history(path)
+            series.append((path.parent.name.removeprefix("train_"), history["epoch"].astype(int), history))
     return series

@@ -43,7 +43,7 @@ HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 def write_history(history: dict[str, list[float]], path: Path) -> None:
     """Per-epoch metrics as CSV: epoch (1, 2, ... within the stage, as MLflow's steps count them),
     loss, accuracy, val_loss, val_accuracy. A DVC plot per stage; evaluate's training_curves.png
-    puts both stages on one axis, fine-tuning's epochs after the head's."""
+    draws each stage in its own panels, on an epoch axis of its own numbered the same way."""
     with saving.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["epoch", *HISTORY_KEYS])

@@ -33,17 +33,19 @@ def metric_key(name: str) -> str:
 
 
 def _history(path: Path) -> list[tuple[int, dict[str, float]]]:
-    """The rows of a history.csv as (step, {metric: value}): step 0 is its first epoch; columns
-    that are not numbers (a stage name) are left out."""
+    """The rows of a history.csv as (step, {metric: value}): the step is the row's epoch within its
+    stage, 1, 2, ... (its `epoch` column; the row's number counted from 1 where there is none), as
+    the live curves (`epoch_logger`) and the metrics files count them. Columns that are not numbers
+    (a stage name) are left out."""
     rows = []
     with open(path, newline="") as f:
-        for number, row in enumerate(csv.DictReader(f)):
+        for number, row in enumerate(csv.DictReader(f), start=1):
             values = {}
             for key, value in row.items():
                 with contextlib.suppress(TypeError, ValueError):
                     values[key] = float(value)
-            values.pop("epoch", None)
-            rows.append((number, values))
+            epoch = values.pop("epoch", None)
+            rows.append((number if epoch is None else int(epoch), values))
     return rows
 
 

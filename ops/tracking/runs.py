@@ -157,8 +157,8 @@ def log_outputs(stage: str, replay_history: bool = False) -> None:
 
 
 def _log_history(path: Path, prefix: str, skip: set[str]) -> set[str]:
-    """A history.csv as step metrics named `prefix` + column, except the metrics in `skip` (already
-    logged live); returns the names it logged."""
+    """A history.csv as step metrics named `prefix` + column, at the steps of its epochs (`_history`),
+    except the metrics in `skip` (already logged live); returns the names it logged."""
     import mlflow
 
     names: set[str] = set()
@@ -181,7 +181,9 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
 
 
 def epoch_logger(prefix: str = "") -> Any:
-    """A Keras callback logging each epoch's loss and accuracy (train and validation) live.
+    """A Keras callback logging each epoch's loss and accuracy (train and validation) live, at the
+    step of the epoch's number within the stage: 1, 2, ... as history.csv and metrics.json count
+    them (Keras counts from 0).
 
     Best effort: if the tracking store fails mid-training, training goes on (the history is
     saved with the outputs and can be logged afterwards).
@@ -194,7 +196,7 @@ def epoch_logger(prefix: str = "") -> Any:
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             if logs and not self.failed:
                 try:
-                    log_metrics({prefix + k: v for k, v in logs.items() if k != "learning_rate"}, step=epoch)
+                    log_metrics({prefix + k: v for k, v in logs.items() if k != "learning_rate"}, step=epoch + 1)
                 except Exception as err:  # noqa: BLE001  training matters more than its live curve
                     self.failed = True
                     log.warning("live logging to %s failed, training goes on: %s", tracking_uri(), err)

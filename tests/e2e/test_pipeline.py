@@ -244,7 +244,7 @@ def test_mlflow_holds_one_pipeline_version_linking_every_stage_run(repo):
     # its name (no commit yet: "pipeline"), its curves, its duration and its model
     assert version.info.run_name == "pipeline"
     for name, epochs in (("top.val_accuracy", TINY["top"]["epochs"]), ("finetune.loss", TINY["finetune"]["epochs"])):
-        assert sorted(m.step for m in c.get_metric_history(version.info.run_id, name)) == list(range(epochs))
+        assert sorted(m.step for m in c.get_metric_history(version.info.run_id, name)) == list(range(1, epochs + 1))
     earliest = min(r.info.start_time for r in runs.values() if r.info.run_id != version.info.run_id)
     assert version.info.start_time == earliest and version.info.end_time > version.info.start_time
     linked = c.get_run(version.info.run_id).outputs.model_outputs
@@ -287,7 +287,7 @@ def test_mlflow_holds_one_pipeline_version_linking_every_stage_run(repo):
             set(logged) == {f"{name}.{k}" for k in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch")} | scored
         )
         history = sorted(c.get_metric_history(ids[stage], f"{name}.val_accuracy"), key=lambda m: m.step)
-        assert [m.step for m in history] == list(range(TINY[name]["epochs"]))
+        assert [m.step for m in history] == list(range(1, TINY[name]["epochs"] + 1)), "epochs 1, 2, ... of the stage"
         final = json.loads((workspace / f"reports/{stage}/metrics.json").read_text())[name]["val_accuracy"]
         assert history[-1].value == pytest.approx(final, abs=1e-6)
     # the evaluate run: the same names as reports/metrics.json

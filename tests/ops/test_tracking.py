@@ -22,6 +22,7 @@ from classifier import config
 from ops import tracking
 from ops.code import ROOT
 from ops.tracking import lineage, store, worker
+from ops.tracking.metrics import _history
 from tests.workspace import GIT_ENV
 
 PIPELINE = {
@@ -158,8 +159,38 @@ def test_logging_failure_after_the_work_keeps_outputs_and_says_how_to_log_them(p
     latest = {}
     for m in sorted(client.get_metric_history(run_id, "top.val_accuracy"), key=lambda m: m.timestamp):
         latest[m.step] = m.value
-    assert latest == {0: 0.4, 1: 0.8}, "the per-epoch history, from history.csv"
+    assert latest == {1: 0.4, 2: 0.8}, "the per-epoch history, from history.csv, at the steps of its epochs"
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_historys_steps_are_its_epochs_counted_from_1_within_the_stage(tmp_path):
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,loss,val_accuracy,stage\n1,0.9,0.4,top\n2,0.5,0.8,top\n")
+    assert _history(path) == [(1, {"loss": 0.9, "val_accuracy": 0.4}), (2, {"loss": 0.5, "val_accuracy": 0.8})]
+    path.write_text("epoch,loss\n3,0.9\n4,0.5\n")
+    assert [step for step, _ in _history(path)] == [3, 4], "the epoch column, not the row"
+    path.write_text("loss\n0.9\n0.5\n")
+    assert _history(path) == [(1, {"loss": 0.9}), (2, {"loss": 0.5})], "no epoch column: the row, from 1"
+    path.write_text("epoch,loss\n")
+    assert _history(path) == []
+
+
+def test_the_epoch_logger_logs_keras_epoch_k_at_step_k_plus_1_as_history_csv_counts_it(project):
+    """Keras numbers epochs from 0; the live curve, history.csv and metrics.json from 1."""
+    import keras
+    import mlflow
+    import numpy as np
+
+    x, y = np.zeros((4, 2)), np.zeros((4, 1))
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    with tracking.stage_run("train_top", config.parse({})) as run_id:
+        model.fit(x, y, epochs=2, verbose=0, validation_data=(x, y), callbacks=[tracking.epoch_logger("top.")])
+        save_outputs(project)  # a history.csv of two epochs
+    client = mlflow.MlflowClient()
+    for name in ("top.loss", "top.val_loss"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, name)) == [1, 2], name
+    assert [step for step, _ in _history(project / "reports/train_top/history.csv")] == [1, 2]
 
 
 def test_unreachable_server_fails_in_seconds_naming_it(project, monkeypatch):
@@ -335,7 +366,7 @@ def test_a_version_is_named_by_its_commit_and_what_it_changed_and_spans_its_stag
     assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == version_id
     # the per-epoch curves of the training stage, named after it, on the version's row
     curve = sorted((m.step, m.value) for m in client.get_metric_history(version_id, "top.val_accuracy"))
-    assert curve == [(0, 0.4), (1, 0.8)]
+    assert curve == [(1, 0.4), (2, 0.8)], "at the steps of history.csv's epochs"
     assert version.data.params["top.units"] == "64"
 
 

@@ -1,6 +1,6 @@
 """The figures evaluate draws and the plots dvc.yaml defines show what they claim: the confusion
 matrix with actual classes on the rows in the PNG and in DVC's plot, counts shown, natural class
-order, the ROC's AUC and averaging for many classes, and both training stages on one epoch axis."""
+order, the ROC's AUC and averaging for many classes, and each training stage on its own epoch axis."""
 
 from __future__ import annotations
 
@@ -130,26 +130,67 @@ def write_history(path: Path, epochs: int, start: float) -> Path:
     return path
 
 
-def test_training_curves_put_finetune_epochs_after_the_heads(tmp_path):
-    """Each history.csv counts its own epochs from 1; the figure continues fine-tuning's count after
-    the head's, each stage in its own colour, with whole-number epoch ticks."""
-    top = write_history(tmp_path / "train_top" / "history.csv", 3, 0.6)
-    fine = write_history(tmp_path / "finetune" / "history.csv", 2, 0.8)
-    series = figures.training_series([top, fine])
+def test_training_curves_draw_each_stage_on_its_own_epoch_axis(tmp_path):
+    """Each history.csv counts its own epochs from 1, and so does the figure: a column of panels per
+    stage (loss above, accuracy below) whose epochs are 1..n, each stage in its own colour, the
+    stages of a row on one y scale, with whole-number epoch ticks. A stage without epochs has no
+    column."""
+    top = write_history(tmp_path / "train_top" / "history.csv", 30, 0.6)
+    fine = write_history(tmp_path / "finetune" / "history.csv", 5, 0.8)
+    off = write_history(tmp_path / "baseline" / "history.csv", 0, 0.5)
+    series = figures.training_series([top, fine, off, tmp_path / "ensemble" / "history.csv"])
     assert [(stage, epochs.tolist()) for stage, epochs, _ in series] == [
-        ("top", [1, 2, 3]),
-        ("finetune", [4, 5]),
+        ("top", list(range(1, 31))),
+        ("finetune", [1, 2, 3, 4, 5]),
+        ("baseline", []),
     ]
-    fig = figures.training_figure([top, fine])
+    fig = figures.training_figure([top, fine, off])
+    fig.canvas.draw()
+    panels = {}
     for ax in fig.axes:
         lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
-        assert set(lines) == {"top train", "top validation", "finetune train", "finetune validation"}
-        assert list(lines["top train"].get_xdata()) == [1, 2, 3]
-        assert list(lines["finetune validation"].get_xdata()) == [4, 5]
-        assert lines["top train"].get_color() != lines["finetune train"].get_color()
-        fig.canvas.draw()
+        (stage,) = {label.split()[0] for label in lines}
+        assert set(lines) == {f"{stage} train", f"{stage} validation"}
+        assert lines[f"{stage} train"].get_linestyle() == "-" and lines[f"{stage} validation"].get_linestyle() == "--"
+        key = ax.get_title().removeprefix(f"{stage}: ")
+        assert ax.get_title() == f"{stage}: {key}" and key in ("loss", "accuracy")
+        panels[stage, key] = (ax, lines)
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert ticks and all(float(t).is_integer() for t in ticks)
+    assert set(panels) == {(stage, key) for stage in ("top", "finetune") for key in ("loss", "accuracy")}
+    for stage, n, path in (("top", 30, top), ("finetune", 5, fine)):
+        history = figures.read_history(path)
+        for key in ("loss", "accuracy"):
+            ax, lines = panels[stage, key]
+            for label, column in ((f"{stage} train", key), (f"{stage} validation", f"val_{key}")):
+                assert list(lines[label].get_xdata()) == list(range(1, n + 1)), (stage, key)
+                assert np.allclose(lines[label].get_ydata(), history[column])
+        assert panels[stage, "accuracy"][0].get_xlabel() == f"epoch of {stage}"
+    colour = {stage: panels[stage, "loss"][1][f"{stage} train"].get_color() for stage in ("top", "finetune")}
+    assert colour["top"] != colour["finetune"]
+    for key in ("loss", "accuracy"):
+        assert panels["top", key][0].get_ylim() == panels["finetune", key][0].get_ylim(), "one y scale per row"
+    loss, accuracy = panels["top", "loss"][0], panels["top", "accuracy"][0]
+    assert loss.get_position().y0 > accuracy.get_position().y1, "loss above accuracy"
+    top_width = panels["top", "loss"][0].get_position().width
+    fine_width = panels["finetune", "loss"][0].get_position().width
+    assert fine_width < top_width and fine_width >= 0.3 * top_width, "a short stage stays readable"
+
+
+def test_a_stage_of_one_epoch_is_drawn_at_epoch_1_with_a_whole_number_tick(tmp_path):
+    fig = figures.training_figure([write_history(tmp_path / "finetune" / "history.csv", 1, 0.8)])
+    fig.canvas.draw()
+    for ax in fig.axes:
+        assert [list(line.get_xdata()) for line in ax.get_lines()] == [[1], [1]]
+        assert [line.get_marker() for line in ax.get_lines()] == ["o", "o"], "a point shows"
+        assert [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]] == [1]
+
+
+def test_training_curves_without_any_history_say_so(tmp_path):
+    off = write_history(tmp_path / "baseline" / "history.csv", 0, 0.5)
+    fig = figures.training_figure([off, tmp_path / "train_top" / "history.csv"])
+    assert [t.get_text() for ax in fig.axes for t in ax.texts] == ["no training history"] * 2
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "accuracy"]
 
 
 def test_dvc_training_plots_draw_each_stage_apart():
