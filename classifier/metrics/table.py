@@ -1,5 +1,6 @@
-"""reports/models.csv: the models side by side on the same test set, best test accuracy first, with a
-note where fine-tuning made the model worse than the head it started from."""
+"""reports/models.csv: the models side by side on the same test set, best first (`ranking`: highest
+test accuracy, then lowest log loss), with a note where fine-tuning made the model worse than the
+head it started from."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from classifier import config, saving
+from classifier.metrics import ranking
 from classifier.model import history
 
 log = logging.getLogger(__name__)
@@ -74,8 +76,9 @@ def scores(paths: list[Path]) -> dict[str, dict[str, Any]]:
 def table(
     found: dict[str, dict[str, Any]], params: config.Params, notes: dict[str, str] | None = None
 ) -> list[dict[str, Any]]:
-    """One row per model, best test accuracy first (ties: in the order of the metrics files given),
-    with a `note` column when `notes` ({model: text}) has one."""
+    """One row per model, best first (`ranking.sort_key`: test accuracy, then log loss; models equal
+    in both stay in the order of the metrics files given), with a `note` column when `notes`
+    ({model: text}) has one."""
     columns = [c for c in COLUMNS if any(c in test for test in found.values())]
     rows = [
         {"model": model, "description": describe(model, params)} | {c: test.get(c) for c in columns}
@@ -83,13 +86,19 @@ def table(
     ]
     if notes:
         rows = [row | {"note": notes.get(str(row["model"]), "")} for row in rows]
-    return sorted(rows, key=lambda row: -(row.get("accuracy") or 0.0))
+    return sorted(rows, key=lambda row: ranking.sort_key(row.get("accuracy"), row.get("log_loss")))
+
+
+#: The decimals of the scores the table shows (and the pipeline version's row in MLflow).
+DECIMALS = 6
 
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> None:
-    """models.csv; numbers with 6 decimals, an undefined value (None) left empty."""
+    """models.csv; numbers with DECIMALS decimals, an undefined value (None) left empty."""
     with saving.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(list(rows[0]) if rows else ["model", "description"])
         for row in rows:
-            writer.writerow(["" if v is None else f"{v:.6f}" if isinstance(v, float) else v for v in row.values()])
+            writer.writerow(
+                ["" if v is None else f"{v:.{DECIMALS}f}" if isinstance(v, float) else v for v in row.values()]
+            )

@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from classifier.metrics import ranking
 from ops import code
 from ops.serving import pyfunc
 from ops.serving.pyfunc import COLUMN
@@ -74,28 +75,55 @@ def backbone_of(model_path: Path) -> str | None:
 
 
 def describe(
-    classes: list[str], test_set: str | None, backbone: str | None, accuracy: float, metrics: dict[str, Any]
+    classes: list[str],
+    test_set: str | None,
+    backbone: str | None,
+    accuracy: float,
+    metrics: dict[str, Any],
+    about: dict[str, Any] | None = None,
 ) -> str:
-    """A registered version's description (Markdown): what it tells apart, what it is built on, and how
-    it scored on which test set, so that a version can be judged from the registry alone. `metrics`
-    holds evaluate's headline test numbers (reports/metrics.json's `test`): its `log_loss` and
-    `images` are given when there."""
+    """A registered version's description (Markdown): which model it is and of which pipeline version,
+    the params that version changed, what it tells apart, what it is built on, and how it scored on
+    which test set, so that a version can be judged from the registry alone. `metrics` holds the
+    model's headline test numbers (reports/metrics.json's `test` for the fine-tuned one): its
+    `log_loss` and `images` are given when there. `about` (see `log_model`) names the model (`model`,
+    `what` it is), the pipeline `version` and the params it `changed` ({key: value}; None: unknown)."""
+    about = about or {}
     shown = ", ".join(classes[:DESCRIBED_CLASSES])
     if len(classes) > DESCRIBED_CLASSES:
         shown += f", ... (the first {DESCRIBED_CLASSES}; all in the model's artifacts/spec.json)"
     scores = f"accuracy {accuracy:.4f}"
     if isinstance(metrics.get("log_loss"), int | float):
         scores += f", log loss {metrics['log_loss']:.4f}"
-    if isinstance(metrics.get("images"), int):
-        scores += f" on {metrics['images']} images"
-    return "\n".join(
-        [
-            f"- classes ({len(classes)}): {shown}",
-            f"- backbone: {backbone or 'unknown'}",
-            f"- test set: {test_set or 'unknown'} (the DVC hash of the prepared data it was scored on)",
-            f"- test metrics: {scores}",
-        ]
-    )
+    images = f"{metrics['images']} images, " if isinstance(metrics.get("images"), int) else ""
+    changed = about.get("changed")
+    lines = [
+        f"**{about.get('model', 'model')}** ({about.get('what') or backbone or 'a classifier'}) of pipeline "
+        + f"version {about.get('version') or 'unknown'}",
+        "",
+        "- params changed from the committed params.yaml: "
+        + (
+            "unknown (no committed params.yaml)"
+            if changed is None
+            else ", ".join(f"{key}={value}" for key, value in changed.items()) or "none"
+        ),
+        f"- test metrics: {scores}",
+        f"- test set: {test_set or 'unknown'} ({images}the DVC hash of the prepared data it was scored on)",
+        f"- classes ({len(classes)}): {shown}",
+        f"- backbone: {backbone or 'unknown'}",
+    ]
+    return "\n".join(lines)
+
+
+#: The registered model's description: what its versions are and what its aliases mean.
+REGISTERED_MODEL_DESCRIPTION = (
+    "The image classifiers this pipeline registers: each pipeline version registers its **top** model "
+    "(the frozen backbone and the head trained on its cached features), its **finetuned** model and, when "
+    "`ensemble.backbones` names some, its **ensemble**. Each version's description says which one it is, "
+    "of which pipeline version, the params that version changed, and its test set and scores.\n\n"
+    "- `candidate`: the newest version.\n"
+    f"- `champion`: the best version on the champion's test set ({ranking.IN_WORDS}; of equals, the earliest).\n"
+)
 
 
 def _requirements() -> list[str]:
@@ -134,6 +162,7 @@ def log_model(
     metrics: dict[str, Any] | None = None,
     min_side: int = 1,
     max_pixels: int | None = None,
+    about: dict[str, Any] | None = None,
 ) -> str:
     """Log the fine-tuned model to the active run as a pyfunc model (`ImageClassifier`), with its
     signature and an input example; register it with the alias `candidate`, and `champion` too
@@ -141,10 +170,12 @@ def log_model(
     hash of the prepared data it was scored on). `max_side` is the `data.max_side` its data was
     prepared with, which the served model prepares pictures to (refusing those under `min_side` or
     over `max_pixels`, as prepare drops them); `precision` the `precision` param,
-    which it computes in (resolved on the machine that serves it, as `auto` is). The new version's description
-    names its classes, backbone (read from the model file) and test set, and its test metrics
-    (`accuracy`, and the log loss and number of images of `metrics`: reports/metrics.json's `test`).
-    Returns what happened, for the run's tags."""
+    which it computes in (resolved on the machine that serves it, as `auto` is). `about` says what
+    the model is: the logged model is named after its `model` (the models table's name: top,
+    finetuned, ensemble), and the version's description (`describe`) gives it, `what` it is, the
+    pipeline `version` and the params that version `changed`, its classes, backbone (read from the
+    model file), test set and test metrics (`accuracy`, and the log loss and number of images of
+    `metrics`). Returns what happened, for the run's tags."""
     if not enabled():
         return "not logged (PIPELINE_TRACKING=off)"
     import tempfile
@@ -166,7 +197,7 @@ def log_model(
             json.dumps(model_spec(classes, threshold, max_side, precision, min_side, max_pixels)), encoding="utf-8"
         )
         info = mlflow.pyfunc.log_model(
-            name="model",
+            name=(about or {}).get("model", "model"),
             python_model=pyfunc.__file__,  # models from code: that file, not a pickled object
             artifacts={"model": str(model_path), "spec": str(spec)},
             code_paths=[str(shipped_code(Path(tmp) / "code"))],
@@ -178,30 +209,45 @@ def log_model(
             outcome = "not registered (evaluate.registered_model is null)"
             mlflow.set_tag("model.registry", outcome)
             return outcome
-        description = describe(classes, test_set, backbone_of(model_path), accuracy, metrics or {})
-        version, outcome = register(info.model_uri, registered_model, accuracy, test_set, active_run_id(), description)
+        description = describe(classes, test_set, backbone_of(model_path), accuracy, metrics or {}, about)
+        log_loss = (metrics or {}).get("log_loss")
+        version, outcome = register(
+            info.model_uri, registered_model, accuracy, test_set, active_run_id(), description, log_loss
+        )
         mlflow.set_tags({"model.registry": outcome, "model.version": str(version)})
     log.info("%s", outcome)
     return outcome
 
 
 def register(
-    model_uri: str, name: str, accuracy: float, test_set: str | None, run_id: str, description: str | None = None
+    model_uri: str,
+    name: str,
+    accuracy: float,
+    test_set: str | None,
+    run_id: str,
+    description: str | None = None,
+    log_loss: float | None = None,
 ) -> tuple[str, str]:
-    """Register the model at `model_uri` as a new version of `name`, tagged with its test accuracy,
-    its test set and its run, and described by `description` (see `describe`); give it the alias
-    `candidate`, and `champion` when it earns it. Returns the version and what was decided."""
+    """Register the model at `model_uri` as a new version of `name`, tagged with its test accuracy
+    and log loss, its test set and its run, and described by `description` (see `describe`); give it
+    the alias `candidate`, and `champion` when it earns it. The registered model gets its own
+    description (REGISTERED_MODEL_DESCRIPTION). Returns the version and what was decided."""
     import mlflow
 
     version = mlflow.register_model(model_uri, name).version
     client = mlflow.MlflowClient(tracking_uri())
+    if client.get_registered_model(name).description != REGISTERED_MODEL_DESCRIPTION:
+        client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
     if description:
         client.update_model_version(name, version, description=description)
     client.set_model_version_tag(name, version, "test.accuracy", str(accuracy))
+    if log_loss is not None:
+        client.set_model_version_tag(name, version, "test.log_loss", str(log_loss))
     client.set_model_version_tag(name, version, TEST_SET, test_set or "unknown")
     client.set_model_version_tag(name, version, "run_id", run_id)
     set_alias(client, name, "candidate", version)
-    return version, f"{name} v{version}: {settle_champion(client, name, version, accuracy, test_set)}"
+    outcome = settle_champion(client, name, version, accuracy, test_set, log_loss)
+    return version, f"{name} v{version}: {outcome}"
 
 
 #: How many times `settle_champion` moves the alias before it gives up (each move follows a read
@@ -209,14 +255,17 @@ def register(
 SETTLE_ROUNDS = 20
 
 
-def settle_champion(client: Any, name: str, version: str, accuracy: float, test_set: str | None) -> str:
+def settle_champion(
+    client: Any, name: str, version: str, accuracy: float, test_set: str | None, log_loss: float | None = None
+) -> str:
     """Give `champion` to the best version of `name`, and say what that meant for `version` (just
-    registered, with its `test.accuracy` and test set tags).
+    registered, with its `test.accuracy`, `test.log_loss` and test set tags).
 
-    The best version is the one with the highest test accuracy among the versions scored on the
-    champion's test set (on `version`'s when there is no champion yet); of equals the earliest, so a
-    newer version must beat it. Accuracies on different test sets are not compared: a champion set by
-    hand to another test set stays until a version on that test set beats it.
+    The best version is the best by `ranking` (highest test accuracy, then lowest test log loss)
+    among the versions scored on the champion's test set (on `version`'s when there is no champion
+    yet); of equals the earliest, so a newer version must beat it. Scores on different test sets are
+    not compared: a champion set by hand to another test set stays until a version on that test set
+    beats it.
 
     Several evaluations may register versions at once (a team's members logging to one server), and
     the registry has no lock. So the alias is moved, then the versions read again, until a read finds
@@ -241,9 +290,7 @@ def settle_champion(client: Any, name: str, version: str, accuracy: float, test_
             return f"candidate and champion (test accuracy {accuracy:.4f}, the first champion)"
         if str(before.version) == str(version):  # another evaluation moved the alias to it
             return f"candidate and champion (test accuracy {accuracy:.4f}, the best on its test set)"
-        return (
-            f"candidate and champion (test accuracy {accuracy:.4f} beats v{before.version}'s {_accuracy(before):.4f})"
-        )
+        return f"candidate and champion ({_scores(accuracy, log_loss)} beats v{before.version}'s {_scores_of(before)})"
     theirs = champion.tags.get(TEST_SET, "unknown")
     if test_set is None or theirs != test_set:
         return (
@@ -251,8 +298,8 @@ def settle_champion(client: Any, name: str, version: str, accuracy: float, test_
             f"v{champion.version} was scored on test set {theirs[:12]}: accuracies on different test sets "
             "are not compared. To make this version the champion, set its alias by hand)"
         )
-    best = f"v{champion.version}'s {_accuracy(champion):.4f}"
-    return f"candidate only (test accuracy {accuracy:.4f} does not beat champion {best})"
+    best = f"v{champion.version}'s {_scores_of(champion)}"
+    return f"candidate only ({_scores(accuracy, log_loss)} does not beat champion {best})"
 
 
 def set_alias(client: Any, name: str, alias: str, version: str) -> None:
@@ -271,19 +318,28 @@ def _alias(client: Any, name: str, alias: str) -> Any:
         return None
 
 
-def _accuracy(version: Any) -> float:
-    try:
-        return float(version.tags.get("test.accuracy", "-inf"))
-    except ValueError:
-        return float("-inf")
+def _sort_key(version: Any) -> tuple[float, float]:
+    """`ranking.sort_key` of a version's test accuracy and log loss tags."""
+    return ranking.sort_key(version.tags.get("test.accuracy"), version.tags.get("test.log_loss"))
+
+
+def _scores(accuracy: float, log_loss: float | None) -> str:
+    loss = f", log loss {log_loss:.4f}" if isinstance(log_loss, int | float) else ""
+    return f"test accuracy {accuracy:.4f}{loss}"
+
+
+def _scores_of(version: Any) -> str:
+    """A version's test scores, as its tags have them."""
+    accuracy, loss = (-_sort_key(version)[0], _sort_key(version)[1])
+    return _scores(accuracy, None if loss == float("inf") else loss)
 
 
 def _best_version(client: Any, name: str, test_set: str) -> Any:
-    """The version of `name` scored on `test_set` with the highest test accuracy (of equals, the
-    earliest); None when there is none."""
+    """The best version of `name` scored on `test_set` (`ranking`: test accuracy, then log loss; of
+    equals, the earliest); None when there is none."""
     scored = [
         v
         for v in client.search_model_versions(f"name = '{name}'")
-        if v.tags.get(TEST_SET) == test_set and _accuracy(v) > float("-inf")
+        if v.tags.get(TEST_SET) == test_set and _sort_key(v)[0] < float("inf")
     ]
-    return max(scored, key=lambda v: (_accuracy(v), -int(v.version)), default=None)
+    return min(scored, key=lambda v: (*_sort_key(v), int(v.version)), default=None)

@@ -151,7 +151,7 @@ def app(model_uri: str) -> Guard:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("model", help="the model's URI: models:/image-classifier@champion, runs:/<id>/model, ...")
+    parser.add_argument("model", help="the model's URI: models:/image-classifier@champion, runs:/<id>/finetuned, ...")
     parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every network)")
     parser.add_argument("--port", type=int, default=5001)
     args = parser.parse_args()

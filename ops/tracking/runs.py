@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from classifier import config
+from classifier.metrics import table
 from ops.tracking import worker
 from ops.tracking.lineage import data_deps, dvc_hash, lineage_tags, locked_hashes, stage_outputs, stage_params
 from ops.tracking.metrics import CURVE_PREFIX, _history, _stage_metrics, metric_key
@@ -30,7 +31,7 @@ from ops.tracking.store import (
     store_uri,
     tracking_uri,
 )
-from ops.tracking.version import _record_failed_attempt, runs_that_wrote
+from ops.tracking.version import _record_failed_attempt, params_changed, runs_that_wrote, version_name
 from ops.tracking.worker import in_worker
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,15 @@ def log_classifier(
 ) -> None:
     """Log and register a classifier that `stage` scored on the test split of `prepared` (`log_model`,
     with evaluate's threshold and registry name, `test` its headline test metrics and `example` an
-    input picture); a failure says how to log it afterwards (`logging_failed`)."""
+    input picture), named as the models table names it (top, finetuned, ensemble) and described as
+    the model of this pipeline version; a failure says how to log it afterwards (`logging_failed`)."""
+    model = next(name for name, scorer in table.STAGES.items() if scorer == stage)
+    about = {
+        "model": model,
+        "what": table.describe(model, params),
+        "version": version_name(params),
+        "changed": params_changed(params),
+    }
     try:
         log_model(
             model_path,
@@ -238,6 +247,7 @@ def log_classifier(
             max_pixels=params.data.max_pixels,
             precision=params.precision,
             metrics=test,
+            about=about,
         )
     except Exception as err:
         raise logging_failed(stage, "logging the model", err) from err

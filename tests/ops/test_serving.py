@@ -76,8 +76,14 @@ def logged(tmp_path_factory) -> SimpleNamespace:
                 min_side=16,
                 max_pixels=89_478_485,  # data.max_pixels' default: the server's own limit is lower
                 metrics={"accuracy": 0.875, "log_loss": 0.3125, "roc_auc": 0.9, "images": 80},
+                about={
+                    "model": "finetuned",
+                    "what": "vgg16, last 1 block fine-tuned",
+                    "version": "exp-3f2a1 finetune.learning_rate=0.0002",
+                    "changed": {"finetune.learning_rate": 0.0002},
+                },
             )
-        uri = f"runs:/{run.info.run_id}/model"
+        uri = f"runs:/{run.info.run_id}/finetuned"
         model = mlflow.pyfunc.load_model(uri)
         description = mlflow.MlflowClient(store).get_model_version("clf", "1").description
         mlflow.set_tracking_uri(None)
@@ -293,12 +299,16 @@ def test_the_logged_model_ships_only_the_code_it_answers_with_and_runs_on_it_alo
 
 def test_a_registered_version_describes_itself(logged):
     assert logged.outcome == "clf v1: candidate and champion (test accuracy 0.8750, the first champion)"
-    assert logged.description == (
-        "- classes (2): cat, dog\n"
-        "- backbone: vgg16\n"
-        "- test set: 0123456789abcdef.dir (the DVC hash of the prepared data it was scored on)\n"
-        "- test metrics: accuracy 0.8750, log loss 0.3125 on 80 images"
-    )
+    # which model of which version first (the registry's list shows the first line), then the details
+    assert logged.description.splitlines() == [
+        "**finetuned** (vgg16, last 1 block fine-tuned) of pipeline version exp-3f2a1 finetune.learning_rate=0.0002",
+        "",
+        "- params changed from the committed params.yaml: finetune.learning_rate=0.0002",
+        "- test metrics: accuracy 0.8750, log loss 0.3125",
+        "- test set: 0123456789abcdef.dir (80 images, the DVC hash of the prepared data it was scored on)",
+        "- classes (2): cat, dog",
+        "- backbone: vgg16",
+    ]
 
 
 def test_a_description_names_the_first_classes_of_many(tmp_path):
@@ -307,10 +317,13 @@ def test_a_description_names_the_first_classes_of_many(tmp_path):
     classes = [f"breed{i:03d}" for i in range(120)]
     text = registry.describe(classes, None, None, 0.5, {})
     assert text.splitlines() == [
+        "**model** (a classifier) of pipeline version unknown",
+        "",
+        "- params changed from the committed params.yaml: unknown (no committed params.yaml)",
+        "- test metrics: accuracy 0.5000",
+        "- test set: unknown (the DVC hash of the prepared data it was scored on)",
         "- classes (120): " + ", ".join(classes[:10]) + ", ... (the first 10; all in the model's artifacts/spec.json)",
         "- backbone: unknown",
-        "- test set: unknown (the DVC hash of the prepared data it was scored on)",
-        "- test metrics: accuracy 0.5000",
     ]
     # register() sets it on the new version, whatever the champion decision
     mlflow.set_tracking_uri(tracking.tracking_uri())

@@ -311,15 +311,15 @@ def test_champion_is_only_compared_on_the_same_test_set(tmp_path):
     client = mlflow.MlflowClient(tracking.tracking_uri())
     source = (tmp_path / "model").as_uri()
 
-    def new_version(accuracy: float, test_set: str | None) -> str:
-        return registry.register(source, "clf", accuracy, test_set, run_id="r")[1]
+    def new_version(accuracy: float, test_set: str | None, log_loss: float | None = None) -> str:
+        return registry.register(source, "clf", accuracy, test_set, run_id="r", log_loss=log_loss)[1]
 
     def champion() -> str:
         return str(client.get_model_version_by_alias("clf", "champion").version)
 
     assert new_version(0.80, "aaa.dir") == "clf v1: candidate and champion (test accuracy 0.8000, the first champion)"
-    assert "does not beat champion v1's 0.8000" in new_version(0.75, "aaa.dir") and champion() == "1"
-    assert "beats v1's 0.8000" in new_version(0.90, "aaa.dir") and champion() == "3"
+    assert "does not beat champion v1's test accuracy 0.8000" in new_version(0.75, "aaa.dir") and champion() == "1"
+    assert "beats v1's test accuracy 0.8000" in new_version(0.90, "aaa.dir") and champion() == "3"
     # a higher accuracy on another test set is not comparable: the champion stays, and says why
     outcome = new_version(0.99, "bbb.dir")
     assert "candidate only" in outcome and "test set bbb.dir" in outcome
@@ -328,6 +328,31 @@ def test_champion_is_only_compared_on_the_same_test_set(tmp_path):
     assert str(client.get_model_version_by_alias("clf", "candidate").version) == "4"
     assert client.get_model_version("clf", "4").tags[registry.TEST_SET] == "bbb.dir"
     assert "candidate only" in new_version(0.99, None) and champion() == "3", "an unknown test set is not compared"
+    assert client.get_registered_model("clf").description == registry.REGISTERED_MODEL_DESCRIPTION
+
+
+def test_a_tie_in_test_accuracy_goes_to_the_lower_log_loss_and_else_stays_with_the_earlier(tmp_path):
+    import mlflow
+
+    from ops.serving import registry
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    source = (tmp_path / "model").as_uri()
+
+    def new_version(accuracy: float, log_loss: float | None) -> str:
+        return registry.register(source, "tie", accuracy, "aaa.dir", run_id="r", log_loss=log_loss)[1]
+
+    def champion() -> str:
+        return str(client.get_model_version_by_alias("tie", "champion").version)
+
+    new_version(0.9, 0.30)
+    outcome = new_version(0.9, 0.20)
+    assert champion() == "2", outcome
+    assert "(test accuracy 0.9000, log loss 0.2000 beats v1's test accuracy 0.9000, log loss 0.3000)" in outcome
+    assert "does not beat champion v2" in new_version(0.9, 0.20) and champion() == "2", "of equals, the earlier"
+    assert "does not beat" in new_version(0.9, None) and champion() == "2", "an unknown log loss ranks after"
+    assert client.get_model_version("tie", "2").tags["test.log_loss"] == "0.2"
 
 
 def git(*args: str, cwd: Path) -> None:

@@ -204,6 +204,16 @@ def test_the_table_lists_each_trained_model_best_first(tmp_path, tiny_params):
     assert table.describe("ensemble", params) == "head on mobilenet_v2 + efficientnet_v2_b0 features"
 
 
+def test_of_models_equal_in_test_accuracy_the_lower_log_loss_comes_first(tmp_path, tiny_params):
+    found = {
+        "top": {"accuracy": 0.9875, "log_loss": 0.12},
+        "finetuned": {"accuracy": 0.9875, "log_loss": 0.10},
+        "baseline": {"accuracy": 0.9875, "log_loss": 0.10},  # equal in both: the order given
+        "ensemble": {"accuracy": 0.99, "log_loss": 0.5},
+    }
+    assert [row["model"] for row in table.table(found, tiny_params)] == ["ensemble", "finetuned", "baseline", "top"]
+
+
 def test_the_table_notes_a_fine_tuning_that_ended_below_the_head_it_started_from(tmp_path, tiny_params):
     # As seen on a real 10-class data set: the head reached 0.862, fine-tuning brought it to 0.651.
     files = {
