@@ -1,19 +1,25 @@
-"""The README's MLflow screenshots, taken from a real browser over the offline demo.
+"""The docs' MLflow screenshots, taken as a newcomer sees them: a fresh headless browser (no saved
+state) opening the link that `dvc exp run` printed, then one click.
 
     .venv/bin/python docs/screenshots.py                 # builds a demo and an experiment in a temporary folder
-    .venv/bin/python docs/screenshots.py --demo demo     # or uses a demo already built (`make demo`)
+    .venv/bin/python docs/screenshots.py --demo demo     # or uses a demo with an experiment already run
 
 Needs Chromium (Debian: `apt-get install chromium`) and Playwright's Python package to drive it
-(`pip install playwright` in any environment; its own browser download is not needed). Runs the
-demo, one `dvc exp run` with another fine-tuning learning rate, starts `mlflow ui` on 127.0.0.1,
-and saves docs/mlflow-versions.png (the versions with their key columns), docs/mlflow-compare.png
-(two versions compared, with their training curves) and docs/mlflow-registry.png.
+(`.venv/bin/pip install playwright`; its own browser download is not needed). Runs the demo and one
+`dvc exp run` with another fine-tuning learning rate, starts `mlflow ui` on 127.0.0.1, and saves:
+
+- docs/mlflow-versions.png: what the printed link opens, before any click;
+- docs/mlflow-compare.png: the same after one click, on the Chart button;
+- docs/mlflow-registry.png: the registered model's versions.
+
+It prints each step and click, and fails when the link's page lacks what it must show.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,27 +28,50 @@ import time
 import urllib.request
 from pathlib import Path
 
-# The checkout, for its tests/ and benchmarks/ helpers (classifier and ops are installed).
+# The checkout, for its tests/ helpers (classifier and ops are installed).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ops import demo, tracking
 from ops.code import ROOT
+from ops.tracking import views
+from ops.tracking.version import LOCAL_UI
 from tests.workspace import free_port
 
 DOCS = Path(__file__).resolve().parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-#: The columns the versions table shows: what a comparison of experiments needs at a glance...
-COLUMNS = ["test.accuracy", "test.log_loss", "finetune.val_accuracy", "finetune.learning_rate"]
-#: ... and those it hides to make room (nothing to show for this pipeline's versions).
-HIDDEN = ["Dataset", "Source"]
+#: What `dvc exp run` prints last: the version it came from, and the link comparing the two.
+PRINTED = re.compile(r"compared with the version it came from, .+?: (http\S+)")
+#: The experiment the screenshots show.
+EXPERIMENT = ["finetune.learning_rate=0.0002"]
 
 
-def build(where: Path) -> Path:
-    """The demo, plus one experiment with twice the fine-tuning learning rate."""
+def build(where: Path) -> str:
+    """The demo, plus one experiment; returns the link the experiment printed."""
     subprocess.run([sys.executable, "-m", "ops.demo", "--dir", str(where)], cwd=ROOT, check=True)
     env = demo.pipeline_env(MLFLOW_TRACKING_URI=f"sqlite:///{where.resolve() / 'mlflow.db'}")
-    subprocess.run(demo.DVC + ["exp", "run", "-S", "finetune.learning_rate=0.0002"], cwd=where, env=env, check=True)
-    return where
+    sets = [arg for value in EXPERIMENT for arg in ("-S", value)]
+    done = subprocess.run(
+        demo.DVC + ["exp", "run", *sets], cwd=where, env=env, check=True, capture_output=True, text=True
+    )
+    found = PRINTED.search(done.stdout + done.stderr)
+    if found is None:
+        sys.exit(f"`dvc exp run` printed no link to compare:\n{done.stdout}{done.stderr}")
+    return found.group(1)
+
+
+def newest_link() -> str:
+    """The link of the newest version that was compared with the one it came from."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(tracking.experiment_name())
+    saved = {key.removeprefix(views.SHARE_TAG) for key in experiment.tags if key.startswith(views.SHARE_TAG)}
+    for version in client.search_runs(
+        [experiment.experiment_id], "tags.`pipeline.stage` = 'pipeline'", order_by=["attributes.start_time DESC"]
+    ):
+        if version.info.run_id in saved:
+            return views.link(LOCAL_UI, experiment.experiment_id, version.info.run_id)
+    sys.exit("no version of this demo was compared with the one it came from: run `dvc exp run` there first")
 
 
 def serve(store: Path, port: int) -> subprocess.Popen:
@@ -62,67 +91,49 @@ def serve(store: Path, port: int) -> subprocess.Popen:
     sys.exit("mlflow ui did not start")
 
 
-def shoot(base: str, version_ids: list[str], experiment_id: str) -> None:
+def shoot(link: str, port: int) -> None:
     from playwright.sync_api import sync_playwright
 
+    link = link.replace(LOCAL_UI, f"http://127.0.0.1:{port}")
     flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=flags + ["--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1600, "height": 700})
-        page.goto(tracking.versions_url(base))
+        page = browser.new_page(viewport={"width": 1600, "height": 800})  # a new context: no saved state
+        print(f"step 1: open the printed link (0 clicks): {link}")
+        page.goto(link)
         page.get_by_text("Run Name", exact=False).first.wait_for(timeout=60_000)
-        close_assistant(page)
-        show_columns(page)
-        page.wait_for_timeout(1500)
+        page.wait_for_timeout(4000)
         page.screenshot(path=DOCS / "mlflow-versions.png")
-
-        page.goto(tracking.versions_url(base) + "&compareRunsMode=CHART")  # the versions' charts, side by side
-        page.wait_for_timeout(8000)
+        for header in ("rank", "test.accuracy", "test.log_loss", "finetune.learning_rate"):
+            if not page.get_by_text(header, exact=True).count():
+                sys.exit(f"the link's page shows no {header!r} column")
+        print("step 2: click Chart (1 click)")
+        page.locator("label:has(input[value=CHART])").click()  # the chart icon above the table
+        page.wait_for_timeout(6000)
         page.screenshot(path=DOCS / "mlflow-compare.png")
-
-        page.goto(f"{base}/#/models/image-classifier?workflowType=machine_learning")
+        browser.close()
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=flags)
+        page = browser.new_page(viewport={"width": 1600, "height": 800})
+        page.goto(f"http://127.0.0.1:{port}/#/models/image-classifier?workflowType=machine_learning")
         page.wait_for_timeout(5000)
         page.screenshot(path=DOCS / "mlflow-registry.png")
         browser.close()
 
 
-def close_assistant(page) -> None:
-    """The UI opens a chat side panel, which has nothing to show here: close it if it is there."""
-    panel = page.get_by_text("MLflow Assistant")
-    if panel.count():
-        panel.first.locator("xpath=ancestor::div[.//button][1]").get_by_role("button").last.click()
-        page.wait_for_timeout(500)
-
-
-def show_columns(page) -> None:
-    """Tick COLUMNS in the runs table's column selector (the UI then remembers them)."""
-    page.get_by_role("button", name="Columns").click()
-    for name in COLUMNS + HIDDEN:
-        page.get_by_placeholder("Search columns").fill(name)
-        page.wait_for_timeout(500)
-        page.get_by_role("dialog").get_by_text(name, exact=True).first.click()
-    page.keyboard.press("Escape")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--demo", type=Path, help="a demo already built (with an experiment) to use")
+    parser.add_argument("--demo", type=Path, help="a demo, with an experiment run, to use")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        where = args.demo or build(Path(tmp) / "demo")
+        where = args.demo or Path(tmp) / "demo"
+        link = None if args.demo else build(where)
         store = (where / "mlflow.db").resolve()
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
-        import mlflow
-
-        client = mlflow.MlflowClient()
-        experiment = client.get_experiment_by_name(tracking.experiment_name())
-        versions = client.search_runs(
-            [experiment.experiment_id], "tags.`pipeline.stage` = 'pipeline' and attributes.status = 'FINISHED'"
-        )
+        link = link or newest_link()
         port = free_port()
         server = serve(store, port)
         try:
-            shoot(f"http://127.0.0.1:{port}", [v.info.run_id for v in versions[:2]], experiment.experiment_id)
+            shoot(link, port)
         finally:
             server.terminate()
             server.wait(timeout=30)

@@ -142,7 +142,8 @@ def main() -> None:
         f"  exports:  {exported(workspace)}\n"
         f"  MLflow:   mlflow ui --backend-store-uri {uri}\n"
         f"            then open {tracking.versions_url()}\n"
-        f"  an experiment:  cd {workspace} && dvc exp run -S finetune.learning_rate=0.0002"
+        f"  an experiment:  cd {workspace} && dvc exp run -S finetune.learning_rate=0.0002\n"
+        "            ends with the link that compares it with this version"
     )
 
 

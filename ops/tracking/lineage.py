@@ -124,6 +124,21 @@ def locked_hashes(lock: Path = LOCK_FILE) -> dict[str, str]:
     return {out["path"]: out["md5"] for spec in stages.values() for out in spec.get("outs", []) if "md5" in out}
 
 
+def outputs_digest(lock_text: str, last: str = "compare") -> str:
+    """One hash of every output a dvc.lock (its text) records, but those of the stage `last` (which is
+    running, not yet recorded, when it logs the version): two versions with the same digest are the
+    same pipeline state."""
+    stages = (yaml.safe_load(lock_text) or {}).get("stages") or {}
+    outs = sorted(
+        (out["path"], out["md5"])
+        for name, spec in stages.items()
+        if name != last
+        for out in spec.get("outs", [])
+        if "md5" in out
+    )
+    return hashlib.md5(json.dumps(outs).encode("utf-8")).hexdigest()
+
+
 def dvc_hash(path: Path) -> str:
     """The content hash DVC records in dvc.lock for a file or a folder: the md5 of a file; for a
     folder, the md5 of its listing (each file's md5 and path, sorted, as JSON) followed by `.dir`."""

@@ -1,6 +1,8 @@
 """The pipeline version (`log_pipeline_version`, by compare): one run with every param, the key
-metrics of every model and a link to the run of every stage, found by the hashes dvc.lock records;
-a failed attempt's row; and `find`, the runs that wrote an output.
+metrics of every model, its rank among the versions, the figures and the models table, and a link to
+the run of every stage, found by the hashes dvc.lock records; the saved views that compare it with
+the version it came from and with every version (`views`); a failed attempt's row; and `find`, the
+runs that wrote an output.
 """
 
 from __future__ import annotations
@@ -16,7 +18,18 @@ import yaml
 
 from classifier import config
 from classifier.errors import StageError
-from ops.tracking.lineage import _stages, git_commit, lineage_tags, locked_hashes, loggable_params, stage_outputs
+from classifier.metrics import ranking, table
+from ops.tracking import views
+from ops.tracking.lineage import (
+    LOCK_FILE,
+    _stages,
+    git_commit,
+    lineage_tags,
+    locked_hashes,
+    loggable_params,
+    outputs_digest,
+    stage_outputs,
+)
 from ops.tracking.metrics import CURVE_PREFIX, _all_metrics, _history
 from ops.tracking.store import (
     _client,
@@ -65,13 +78,19 @@ def version_name(params: config.Params) -> str:
 
 def changed_params(params: config.Params) -> dict[str, Any]:
     """The params whose values differ from the committed params.yaml ({} outside git)."""
+    return params_changed(params) or {}
+
+
+def params_changed(params: config.Params) -> dict[str, Any] | None:
+    """The params whose values differ from the committed params.yaml; None when there is none to
+    compare with (outside git, or params.yaml not committed)."""
     try:
         committed = subprocess.run(
             ["git", "show", f"HEAD:./{config.PARAMS_FILE}"], capture_output=True, text=True, check=True
         ).stdout
         before = config.flatten(config.parse(yaml.safe_load(committed)))
     except (OSError, subprocess.CalledProcessError, yaml.YAMLError, config.ParamsError):
-        return {}
+        return None
     return {k: v for k, v in loggable_params(params).items() if before.get(k) != v}
 
 
@@ -104,23 +123,31 @@ def _link_models(client: Any, experiment_id: str, source_run: str, version_id: s
         client.log_outputs(version_id, [LoggedModelOutput(m.model_id, step=0) for m in models])
 
 
-def versions_url(base: str = "http://127.0.0.1:5000") -> str:
-    """The MLflow UI's runs table of this experiment, showing only pipeline versions, best test
-    accuracy first (the UI takes the filter and the order from the address)."""
-    import urllib.parse
+#: The address of the MLflow UI that `mlflow ui` serves by default, for a store that is not a server.
+LOCAL_UI = "http://127.0.0.1:5000"
 
+#: The version's tag holding `lineage.outputs_digest` of its dvc.lock: what finds the version a
+#: `dvc exp run` came from (the one whose outputs the committed dvc.lock records).
+OUTPUTS_TAG = "pipeline.outputs"
+
+#: What the version run carries for Compare's artifact view: the models table, and the figures of
+#: every stage (found among the reports/ outputs dvc.yaml declares).
+REPORTS = "reports/"
+
+
+def ui_base() -> str:
+    """Where the MLflow UI of the tracking store is: the tracking server itself, else LOCAL_UI."""
+    uri = tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+
+
+def versions_url(base: str | None = None) -> str:
+    """The address of the view of every pipeline version, best first (`views.ALL_VERSIONS`, saved by
+    each version), in the MLflow UI at `base` (default `ui_base()`)."""
     experiment = _client().get_experiment_by_name(experiment_name())
-    query = urllib.parse.urlencode(
-        {
-            "searchFilter": f"tags.`pipeline.stage` = '{PIPELINE_RUN}'",
-            "orderByKey": "metrics.`test.accuracy`",
-            "orderByAsc": "false",
-            "workflowType": "machine_learning",  # the UI's model-training mode, not its GenAI one
-        },
-        quote_via=urllib.parse.quote,
-    )
-    where = f"experiments/{experiment.experiment_id}/runs?{query}" if experiment else ""
-    return f"{base}/#/{where}"
+    if experiment is None:
+        return f"{base or ui_base()}/"
+    return views.link(base or ui_base(), experiment.experiment_id, views.ALL_VERSIONS)
 
 
 def runs_that_wrote(outputs: dict[str, str], stage: str | None = None, max_results: int = 100) -> list[Any]:
@@ -184,6 +211,8 @@ def log_pipeline_version(params: config.Params, stage: str = "compare") -> str |
             log.warning("no run in %s wrote the %s outputs dvc.lock records: not linked", tracking_uri(), name)
     metrics = {k: v for k, v in _all_metrics().items() if k in KEY_METRICS}
     tags = lineage_tags(PIPELINE_RUN) | {f"run.{name}": run_id for name, run_id in runs.items()}
+    if LOCK_FILE.is_file():
+        tags[OUTPUTS_TAG] = outputs_digest(LOCK_FILE.read_text(encoding="utf-8"), last=stage)
     try:
         with store_lock():
             experiment = _experiment(client)
@@ -203,18 +232,111 @@ def log_pipeline_version(params: config.Params, stage: str = "compare") -> str |
             curves = _log_curves(client, version_id)
             for key, value in metrics.items():
                 if key not in curves:  # a curve ends on the final value already
-                    client.log_metric(version_id, key, value)
+                    # rounded as the models table shows them: the UI's columns show every digit
+                    client.log_metric(version_id, key, round(value, table.DECIMALS))
             for name in ("train_top", "evaluate", "ensemble"):
                 if name in runs:
                     _link_models(client, experiment.experiment_id, runs[name], version_id)
+            _log_reports(client, version_id)
             for other in new:
                 retry_conflicts(client.set_tag, other.info.run_id, "mlflow.parentRunId", version_id)
             client.set_terminated(version_id)
+            versions = _rank_versions(client, experiment.experiment_id)
+            base = _base_version(client, experiment.experiment_id, version_id)
+            links = _save_views(client, experiment.experiment_id, versions, base, version_id)
     except Exception as err:
         raise logging_failed(stage, "logging the pipeline version", err) from err
     mlflow.set_tracking_uri(tracking_uri())
     log.info("pipeline version: MLflow run %s, linking %s", version_id, ", ".join(runs))
+    rank = next((r.data.metrics.get(views.RANK) for r in versions if r.info.run_id == version_id), None)
+    log.info(
+        "pipeline version %s: rank %s of %d (%s)",
+        version.info.run_name,
+        f"{rank:.0f}" if rank else "?",
+        len(versions),
+        ranking.IN_WORDS,
+    )
+    if base is not None:
+        log.info("compared with the version it came from, %s: %s", base.info.run_name, links[version_id])
+    log.info("every version, best first: %s", links[views.ALL_VERSIONS])
+    if not tracking_uri().startswith(("http://", "https://")):
+        log.info("(start the MLflow UI first: mlflow ui --backend-store-uri %s)", tracking_uri())
     return version_id
+
+
+#: At most this many versions are ranked (the best, by the `ranking` the views order by, come first).
+RANKED = 5000
+
+#: What finds the versions: the pipeline's version runs that finished (a failed attempt's row is no version).
+VERSIONS_FILTER = f"tags.`pipeline.stage` = '{PIPELINE_RUN}' and attributes.status = 'FINISHED'"
+
+
+def _log_reports(client: Any, version_id: str) -> None:
+    """The models table and every stage's figures (the .csv and .png files among its reports/
+    outputs, folders searched), as artifacts of the version under their paths, so that Compare shows
+    two versions' figures side by side."""
+    for name in _stages():
+        for output in stage_outputs(name):
+            path = Path(output)
+            if not output.startswith(REPORTS):
+                continue
+            files = sorted(path.rglob("*.png")) if path.is_dir() else [path]
+            for file in files:
+                if file.is_file() and (file.suffix == ".png" or file.name == "models.csv"):
+                    client.log_artifact(version_id, str(file), file.parent.as_posix())
+
+
+def _rank_versions(client: Any, experiment_id: str) -> list[Any]:
+    """Give each finished version its rank among them (`views.ranks`) as the metric views.RANK, where
+    it changed; return the versions, read again. Several versions logged at the same moment (a team's
+    server) each rank what they read: the ranks are read and written again until a read finds them
+    right, as the champion alias is settled."""
+    for _ in range(3):
+        versions = client.search_runs([experiment_id], VERSIONS_FILTER, max_results=RANKED)
+        stale = {
+            run_id: rank
+            for run_id, rank in views.ranks(versions).items()
+            if next(v for v in versions if v.info.run_id == run_id).data.metrics.get(views.RANK) != rank
+        }
+        if not stale:
+            break
+        for run_id, rank in stale.items():
+            client.log_metric(run_id, views.RANK, rank)
+    return client.search_runs([experiment_id], VERSIONS_FILTER, max_results=RANKED)
+
+
+def _base_version(client: Any, experiment_id: str, version_id: str) -> Any | None:
+    """The version this one came from: the newest other finished version whose outputs are those the
+    committed dvc.lock records (`dvc exp run` starts from them); None outside git, or when that state
+    was never logged."""
+    try:
+        committed = subprocess.run(
+            ["git", "show", f"HEAD:./{LOCK_FILE}"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    found = client.search_runs(
+        [experiment_id],
+        f"{VERSIONS_FILTER} and tags.`{OUTPUTS_TAG}` = '{outputs_digest(committed)}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=2,
+    )
+    return next((run for run in found if run.info.run_id != version_id), None)
+
+
+def _save_views(
+    client: Any, experiment_id: str, versions: list[Any], base: Any | None, version_id: str
+) -> dict[str, str]:
+    """Save the view of every version (views.ALL_VERSIONS) and, when `base` is known, the view of this
+    version beside it (under its run id); return {key: the link that opens it}."""
+    views.save(client, experiment_id, views.ALL_VERSIONS, views.comparison(versions, VERSIONS_FILTER))
+    keys = [views.ALL_VERSIONS]
+    pair = [run for run in versions if run.info.run_id in (version_id, base.info.run_id)] if base else []
+    if len(pair) == 2:
+        ids = ", ".join(f"'{run.info.run_id}'" for run in pair)
+        views.save(client, experiment_id, version_id, views.comparison(pair, f"attributes.run_id IN ({ids})"))
+        keys.append(version_id)
+    return {key: views.link(ui_base(), experiment_id, key) for key in keys}
 
 
 def find(path: str, md5: str | None) -> list[str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from ops.code import ROOT
+from ops.tracking import views
 from tests.workspace import (
     base_env,
     finish_repro,
@@ -97,8 +98,18 @@ def test_the_readme_demo_path_runs_as_written(demo_run, tmp_path):
         ui.wait(timeout=30)
     import mlflow
 
-    query = urllib.parse.parse_qs(urllib.parse.urlparse(link).fragment.split("?", 1)[1])
-    experiment_id = re.search(r"experiments/(\d+)/runs", link).group(1)
-    versions = mlflow.MlflowClient(store).search_runs([experiment_id], query["searchFilter"][0])
-    rates = sorted(float(version.data.params["finetune.learning_rate"]) for version in versions)
-    assert len(rates) == 2 and 0.0002 in rates, rates
+    # The experiment ends with the link comparing it with the demo's version: the view that link
+    # opens finds the two, ranked, shows the param that changed, and is what the demo's link has too.
+    compared = re.search(r"compared with the version it came from, (.+?): (\S+)", done.stdout + done.stderr)
+    assert compared, done.stderr[-3000:]
+    c = mlflow.MlflowClient(store)
+    for shown in (compared.group(2), link):
+        key = urllib.parse.parse_qs(urllib.parse.urlparse(shown).fragment.split("?", 1)[1])["viewStateShareKey"][0]
+        experiment = c.get_experiment(re.search(r"experiments/(\d+)/runs", shown).group(1))
+        view = views.decode(experiment.tags[views.SHARE_TAG + key])
+        versions = c.search_runs([experiment.experiment_id], view["searchFilter"], order_by=["metrics.`rank` ASC"])
+        rates = {version.info.run_name: float(version.data.params["finetune.learning_rate"]) for version in versions}
+        assert len(rates) == 2 and 0.0002 in rates.values(), rates
+        assert [version.data.metrics["rank"] for version in versions] == [1, 2]
+        assert "params.`finetune.learning_rate`" in view["selectedColumns"]
+    assert rates[compared.group(1)] != 0.0002, "the version it came from is the demo's"

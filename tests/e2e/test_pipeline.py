@@ -20,7 +20,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from classifier.metrics import ranking
 from ops import demo
+from ops.serving import registry
+from ops.tracking import views
 from tests.conftest import TINY
 from tests.workspace import (
     LOGGED,
@@ -237,8 +240,9 @@ def test_mlflow_holds_one_pipeline_version_linking_every_stage_run(repo):
     assert version.data.params["model.backbone"] == "vgg16"
     metrics = json.loads((workspace / "reports/metrics.json").read_text())
     top = json.loads((workspace / "reports/train_top/metrics.json").read_text())
-    assert version.data.metrics["test.accuracy"] == pytest.approx(metrics["test"]["accuracy"])
-    assert version.data.metrics["test.log_loss"] == pytest.approx(metrics["test"]["log_loss"])
+    # (as models.csv shows them, to table.DECIMALS decimals)
+    assert version.data.metrics["test.accuracy"] == pytest.approx(metrics["test"]["accuracy"], abs=1e-6)
+    assert version.data.metrics["test.log_loss"] == pytest.approx(metrics["test"]["log_loss"], abs=1e-6)
     assert version.data.metrics["top.val_accuracy"] == pytest.approx(top["top"]["val_accuracy"])
     assert "finetune.val_accuracy" in version.data.metrics
     # its name (no commit yet: "pipeline"), its curves, its duration and its model
@@ -249,11 +253,34 @@ def test_mlflow_holds_one_pipeline_version_linking_every_stage_run(repo):
     assert version.info.start_time == earliest and version.info.end_time > version.info.start_time
     linked = c.get_run(version.info.run_id).outputs.model_outputs
     assert {c.get_logged_model(m.model_id).source_run_id for m in linked} == {ids["train_top"], ids["evaluate"]}
+    assert sorted(c.get_logged_model(m.model_id).name for m in linked) == ["finetuned", "top"]
     # train_top registered the frozen-backbone model first (v1), evaluate the fine-tuned one (v2)
     assert version.data.tags["top.model.version"] == "1" and version.data.tags["model.version"] == "2"
     with open(workspace / "reports/models.csv", newline="") as f:
-        accuracy = {row["model"]: float(row["accuracy"]) for row in csv.DictReader(f)}
-    best = "2" if accuracy["finetuned"] > accuracy["top"] else "1"  # of equals, the earlier stays champion
+        table = {row["model"]: row for row in csv.DictReader(f)}
+    # the first row of the table is the best, by the one rule the registry's champion follows too
+    key = {name: ranking.sort_key(row["accuracy"], row["log_loss"]) for name, row in table.items()}
+    assert list(table) == sorted(table, key=key.get)
+    best = "2" if key["finetuned"] < key["top"] else "1"  # of equals, the earlier stays champion
+    # each registry version says what it is; the registered model, what its versions and aliases are
+    described = c.get_model_version("image-classifier", "2").description
+    assert described.startswith("**finetuned** (vgg16, last 1 block fine-tuned) of pipeline version pipeline")
+    assert "- params changed from the committed params.yaml: unknown (no committed params.yaml)" in described
+    assert c.get_model_version("image-classifier", "1").description.startswith("**top** (vgg16 frozen")
+    assert c.get_registered_model("image-classifier").description == registry.REGISTERED_MODEL_DESCRIPTION
+    # the version carries the models table and every figure, for Compare; it ranks first of one
+    carried = {a.path for a in c.list_artifacts(version.info.run_id, "reports")}
+    assert "reports/models.csv" in carried and "reports/evaluate" in carried and "reports/train_top" in carried
+    figures = {Path(a.path).name for a in c.list_artifacts(version.info.run_id, "reports/evaluate")}
+    assert {"confusion.png", "roc.png", "training_curves.png", "reliability.png"} <= figures
+    assert version.data.metrics["rank"] == 1
+    # the view of every version, saved with the experiment, which the link opens
+    saved = views.decode(experiment.tags[views.SHARE_TAG + views.ALL_VERSIONS])
+    # (one version: no param differs, so the metrics follow the rank)
+    assert saved["selectedColumns"][:3] == ["metrics.`rank`", "metrics.`test.accuracy`", "metrics.`test.log_loss`"]
+    assert [r.info.run_id for r in c.search_runs([experiment.experiment_id], saved["searchFilter"])] == [
+        version.info.run_id
+    ]
 
     lock = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]
     out_hash = locked_hashes(workspace)
@@ -366,10 +393,14 @@ def test_finetune_change_reruns_finetune_and_evaluate_linked_to_earlier_runs(rep
     candidate = c.get_model_version_by_alias("image-classifier", "candidate")
     champion = c.get_model_version_by_alias("image-classifier", "champion")
     assert candidate.version == "3"
-    scores = [float(c.get_model_version("image-classifier", v).tags["test.accuracy"]) for v in ("1", "2", "3")]
-    assert champion.version == str(scores.index(max(scores)) + 1), "the best; of equals the earliest"
+    tags = [c.get_model_version("image-classifier", v).tags for v in ("1", "2", "3")]
+    scores = [ranking.sort_key(t["test.accuracy"], t["test.log_loss"]) for t in tags]
+    assert champion.version == str(scores.index(min(scores)) + 1), "the best; of equals the earliest"
     outcome = c.get_run(after["evaluate"]).data.tags["model.registry"]
-    assert ("champion" in outcome.split(":")[1].split("(")[0]) == (scores[2] > max(scores[:2]))
+    assert ("champion" in outcome.split(":")[1].split("(")[0]) == (scores[2] < min(scores[:2]))
+    # the second version is ranked among the two
+    ranks = sorted(v.data.metrics["rank"] for v in pipeline_versions(repo["server"]))
+    assert ranks == [1, 2]
 
 
 def test_top_change_reruns_from_train_top_not_featurize(repo):
