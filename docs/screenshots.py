@@ -9,7 +9,7 @@ Needs Chromium (Debian: `apt-get install chromium`) and Playwright's Python pack
 `dvc exp run` with another fine-tuning learning rate, starts `mlflow ui` on 127.0.0.1, and saves:
 
 - docs/mlflow-versions.png: what the printed link opens, before any click;
-- docs/mlflow-compare.png: the same after one click, on the Chart button;
+- docs/mlflow-compare.png: the same after one click, on the chart icon above the table;
 - docs/mlflow-registry.png: the registered model's versions.
 
 It prints each step and click, and fails when the link's page lacks what it must show.
@@ -41,6 +41,9 @@ DOCS = Path(__file__).resolve().parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 #: What `dvc exp run` prints last: the version it came from, and the link comparing the two.
 PRINTED = re.compile(r"compared with the version it came from, .+?: (http\S+)")
+#: The browser window: a common desktop screen (on a first visit MLflow opens its Assistant panel,
+#: which takes 400 pixels on the right).
+VIEWPORT = {"width": 1920, "height": 1080}
 #: The experiment the screenshots show.
 EXPERIMENT = ["finetune.learning_rate=0.0002"]
 
@@ -98,7 +101,7 @@ def shoot(link: str, port: int) -> None:
     flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=flags + ["--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1600, "height": 800})  # a new context: no saved state
+        page = browser.new_page(viewport=VIEWPORT)  # a new context: no saved state
         print(f"step 1: open the printed link (0 clicks): {link}")
         page.goto(link)
         page.get_by_text("Run Name", exact=False).first.wait_for(timeout=60_000)
@@ -113,7 +116,7 @@ def shoot(link: str, port: int) -> None:
         page.screenshot(path=DOCS / "mlflow-compare.png")
         browser.close()
         browser = p.chromium.launch(executable_path=CHROMIUM, args=flags)
-        page = browser.new_page(viewport={"width": 1600, "height": 800})
+        page = browser.new_page(viewport=VIEWPORT)
         page.goto(f"http://127.0.0.1:{port}/#/models/image-classifier?workflowType=machine_learning")
         page.wait_for_timeout(5000)
         page.screenshot(path=DOCS / "mlflow-registry.png")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -256,8 +257,9 @@ def log_pipeline_version(params: config.Params, stage: str = "compare") -> str |
         len(versions),
         ranking.IN_WORDS,
     )
-    if base is not None:
+    if base is not None and version_id in links:
         log.info("compared with the version it came from, %s: %s", base.info.run_name, links[version_id])
+        log.info("the two side by side, figures included: %s", links[COMPARE])
     log.info("every version, best first: %s", links[views.ALL_VERSIONS])
     if not tracking_uri().startswith(("http://", "https://")):
         log.info("(start the MLflow UI first: mlflow ui --backend-store-uri %s)", tracking_uri())
@@ -272,18 +274,23 @@ VERSIONS_FILTER = f"tags.`pipeline.stage` = '{PIPELINE_RUN}' and attributes.stat
 
 
 def _log_reports(client: Any, version_id: str) -> None:
-    """The models table and every stage's figures (the .csv and .png files among its reports/
-    outputs, folders searched), as artifacts of the version under their paths, so that Compare shows
-    two versions' figures side by side."""
-    for name in _stages():
-        for output in stage_outputs(name):
-            path = Path(output)
-            if not output.startswith(REPORTS):
-                continue
-            files = sorted(path.rglob("*.png")) if path.is_dir() else [path]
-            for file in files:
-                if file.is_file() and (file.suffix == ".png" or file.name == "models.csv"):
-                    client.log_artifact(version_id, str(file), file.parent.as_posix())
+    """The models table and every stage's figures (the .png files among its reports/ outputs,
+    folders searched) as artifacts at the root of the version, named by their path under reports/
+    (`models.csv`, `evaluate.confusion.png`, `train_top.reliability.png`...): MLflow's Compare page
+    shows the files at the root that two runs have in common side by side."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in _stages():
+            for output in stage_outputs(name):
+                path = Path(output)
+                if not output.startswith(REPORTS):
+                    continue
+                for file in sorted(path.rglob("*.png")) if path.is_dir() else [path]:
+                    if file.is_file() and (file.suffix == ".png" or file.name == "models.csv"):
+                        flat = file.as_posix().removeprefix(REPORTS).replace("/", ".")
+                        shutil.copyfile(file, Path(tmp) / flat)
+        client.log_artifacts(version_id, tmp)
 
 
 def _rank_versions(client: Any, experiment_id: str) -> list[Any]:
@@ -328,15 +335,22 @@ def _save_views(
     client: Any, experiment_id: str, versions: list[Any], base: Any | None, version_id: str
 ) -> dict[str, str]:
     """Save the view of every version (views.ALL_VERSIONS) and, when `base` is known, the view of this
-    version beside it (under its run id); return {key: the link that opens it}."""
+    version beside it (under its run id); return {key: the link that opens it}, with the link of the
+    Compare page of the two under COMPARE."""
     views.save(client, experiment_id, views.ALL_VERSIONS, views.comparison(versions, VERSIONS_FILTER))
-    keys = [views.ALL_VERSIONS]
-    pair = [run for run in versions if run.info.run_id in (version_id, base.info.run_id)] if base else []
+    links = {views.ALL_VERSIONS: views.link(ui_base(), experiment_id, views.ALL_VERSIONS)}
+    ids = [version_id, base.info.run_id] if base is not None else []
+    pair = [run for run in versions if run.info.run_id in ids]
     if len(pair) == 2:
-        ids = ", ".join(f"'{run.info.run_id}'" for run in pair)
-        views.save(client, experiment_id, version_id, views.comparison(pair, f"attributes.run_id IN ({ids})"))
-        keys.append(version_id)
-    return {key: views.link(ui_base(), experiment_id, key) for key in keys}
+        found = ", ".join(f"'{run_id}'" for run_id in ids)
+        views.save(client, experiment_id, version_id, views.comparison(pair, f"attributes.run_id IN ({found})"))
+        links[version_id] = views.link(ui_base(), experiment_id, version_id)
+        links[COMPARE] = views.compare_link(ui_base(), experiment_id, ids)
+    return links
+
+
+#: The key of `_save_views`'s links that holds the Compare page of a version and the one it came from.
+COMPARE = "compare"
 
 
 def find(path: str, md5: str | None) -> list[str]:

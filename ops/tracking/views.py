@@ -53,9 +53,9 @@ DIFFERENCE = {
 
 #: The metric each version is ranked by (1 = the best, by `ranking`), which the views order by.
 RANK = "rank"
-#: The version's metrics a comparison shows as columns, after its rank, when the versions have them:
-#: the fine-tuned model's headline test metrics, then the validation accuracy fine-tuning ended on.
-COLUMNS = ("test.accuracy", "test.log_loss", "test.ece", "test.top3_accuracy", "finetune.val_accuracy")
+#: The version's metrics a comparison shows as columns, after its rank and the params that differ,
+#: when the versions have them: the fine-tuned model's headline test metrics.
+COLUMNS = ("test.accuracy", "test.log_loss", "test.ece", "test.top3_accuracy")
 #: The charts of what differs come in this order: fine-tuning's, then the test metrics, then the rest.
 FIRST_CHARTS = ("finetune.", "test.")
 #: The view of every version, which `dvc repro` prints and the demo links to.
@@ -163,6 +163,19 @@ def link(base: str, experiment_id: str, key: str) -> str:
     """The address that opens the view saved under `key` in the MLflow UI at `base`."""
     query = urllib.parse.urlencode({SHARE_PARAM: key, "workflowType": "machine_learning"})
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def compare_link(base: str, experiment_id: str, run_ids: Sequence[str]) -> str:
+    """The address of MLflow's Compare page for `run_ids`: their params, metrics and the artifacts at
+    the root of each (the version's figures and models table) side by side."""
+    query = urllib.parse.urlencode(
+        {
+            "runs": json.dumps(list(run_ids)),
+            "experiments": json.dumps([experiment_id]),
+            "workflowType": "machine_learning",
+        }
+    )
+    return f"{base.rstrip('/')}/#/compare-runs?{query}"
 
 
 def ranks(runs: Sequence[Any]) -> dict[str, int]:

@@ -4,6 +4,7 @@ link it prints, whose commands the README shows."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -113,3 +114,9 @@ def test_the_readme_demo_path_runs_as_written(demo_run, tmp_path):
         assert [version.data.metrics["rank"] for version in versions] == [1, 2]
         assert "params.`finetune.learning_rate`" in view["selectedColumns"]
     assert rates[compared.group(1)] != 0.0002, "the version it came from is the demo's"
+    # and MLflow's Compare page of the two, where their figures and tables stand side by side
+    side = re.search(r"the two side by side, figures included: (\S+)", done.stdout + done.stderr).group(1)
+    query = urllib.parse.parse_qs(urllib.parse.urlparse(side).fragment.split("?", 1)[1])
+    assert sorted(json.loads(query["runs"][0])) == sorted(version.info.run_id for version in versions)
+    for version in versions:
+        assert {"models.csv", "evaluate.confusion.png"} <= {a.path for a in c.list_artifacts(version.info.run_id)}

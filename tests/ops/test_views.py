@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.parse
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -60,8 +61,7 @@ def test_a_comparison_orders_by_rank_and_shows_the_headline_metrics_and_the_para
         "metrics.`rank`",
         "params.`finetune.learning_rate`",  # top.units is the same in both: no column
         "metrics.`test.accuracy`",
-        "metrics.`test.log_loss`",
-        "metrics.`finetune.val_accuracy`",
+        "metrics.`test.log_loss`",  # the versions have no test.ece, test.top3_accuracy: no column
         "attributes.`Models`",
     ]
     assert view["columnOrder"] == [views.RUN_NAME, views.DATE, *view["selectedColumns"]]
@@ -130,3 +130,10 @@ def test_a_link_opens_the_view_saved_under_its_key():
     assert views.link("http://127.0.0.1:5000/", "7", "versions") == (
         "http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=versions&workflowType=machine_learning"
     )
+
+
+def test_a_compare_link_names_the_runs_and_their_experiment():
+    link = views.compare_link("http://h:5000", "3", ["a", "b"])
+    assert link.startswith("http://h:5000/#/compare-runs?")
+    query = urllib.parse.parse_qs(link.split("?", 1)[1])
+    assert json.loads(query["runs"][0]) == ["a", "b"] and json.loads(query["experiments"][0]) == ["3"]
