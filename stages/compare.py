@@ -4,14 +4,16 @@ frozen backbone with its head, the fine-tuned model) and the ensemble.
 Reads the metrics files of the stages that score a model on the test split (evaluate's `test`,
 train_top's `top.test`, baseline's `baseline.test`, ensemble's `ensemble.test`) and writes
 reports/models.csv: one row per model that was trained (a stage switched off has none), with what
-it is and its headline test metrics, best test accuracy first; DVC plots its accuracies as bars.
-When fine-tuning ended with a lower validation accuracy than the head it started from
-(finetune.val_accuracy below top.val_accuracy), the fine-tuned row's note says so. The table is
-printed too.
+it is and its headline test metrics, best first (classifier.metrics.ranking: test accuracy, then
+log loss); DVC plots its accuracies as bars. When fine-tuning ended with a lower validation
+accuracy than the head it started from (finetune.val_accuracy below top.val_accuracy), the
+fine-tuned row's note says so. The table is printed too.
 
 The last stage of the pipeline, so it also logs the pipeline version to MLflow: one run with all
 params, the key metrics of every model (`test.accuracy`, `baseline.test.accuracy`,
-`ensemble.test.accuracy`, ...) and a link to every stage's run (`tracking.log_pipeline_version`).
+`ensemble.test.accuracy`, ...), its rank among the versions, the figures and the table, and a link
+to every stage's run; it prints the links of the MLflow views that compare it with the version it
+came from and with every version (`tracking.log_pipeline_version`).
 
 Run: dvc repro compare   (or: python -m stages.compare reports/models.csv reports/metrics.json
        reports/train_top/metrics.json reports/finetune/metrics.json reports/baseline/metrics.json ...)

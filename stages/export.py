@@ -1,8 +1,8 @@
 """Export the best model on the test set as ONNX, TensorFlow SavedModel and LiteRT, each checked.
 
-The model chosen is the first row of the models table (the best test accuracy, ties broken as
-reports/models.csv breaks them), from the models the metrics files score. It is loaded in float32
-and written into the export folder in each of `export.formats` (classifier.model.exporting), with
+The model chosen is the first row of the models table (the best test accuracy; of equal accuracy,
+the lower test log loss: classifier.metrics.ranking), from the models the metrics files score. It is
+loaded in float32 and written into the export folder in each of `export.formats` (classifier.model.exporting), with
 spec.json: which model it is, its classes, its input and output, evaluate's threshold. Each export is
 then run with its own runtime on every test picture beside the Keras model: the largest difference
 in any class probability goes to reports/export/metrics.json (`export.onnx.max_difference`...). The

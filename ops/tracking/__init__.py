@@ -7,7 +7,9 @@
 - metrics: a stage's metrics and history files as MLflow metrics.
 - worker: the stage's logging process (MLflow is imported there, while the stage works).
 - runs: a stage's run (`stage_run`), live epoch metrics, the logged model.
-- version: the pipeline version's run (`log_pipeline_version`), failed attempts, `find`.
+- version: the pipeline version's run (`log_pipeline_version`): its rank, figures and the links it
+  prints; failed attempts, `find`.
+- views: the comparisons of versions that the MLflow UI opens from a link (saved views).
 - cli: `python -m ops.tracking log|find`.
 
 Lineage points from MLflow to DVC, never back: nothing here writes a DVC output, and no stage
