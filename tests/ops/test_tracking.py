@@ -395,6 +395,50 @@ def test_a_version_is_named_by_its_commit_and_what_it_changed_and_spans_its_stag
     assert version.data.params["top.units"] == "64"
 
 
+def test_versions_are_ranked_and_one_is_compared_with_the_version_its_committed_dvc_lock_records(project, caplog):
+    import mlflow
+
+    from ops.tracking import views
+
+    def version(units: int, log_loss: float) -> str:
+        params = config.parse({"top": {"units": units}})
+        with tracking.stage_run("train_top", params):
+            save_outputs(project)
+            (project / "models" / "top.keras").write_bytes(f"model {units}".encode())
+            scores = {"top": {"val_accuracy": 0.8}, "test": {"accuracy": 0.9, "log_loss": log_loss}}
+            (project / "reports" / "train_top" / "metrics.json").write_text(json.dumps(scores))
+        lock = copy.deepcopy(LOCK)
+        outs = [
+            {"path": p, "hash": "md5", "md5": tracking.dvc_hash(project / p)}
+            for p in PIPELINE["stages"]["train_top"]["outs"]
+        ]
+        lock["stages"]["train_top"] = {"outs": outs}
+        (project / "dvc.lock").write_text(yaml.safe_dump(lock))
+        return tracking.log_pipeline_version(params, stage="compare")
+
+    (project / "params.yaml").write_text("top:\n  units: 32\n")
+    git("init", "-q", cwd=project)
+    first = version(32, log_loss=0.3)
+    git("add", "params.yaml", "dvc.lock", cwd=project)
+    git("commit", "-qm", "the first version", cwd=project)
+    with caplog.at_level("INFO"):
+        second = version(64, log_loss=0.2)  # as accurate, surer: it ranks first
+    client = mlflow.MlflowClient()
+    name = client.get_run(first).info.run_name
+    assert [client.get_run(v).data.metrics["rank"] for v in (first, second)] == [2, 1]
+    assert client.get_run(second).data.tags["pipeline.outputs"] != client.get_run(first).data.tags["pipeline.outputs"]
+    printed = re.search(rf"compared with the version it came from, {re.escape(name)}: (\S+)", caplog.text)
+    assert printed, caplog.text
+    assert printed.group(1).endswith(f"?viewStateShareKey={second}&workflowType=machine_learning")
+    experiment = client.get_experiment_by_name(tracking.experiment_name())
+    view = views.decode(experiment.tags[views.SHARE_TAG + second])
+    found = client.search_runs([experiment.experiment_id], view["searchFilter"], order_by=["metrics.`rank` ASC"])
+    assert [run.info.run_id for run in found] == [second, first]
+    assert "params.`top.units`" in view["selectedColumns"]
+    assert "every version, best first: http://127.0.0.1:5000/#/experiments/" in caplog.text
+    assert "(start the MLflow UI first: mlflow ui --backend-store-uri sqlite:///" in caplog.text
+
+
 def test_a_failed_stage_stands_under_a_failed_row_of_its_attempt(project):
     import mlflow
 
