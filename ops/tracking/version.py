@@ -262,7 +262,7 @@ def log_pipeline_version(params: config.Params, stage: str = "compare") -> str |
         log.info("the two side by side, figures included: %s", links[COMPARE])
     log.info("every version, best first: %s", links[views.ALL_VERSIONS])
     if not tracking_uri().startswith(("http://", "https://")):
-        log.info("(start the MLflow UI first: mlflow ui --backend-store-uri %s)", tracking_uri())
+        log.info("to open them, start the MLflow UI first: mlflow ui --backend-store-uri %s", tracking_uri())
     return version_id
 
 

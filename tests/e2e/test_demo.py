@@ -79,7 +79,7 @@ def test_the_readme_demo_path_runs_as_written(demo_run, tmp_path):
     assert ran_stages(done.stdout) == ["finetune", "evaluate", "export", "compare"]
 
     # The MLflow UI, as printed, shows both versions (the demo's and the experiment's) in its link.
-    store = re.search(r"mlflow ui --backend-store-uri (\S+)", printed).group(1)
+    store = re.search(r"MLflow:\s+mlflow ui --backend-store-uri (\S+)", printed).group(1)
     assert "mlflow ui --backend-store-uri" in section
     link = re.search(r"then open (\S+)", printed).group(1)
     port = free_port()
