@@ -19,6 +19,7 @@ import os
 import random
 import re
 import sqlite3
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -294,19 +295,27 @@ def create_store(path: Path) -> None:
 @contextlib.contextmanager
 def store_lock(path: Path | None = None) -> Iterator[None]:
     """Serialise writes to an sqlite store across processes (parallel experiments share it); `path`:
-    the store of tracking_uri()."""
+    the store of tracking_uri(). A thread that holds the lock already takes it again at once (a
+    second flock of the same file in one process would wait for itself)."""
     path = path if path is not None else _sqlite_path(tracking_uri())
-    if path is None:
+    if path is None or (path, threading.get_ident()) in _HELD:
         yield
         return
+    held = (path, threading.get_ident())
     lock_path = Path(f"{path}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
+        _HELD.add(held)
         try:
             yield
         finally:
+            _HELD.discard(held)
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+#: The stores whose lock this process holds, with the thread that took it.
+_HELD: set[tuple[Path, int]] = set()
 
 
 def _client():

@@ -835,3 +835,24 @@ def test_locations_that_are_no_mlartifacts_folder_are_left_alone(project, monkey
     assert experiments.pop(int(plain)) == f"{copy}/mlartifacts/plain", "a plain path too"
     assert set(experiments.values()) == theirs | {"file:///elsewhere/mlruns/0"}
     assert {uri.rsplit("/", 2)[0] for uri in runs} == theirs
+
+
+def test_the_store_lock_is_taken_again_at_once_by_the_thread_that_holds_it(project):
+    import threading
+
+    order = []
+
+    def take() -> None:
+        with store.store_lock():
+            order.append("other")
+
+    with store.store_lock():
+        with store.store_lock():  # a second flock of the same file would wait for itself
+            order.append("inner")
+        other = threading.Thread(target=take)
+        other.start()
+        other.join(timeout=1)
+        assert other.is_alive(), "another thread waits for the lock"
+        order.append("released")
+    other.join(timeout=10)
+    assert order == ["inner", "released", "other"]
