@@ -97,9 +97,10 @@ def describe(
         scores += f", log loss {metrics['log_loss']:.4f}"
     images = f"{metrics['images']} images, " if isinstance(metrics.get("images"), int) else ""
     changed = about.get("changed")
+    model = f"{about['model']} model" if about.get("model") else "a model"
+    version = about.get("version") or "an unknown pipeline version"
     lines = [
-        f"**{about.get('model', 'model')}** ({about.get('what') or backbone or 'a classifier'}) of pipeline "
-        + f"version {about.get('version') or 'unknown'}",
+        f"{model} of {version}: {about.get('what') or backbone or 'a classifier'}",
         "",
         "- params changed from the committed params.yaml: "
         + (

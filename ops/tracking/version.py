@@ -222,6 +222,7 @@ def log_pipeline_version(params: config.Params, stage: str = "compare") -> str |
             for name, prefix in (("evaluate", ""), ("train_top", "top."), ("ensemble", "ensemble.")):
                 if name in linked:
                     tags |= {prefix + k: v for k, v in linked[name].data.tags.items() if k.startswith("model.")}
+            tags[views.MODELS_TAG] = _models(tags)
             version = client.create_run(
                 experiment.experiment_id,
                 run_name=version_name(params),
@@ -264,6 +265,17 @@ def log_pipeline_version(params: config.Params, stage: str = "compare") -> str |
     if not tracking_uri().startswith(("http://", "https://")):
         log.info("to open them, start the MLflow UI first: mlflow ui --backend-store-uri %s", tracking_uri())
     return version_id
+
+
+def _models(tags: dict[str, str]) -> str:
+    """The models a version registered, named as the models table names them, from its `model.version`
+    tags: `top v1, finetuned v2, ensemble v3` ("none registered" when there are none)."""
+    found = [
+        f"{model} v{tags[prefix + 'model.version']}"
+        for model, prefix in (("top", "top."), (table.FINETUNED, ""), ("ensemble", "ensemble."))
+        if tags.get(prefix + "model.version")
+    ]
+    return ", ".join(found) or "none registered"
 
 
 #: At most this many versions are ranked (the best, by the `ranking` the views order by, come first).

@@ -37,10 +37,13 @@ STATE_FIELDS = (
     "isAccordionReordered",
     "hideEmptyCharts",
 )
-#: The UI's ids of the run name and date columns (always shown, first) and of the logged models'.
+#: The UI's ids of the run name and date columns (always shown, first).
 RUN_NAME = "attributes.`Run Name`"
 DATE = "runDateAndNestInfo"
-MODELS = "attributes.`Models`"
+#: The version's tag naming the models it registered (`top v1, finetuned v2, ensemble v3`), shown as
+#: a column: the UI's own Models column lists only the models a run logged itself, and a version's
+#: were logged by its stages' runs.
+MODELS_TAG = "pipeline.models"
 #: The chart of every difference between the runs compared (metrics and params, one row each).
 DIFFERENCE = {
     "type": "DIFFERENCE",
@@ -93,7 +96,8 @@ def comparison(runs: Sequence[Any], search_filter: str) -> dict[str, Any]:
     ordered by RANK.
 
     Columns: the rank, the params whose values differ between the runs, COLUMNS the runs have, and
-    the logged models (the most telling first, as a narrow window shows the first ones); each as
+    the models each registered (MODELS_TAG; the most telling first, as a narrow window shows the
+    first ones); each as
     wide as its header and values, the run names as wide as the longest. Charts: first the chart of
     every difference, then a chart of each metric whose value differs (FIRST_CHARTS first), in an
     open section; those of the metrics that are the same in every run in a closed section after it."""
@@ -101,10 +105,12 @@ def comparison(runs: Sequence[Any], search_filter: str) -> dict[str, Any]:
     params = [dict(run.data.params) for run in runs]
     shown = [name for name in COLUMNS if any(name in one for one in metrics)]
     changed = differing(params)
+    models = [run.data.tags.get(MODELS_TAG, "") for run in runs]
     selected = [column("metrics", RANK), *(column("params", p) for p in changed)]
-    selected += [*(column("metrics", m) for m in shown), MODELS]
+    selected += [*(column("metrics", m) for m in shown), column("tags", MODELS_TAG)]
     widths = {column("metrics", m): _width([m, "0.000000"]) for m in [RANK, *shown]}
     widths |= {column("params", p): _width([p, *(str(one.get(p, "")) for one in params)]) for p in changed}
+    widths[column("tags", MODELS_TAG)] = _width([MODELS_TAG, *models])
     widths[RUN_NAME] = _width([run.info.run_name or "" for run in runs] + ["Run Name"])
     differ = set(differing(metrics))
     keys = sorted({key for one in metrics for key in one} - {RANK}, key=chart_order)

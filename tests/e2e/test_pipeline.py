@@ -264,9 +264,9 @@ def test_mlflow_holds_one_pipeline_version_linking_every_stage_run(repo):
     best = "2" if key["finetuned"] < key["top"] else "1"  # of equals, the earlier stays champion
     # each registry version says what it is; the registered model, what its versions and aliases are
     described = c.get_model_version("image-classifier", "2").description
-    assert described.startswith("**finetuned** (vgg16, last 1 block fine-tuned) of pipeline version pipeline")
+    assert described.startswith("finetuned model of pipeline: vgg16, last 1 block fine-tuned\n")
     assert "- params changed from the committed params.yaml: unknown (no committed params.yaml)" in described
-    assert c.get_model_version("image-classifier", "1").description.startswith("**top** (vgg16 frozen")
+    assert c.get_model_version("image-classifier", "1").description.startswith("top model of pipeline: vgg16 frozen")
     assert c.get_registered_model("image-classifier").description == registry.REGISTERED_MODEL_DESCRIPTION
     # the version carries the models table and every figure, for Compare; it ranks first of one
     # (at the root of its artifacts, which is where MLflow's Compare page looks)
@@ -274,6 +274,7 @@ def test_mlflow_holds_one_pipeline_version_linking_every_stage_run(repo):
     assert {"models.csv", "evaluate.confusion.png", "evaluate.training_curves.png", "audit.suspects.png"} <= carried
     assert {"evaluate.reliability.png", "train_top.reliability.png", "baseline.reliability.png"} <= carried
     assert version.data.metrics["rank"] == 1
+    assert version.data.tags["pipeline.models"] == "top v1, finetuned v2"
     # the view of every version, saved with the experiment, which the link opens
     saved = views.decode(experiment.tags[views.SHARE_TAG + views.ALL_VERSIONS])
     # (one version: no param differs, so the metrics follow the rank)

@@ -301,7 +301,7 @@ def test_a_registered_version_describes_itself(logged):
     assert logged.outcome == "clf v1: candidate and champion (test accuracy 0.8750, the first champion)"
     # which model of which version first (the registry's list shows the first line), then the details
     assert logged.description.splitlines() == [
-        "**finetuned** (vgg16, last 1 block fine-tuned) of pipeline version exp-3f2a1 finetune.learning_rate=0.0002",
+        "finetuned model of exp-3f2a1 finetune.learning_rate=0.0002: vgg16, last 1 block fine-tuned",
         "",
         "- params changed from the committed params.yaml: finetune.learning_rate=0.0002",
         "- test metrics: accuracy 0.8750, log loss 0.3125",
@@ -317,7 +317,7 @@ def test_a_description_names_the_first_classes_of_many(tmp_path):
     classes = [f"breed{i:03d}" for i in range(120)]
     text = registry.describe(classes, None, None, 0.5, {})
     assert text.splitlines() == [
-        "**model** (a classifier) of pipeline version unknown",
+        "a model of an unknown pipeline version: a classifier",
         "",
         "- params changed from the committed params.yaml: unknown (no committed params.yaml)",
         "- test metrics: accuracy 0.5000",

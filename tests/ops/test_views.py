@@ -16,7 +16,7 @@ from ops.tracking import views
 def run(run_id: str, name: str, metrics: dict, params: dict, start: int = 0) -> SimpleNamespace:
     return SimpleNamespace(
         info=SimpleNamespace(run_id=run_id, run_name=name, start_time=start),
-        data=SimpleNamespace(metrics=metrics, params=params),
+        data=SimpleNamespace(metrics=metrics, params=params, tags={views.MODELS_TAG: "top v1, finetuned v2"}),
     )
 
 
@@ -46,7 +46,7 @@ def ui_bundle() -> str:
 
 def test_the_names_a_view_relies_on_are_those_of_the_installed_mlflow_ui():
     bundle = ui_bundle()
-    names = [views.SHARE_TAG, views.SHARE_PARAM, views.COMPRESSED, views.DATE, "Run Name", "Models"]
+    names = [views.SHARE_TAG, views.SHARE_PARAM, views.COMPRESSED, views.DATE, "Run Name"]
     names += [*views.SEARCH_FIELDS, *views.STATE_FIELDS, *views.DIFFERENCE, *views.DIFFERENCE["compareGroups"]]
     names += ["metricSectionId", "isGenerated", "isReordered", "runsCountToCompare", 'RUN_NAME:"Run Name"']
     missing = [name for name in names if name not in bundle]
@@ -62,14 +62,15 @@ def test_a_comparison_orders_by_rank_and_shows_the_headline_metrics_and_the_para
         "params.`finetune.learning_rate`",  # top.units is the same in both: no column
         "metrics.`test.accuracy`",
         "metrics.`test.log_loss`",  # the versions have no test.ece, test.top3_accuracy: no column
-        "attributes.`Models`",
+        "tags.`pipeline.models`",
     ]
     assert view["columnOrder"] == [views.RUN_NAME, views.DATE, *view["selectedColumns"]]
     # no column is cut: each as wide as its longest text, the run names as the longest name
     widths = view["columnWidths"]
     assert widths[views.RUN_NAME] == len(EXPERIMENT.info.run_name) * views.CHAR_WIDTH + views.PADDING
     assert widths["params.`finetune.learning_rate`"] == len("finetune.learning_rate") * views.CHAR_WIDTH + views.PADDING
-    assert set(widths) == {views.RUN_NAME, *view["selectedColumns"]} - {views.MODELS}
+    assert widths["tags.`pipeline.models`"] == len("top v1, finetuned v2") * views.CHAR_WIDTH + views.PADDING
+    assert set(widths) == {views.RUN_NAME, *view["selectedColumns"]}
 
 
 def test_the_charts_of_what_differs_come_first_and_the_rest_is_out_of_the_way():
