@@ -96,11 +96,11 @@ def comparison(runs: Sequence[Any], search_filter: str) -> dict[str, Any]:
     ordered by RANK.
 
     Columns: the rank, the params whose values differ between the runs, COLUMNS the runs have, and
-    the models each registered (MODELS_TAG; the most telling first, as a narrow window shows the
-    first ones); each as
-    wide as its header and values, the run names as wide as the longest. Charts: first the chart of
-    every difference, then a chart of each metric whose value differs (FIRST_CHARTS first), in an
-    open section; those of the metrics that are the same in every run in a closed section after it."""
+    the models each registered (MODELS_TAG): the most telling first, as a narrow window shows the
+    first ones; each as wide as its header and values, the run names as wide as the longest.
+    Charts: first the chart of every difference, then a chart of each metric whose value differs
+    (FIRST_CHARTS first), in an open section; those of the metrics that are the same in every run
+    in a closed section after it."""
     metrics = [dict(run.data.metrics) for run in runs]
     params = [dict(run.data.params) for run in runs]
     shown = [name for name in COLUMNS if any(name in one for one in metrics)]
