@@ -141,5 +141,12 @@ def members(team_stack: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
                 "AND key = 'test.accuracy'",
             )
         ),
+        "log_loss": dict(
+            query(
+                s,
+                "SELECT version, value FROM model_version_tags WHERE name = 'image-classifier' "
+                "AND key = 'test.log_loss'",
+            )
+        ),
     }
     return found

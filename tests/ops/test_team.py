@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from classifier.errors import StageError
+from classifier.metrics import ranking
 from ops.team import postgres, processes, services, state
 from tests.teamstack import OPERATOR_SECRETS, PROJECT, member_env, query, team_cli
 from tests.workspace import STAGES, WAIT_FOR_RELEASE, dvc, locked_hashes, ran_stages, released_together, run
@@ -70,10 +71,10 @@ def test_two_members_at_once_lose_nothing_and_leave_one_champion(team_members):
         assert any(k.startswith("artifacts/") and f"/{run_id}/artifacts/reports/evaluate/" in k for k in then["keys"])
     assert sum(k.endswith("/MLmodel") for k in then["keys"]) == 4, "both members' two models"
     # four versions registered (each member's frozen-backbone and fine-tuned models); exactly one
-    # champion, the best (of equals, the earliest)
+    # champion, the best by the ranking rule (test accuracy, then log loss; of equals, the earliest)
     assert sorted(then["versions"]) == [1, 2, 3, 4]
-    accuracy = then["accuracy"]
-    assert then["champion"] == [max(accuracy, key=lambda v: (float(accuracy[v]), -v))]
+    accuracy, log_loss = then["accuracy"], then["log_loss"]
+    assert then["champion"] == [min(accuracy, key=lambda v: (*ranking.sort_key(accuracy[v], log_loss.get(v)), v))]
 
 
 def test_concurrent_evaluations_leave_the_best_version_champion(team_stack):
