@@ -331,8 +331,8 @@ def _scores(accuracy: float, log_loss: float | None) -> str:
 
 def _scores_of(version: Any) -> str:
     """A version's test scores, as its tags have them."""
-    accuracy, loss = (-_sort_key(version)[0], _sort_key(version)[1])
-    return _scores(accuracy, None if loss == float("inf") else loss)
+    accuracy, loss = _sort_key(version)
+    return _scores(-accuracy, None if loss == float("inf") else loss)
 
 
 def _best_version(client: Any, name: str, test_set: str) -> Any:

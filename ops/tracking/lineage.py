@@ -120,23 +120,34 @@ def locked_hashes(lock: Path = LOCK_FILE) -> dict[str, str]:
     """{path: DVC md5} of every stage output recorded in dvc.lock (directories end in .dir)."""
     if not lock.is_file():
         return {}
-    stages = yaml.safe_load(lock.read_text(encoding="utf-8")).get("stages", {})
-    return {out["path"]: out["md5"] for spec in stages.values() for out in spec.get("outs", []) if "md5" in out}
+    return {path: md5 for outs in _locked_outs(lock.read_text(encoding="utf-8")).values() for path, md5 in outs.items()}
 
 
 def outputs_digest(lock_text: str, last: str = "compare") -> str:
     """One hash of every output a dvc.lock (its text) records, but those of the stage `last` (which is
     running, not yet recorded, when it logs the version): two versions with the same digest are the
     same pipeline state."""
-    stages = (yaml.safe_load(lock_text) or {}).get("stages") or {}
     outs = sorted(
-        (out["path"], out["md5"])
-        for name, spec in stages.items()
-        if name != last
-        for out in spec.get("outs", [])
-        if "md5" in out
+        (path, md5) for name, found in _locked_outs(lock_text).items() if name != last for path, md5 in found.items()
     )
     return hashlib.md5(json.dumps(outs).encode("utf-8")).hexdigest()
+
+
+def _locked_outs(lock_text: str) -> dict[str, dict[str, str]]:
+    """{stage: {path: DVC md5}} of the outputs a dvc.lock's text records."""
+    stages = (yaml.safe_load(lock_text) or {}).get("stages") or {}
+    return {
+        name: {out["path"]: out["md5"] for out in spec.get("outs", []) if "md5" in out} for name, spec in stages.items()
+    }
+
+
+def committed(path: Path | str) -> str | None:
+    """The text of `path` (relative to the current folder) as git's HEAD has it; None outside git, or
+    when it is not committed."""
+    try:
+        return subprocess.run(["git", "show", f"HEAD:./{path}"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def dvc_hash(path: Path) -> str:

@@ -31,7 +31,7 @@ from ops.tracking.store import (
     store_uri,
     tracking_uri,
 )
-from ops.tracking.version import _record_failed_attempt, params_changed, runs_that_wrote, version_name
+from ops.tracking.version import _record_failed_attempt, changed_params, runs_that_wrote, version_name
 from ops.tracking.worker import in_worker
 
 log = logging.getLogger(__name__)
@@ -227,11 +227,12 @@ def log_classifier(
     input picture), named as the models table names it (top, finetuned, ensemble) and described as
     the model of this pipeline version; a failure says how to log it afterwards (`logging_failed`)."""
     model = next(name for name, scorer in table.STAGES.items() if scorer == stage)
+    changed = changed_params(params)
     about = {
         "model": model,
         "what": table.describe(model, params),
-        "version": version_name(params),
-        "changed": params_changed(params),
+        "version": version_name(params, changed),
+        "changed": changed,
     }
     try:
         log_model(

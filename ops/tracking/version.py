@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from ops.tracking import views
 from ops.tracking.lineage import (
     LOCK_FILE,
     _stages,
+    committed,
     git_commit,
     lineage_tags,
     locked_hashes,
@@ -65,32 +65,28 @@ KEY_METRICS = (
 )
 
 
-def version_name(params: config.Params) -> str:
+def version_name(params: config.Params, changed: dict[str, Any] | None = None) -> str:
     """What a version is called: its DVC experiment, else its commit, and the params it changed
-    from the committed params.yaml (`exp-3f2a1 finetune.learning_rate=0.0002`)."""
+    from the committed params.yaml (`exp-3f2a1 finetune.learning_rate=0.0002`); `changed`: those
+    params when the caller has them (`changed_params`)."""
     commit, _ = git_commit()
     name = os.environ.get("DVC_EXP_NAME") or (commit[:7] if commit != "unknown" else PIPELINE_RUN)
-    changed = changed_params(params)
+    changed = (changed if changed is not None else changed_params(params)) or {}
     shown = [f"{key}={value}" for key, value in changed.items()][:3]
     if len(changed) > len(shown):
         shown.append(f"+{len(changed) - len(shown)} more")
     return " ".join([name, *shown])
 
 
-def changed_params(params: config.Params) -> dict[str, Any]:
-    """The params whose values differ from the committed params.yaml ({} outside git)."""
-    return params_changed(params) or {}
-
-
-def params_changed(params: config.Params) -> dict[str, Any] | None:
+def changed_params(params: config.Params) -> dict[str, Any] | None:
     """The params whose values differ from the committed params.yaml; None when there is none to
     compare with (outside git, or params.yaml not committed)."""
+    text = committed(config.PARAMS_FILE)
+    if text is None:
+        return None
     try:
-        committed = subprocess.run(
-            ["git", "show", f"HEAD:./{config.PARAMS_FILE}"], capture_output=True, text=True, check=True
-        ).stdout
-        before = config.flatten(config.parse(yaml.safe_load(committed)))
-    except (OSError, subprocess.CalledProcessError, yaml.YAMLError, config.ParamsError):
+        before = config.flatten(config.parse(yaml.safe_load(text)))
+    except (yaml.YAMLError, config.ParamsError):
         return None
     return {k: v for k, v in loggable_params(params).items() if before.get(k) != v}
 
@@ -307,36 +303,35 @@ def _log_reports(client: Any, version_id: str) -> None:
 
 def _rank_versions(client: Any, experiment_id: str) -> list[Any]:
     """Give each finished version its rank among them (`views.ranks`) as the metric views.RANK, where
-    it changed; return the versions, read again. Several versions logged at the same moment (a team's
-    server) each rank what they read: the ranks are read and written again until a read finds them
-    right, as the champion alias is settled."""
+    it changed; return the versions as last read. Several versions logged at the same moment (a
+    team's server) each rank what they read: the ranks are read and written again until a read finds
+    them right, as the champion alias is settled."""
+    versions = client.search_runs([experiment_id], VERSIONS_FILTER, max_results=RANKED)
     for _ in range(3):
-        versions = client.search_runs([experiment_id], VERSIONS_FILTER, max_results=RANKED)
+        ranks = views.ranks(versions)
         stale = {
-            run_id: rank
-            for run_id, rank in views.ranks(versions).items()
-            if next(v for v in versions if v.info.run_id == run_id).data.metrics.get(views.RANK) != rank
+            run.info.run_id: ranks[run.info.run_id]
+            for run in versions
+            if run.data.metrics.get(views.RANK) != ranks[run.info.run_id]
         }
         if not stale:
             break
         for run_id, rank in stale.items():
             client.log_metric(run_id, views.RANK, rank)
-    return client.search_runs([experiment_id], VERSIONS_FILTER, max_results=RANKED)
+        versions = client.search_runs([experiment_id], VERSIONS_FILTER, max_results=RANKED)
+    return versions
 
 
 def _base_version(client: Any, experiment_id: str, version_id: str) -> Any | None:
     """The version this one came from: the newest other finished version whose outputs are those the
     committed dvc.lock records (`dvc exp run` starts from them); None outside git, or when that state
     was never logged."""
-    try:
-        committed = subprocess.run(
-            ["git", "show", f"HEAD:./{LOCK_FILE}"], capture_output=True, text=True, check=True
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
+    lock = committed(LOCK_FILE)
+    if lock is None:
         return None
     found = client.search_runs(
         [experiment_id],
-        f"{VERSIONS_FILTER} and tags.`{OUTPUTS_TAG}` = '{outputs_digest(committed)}'",
+        f"{VERSIONS_FILTER} and tags.`{OUTPUTS_TAG}` = '{outputs_digest(lock)}'",
         order_by=["attributes.start_time DESC"],
         max_results=2,
     )

@@ -70,6 +70,16 @@ def save_outputs(root: Path) -> None:
     )
 
 
+def record_train_top(root: Path) -> None:
+    """Record in dvc.lock what train_top wrote, as DVC does after the stage."""
+    lock = copy.deepcopy(LOCK)
+    outs = [
+        {"path": p, "hash": "md5", "md5": tracking.dvc_hash(root / p)} for p in PIPELINE["stages"]["train_top"]["outs"]
+    ]
+    lock["stages"]["train_top"] = {"outs": outs}
+    (root / "dvc.lock").write_text(yaml.safe_dump(lock))
+
+
 def test_stage_run_logs_what_dvc_yaml_declares_and_writes_no_file(project):
     import mlflow
 
@@ -375,13 +385,7 @@ def test_a_version_is_named_by_its_commit_and_what_it_changed_and_spans_its_stag
     assert tracking.version_name(config.parse({"top": {"units": 32}})) == "exp-4b2c1"
 
     # DVC records what train_top wrote; the last stage, which has no run, then logs the version
-    lock = copy.deepcopy(LOCK)
-    outs = [
-        {"path": p, "hash": "md5", "md5": tracking.dvc_hash(project / p)}
-        for p in PIPELINE["stages"]["train_top"]["outs"]
-    ]
-    lock["stages"]["train_top"] = {"outs": outs}
-    (project / "dvc.lock").write_text(yaml.safe_dump(lock))
+    record_train_top(project)
     version_id = tracking.log_pipeline_version(params, stage="compare")
     client = mlflow.MlflowClient()
     version = client.get_run(version_id)
@@ -407,13 +411,7 @@ def test_versions_are_ranked_and_one_is_compared_with_the_version_its_committed_
             (project / "models" / "top.keras").write_bytes(f"model {units}".encode())
             scores = {"top": {"val_accuracy": 0.8}, "test": {"accuracy": 0.9, "log_loss": log_loss}}
             (project / "reports" / "train_top" / "metrics.json").write_text(json.dumps(scores))
-        lock = copy.deepcopy(LOCK)
-        outs = [
-            {"path": p, "hash": "md5", "md5": tracking.dvc_hash(project / p)}
-            for p in PIPELINE["stages"]["train_top"]["outs"]
-        ]
-        lock["stages"]["train_top"] = {"outs": outs}
-        (project / "dvc.lock").write_text(yaml.safe_dump(lock))
+        record_train_top(project)
         return tracking.log_pipeline_version(params, stage="compare")
 
     (project / "params.yaml").write_text("top:\n  units: 32\n")
