@@ -107,16 +107,18 @@ def _port_free(port: int) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
+    """Whether a thread of process group `pgid` still runs. A zombie does not count (its parent may never
+    reap it), but a zombie leader does not make the group dead either: while a process exits, its main
+    thread turns zombie before the others have ended and let go of its sockets."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pgid, os.WNOHANG)  # reap it when we started it
-    return Path(f"/proc/{pgid}").exists() and "Z" not in _state(pgid)
-
-
-def _state(pid: int) -> str:
-    with contextlib.suppress(OSError, IndexError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    return ""
+    for stat in Path("/proc").glob("[0-9]*/task/[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            state, _parent, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            if int(group) == pgid and state not in ("Z", "X"):
+                return True
+    return False

@@ -42,6 +42,10 @@ from ops.team.state import (
 )
 
 
+#: The object each bucket is written with, and emptied of, when the store starts.
+READY_PROBE = ".team-ready"
+
+
 def _s3_client(stack: Stack):
     """boto3's S3 client, with the MLflow server's key."""
     import boto3
@@ -78,6 +82,7 @@ def start_s3(stack: Stack) -> None:
             "-volume.max=0",  # as many volumes as the disk holds
             "-volume.preStopSeconds=1",  # stop in a second, not ten
             "-master.volumeSizeLimitMB=1024",
+            "-master.electionTimeout=1s",  # its only master: no peer to wait for (10 s by default)
             "-filer",
             f"-filer.port={p['filer']}",
             f"-filer.port.grpc={p['filer_grpc']}",
@@ -100,14 +105,19 @@ def start_s3(stack: Stack) -> None:
         process = None
     client = _s3_client(stack)
 
-    def buckets_made() -> bool:
+    def stores() -> bool:
+        """Both buckets take a write. Listing them is not enough: after a restart the S3 gateway answers
+        while its master elects itself and the volume server registers (seconds to tens of seconds),
+        and every write in that time fails with InternalError ("Not enough data nodes found")."""
         have = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
         for bucket in ("mlflow", DVC_BUCKET):
             if bucket not in have:
                 client.create_bucket(Bucket=bucket)
+            client.put_object(Bucket=bucket, Key=READY_PROBE, Body=b"ready")
+            client.delete_object(Bucket=bucket, Key=READY_PROBE)
         return True
 
-    _wait_until(buckets_made, stack, "s3", process)
+    _wait_until(stores, stack, "s3", process)
 
 
 def api(stack: Stack, method: str, path: str, body: dict | None = None) -> dict:
@@ -224,7 +234,9 @@ def stop(stack: Stack, service: str) -> bool:
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
+    # until the killed processes are gone they hold their ports, and an `up` right after would find them taken
+    deadline = time.monotonic() + 5
+    while _group_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
     stack.path(f"{service}.pid").unlink(missing_ok=True)
     return True

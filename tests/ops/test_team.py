@@ -219,6 +219,13 @@ def test_a_stopped_store_fails_logging_and_push_then_both_complete_when_it_retur
         failed = dvc("repro", "--force", "-s", "prepare", cwd=workspace, env=env, check=False)
     finally:
         team_cli(root, "up")
+    # the instant `up` returns, both buckets take writes (the restarted store answers a listing seconds
+    # before its volume server has registered, and a write in between fails with InternalError)
+    client = services._s3_client(s)
+    for bucket in ("mlflow", state.DVC_BUCKET):
+        client.put_object(Bucket=bucket, Key="probe/after-restart.txt", Body=b"written")
+        client.delete_object(Bucket=bucket, Key="probe/after-restart.txt")
+        assert "Contents" not in client.list_objects_v2(Bucket=bucket, Prefix=services.READY_PROBE)
     assert failed.returncode != 0
     assert "The prepare stage finished its work and saved its outputs, but logging its outputs" in failed.stderr
     run_id = re.search(r"python -m ops\.tracking log prepare --run-id (\w+)", failed.stderr)
@@ -330,6 +337,24 @@ def test_a_stack_in_a_folder_its_database_user_cannot_pass_says_so_in_one_line(m
             postgres._check_reachable_unprivileged(private / ".team" / "postgres")
     finally:
         shutil.rmtree(base)
+
+
+def test_a_group_whose_leader_has_ended_is_alive_while_another_of_its_processes_runs():
+    """What `stop` waits for: every process of the service's group (MLflow's workers, a process whose
+    main thread has ended before its others), not its first process alone."""
+    leader = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert leader.stdout is not None
+    worker = int(leader.stdout.readline())
+    leader.wait(timeout=10)  # the leader has ended and is reaped: only its child runs on in the group
+    try:
+        assert not Path(f"/proc/{leader.pid}").exists()
+        assert processes._group_alive(leader.pid)
+    finally:
+        os.kill(worker, 9)
+    deadline = time.monotonic() + 10
+    while processes._group_alive(leader.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not processes._group_alive(leader.pid)
 
 
 def test_a_second_up_on_the_same_stack_says_it_waits_for_the_first(tmp_path):
