@@ -41,7 +41,6 @@ from ops.team.state import (
     write_member,
 )
 
-
 #: The object each bucket is written with, and emptied of, when the store starts.
 READY_PROBE = ".team-ready"
 

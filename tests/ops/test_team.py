@@ -342,7 +342,9 @@ def test_a_stack_in_a_folder_its_database_user_cannot_pass_says_so_in_one_line(m
 def test_a_group_whose_leader_has_ended_is_alive_while_another_of_its_processes_runs():
     """What `stop` waits for: every process of the service's group (MLflow's workers, a process whose
     main thread has ended before its others), not its first process alone."""
-    leader = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    leader = subprocess.Popen(
+        ["sh", "-c", "sleep 60 & echo $!"], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     assert leader.stdout is not None
     worker = int(leader.stdout.readline())
     leader.wait(timeout=10)  # the leader has ended and is reaped: only its child runs on in the group
