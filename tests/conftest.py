@@ -152,16 +152,25 @@ def team_stack():
     yield from teamstack.stack()
 
 
+#: The slow checks started once the team's members have run their pipelines (`team_members`).
+STARTED_AFTER_TEAM = ("test_pipeline.py",)
+
+
 @pytest.fixture(scope="session")
-def team_members(team_stack, four_classes, tmp_path_factory):
+def team_members(request, team_stack, four_classes, tmp_path_factory):
     """alice and bob, who ran the tiny pipeline against the team stack at the same time.
 
     `four_classes` is asked for only to start it first: it runs beside their two pipelines, which
     keep the two cores busier than one pipeline does (a stage spends seconds importing TensorFlow
-    on one core), so the suite is shorter than with the three one after the other."""
+    on one core), so the suite is shorter than with the three one after the other. The tests that
+    follow mostly run one pipeline, or one stage, at a time, leaving a core idle: the first repro of
+    tests/e2e/test_pipeline.py starts then, beside them, and its fixture waits for it."""
     from tests import teamstack
 
-    return teamstack.members(team_stack, tmp_path_factory)
+    members = teamstack.members(team_stack, tmp_path_factory)
+    for module in {item.module for item in request.session.items if item.path.name in STARTED_AFTER_TEAM}:
+        module.start()
+    return members
 
 
 #: TINY with four generated classes, the baseline and an ensemble of two small backbones: the

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,12 +32,14 @@ from tests.workspace import (
     base_env,
     dvc,
     dvc_repro,
+    finish_repro,
     free_port,
     locked_hashes,
     queue_workers,
     ran_stages,
     run,
     set_param,
+    start_background,
     stop_queue,
     wait_until_answering,
 )
@@ -47,43 +50,80 @@ pytestmark = pytest.mark.slow
 TEST_METRICS = {"accuracy", "precision", "recall", "f1", "log_loss", "ece", "roc_auc", "images"}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real MLflow tracking server on 127.0.0.1: sqlite backend store, artifacts served by it."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    server_log = open(root / "server.log", "w")  # noqa: SIM115  closed in the finally below, once the server stops
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--serve-artifacts",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=server_log,
-        stderr=subprocess.STDOUT,
-        # without the four processes of MLflow's GenAI job runner, which the pipeline does not use
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )
-    uri = f"http://127.0.0.1:{port}"
+#: Waits for the MLflow server to answer (60 s at most), then becomes `dvc repro`.
+REPRO_ONCE_SERVED = """
+import os, sys, time, urllib.request
+deadline = time.monotonic() + 60
+while True:
     try:
-        wait_until_answering(f"{uri}/health", process, root / "server.log", timeout=60)
-        yield uri
+        with urllib.request.urlopen(sys.argv[1], timeout=2):
+            break
+    except OSError:
+        if time.monotonic() > deadline:
+            sys.exit(f"{sys.argv[1]} did not answer within 60 s")
+        time.sleep(0.5)
+os.execv(sys.executable, [sys.executable, "-m", "dvc", "repro"])
+"""
+
+#: What `start` started: the folder, the server (process, log, URI), the workspace and its repro.
+RUNNING: dict = {}
+
+
+def start() -> None:
+    """A real MLflow tracking server on 127.0.0.1 (sqlite backend, artifacts served by it) and the
+    tiny pipeline's first `dvc repro` against it, in a fresh git repository, both started in the
+    background. tests/conftest.py starts them once the team's members have run their pipelines,
+    while the tests before this file leave a core idle; the fixtures below wait for them."""
+    root = Path(tempfile.mkdtemp(prefix="pipeline-"))
+    port = free_port()
+    server_log = root / "server.log"
+    with server_log.open("w") as out:
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(root / "artifacts"),
+                "--serve-artifacts",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            # without the four processes of MLflow's GenAI job runner, which the pipeline does not use
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )
+    uri = f"http://127.0.0.1:{port}"
+    workspace = demo.make_workspace(root / "repo", TINY, git=True)
+    env = base_env() | {"MLFLOW_TRACKING_URI": uri}
+    repro = start_background(
+        [sys.executable, "-c", REPRO_ONCE_SERVED, f"{uri}/health"], workspace, env, root / "repro.log"
+    )
+    RUNNING.update(root=root, server=server, server_log=server_log, uri=uri, workspace=workspace, env=env, repro=repro)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The URI of the MLflow server `start` started (started here when it was not), stopped after the
+    file's tests."""
+    if not RUNNING:
+        start()
+    try:
+        wait_until_answering(f"{RUNNING['uri']}/health", RUNNING["server"], RUNNING["server_log"], timeout=60)
+        yield RUNNING["uri"]
     finally:
-        process.terminate()
-        process.wait(timeout=30)
-        server_log.close()
+        RUNNING["repro"].process.kill()
+        RUNNING["server"].terminate()
+        RUNNING["server"].wait(timeout=30)
+        shutil.rmtree(RUNNING["root"], ignore_errors=True)
 
 
 def run_ids(uri: str, version: int = 0) -> dict[str, str]:
@@ -101,13 +141,10 @@ def pipeline_versions(uri: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, server):
+def repo(server):
     """The tiny pipeline in a fresh git repository, reproduced once against the MLflow server."""
-    tmp = tmp_path_factory.mktemp("pipeline")
-    workspace = demo.make_workspace(tmp / "repo", TINY, git=True)
-    env = base_env() | {"MLFLOW_TRACKING_URI": server}
-    ran = dvc_repro(workspace, env)
-    return {"path": workspace, "env": env, "first_run": ran, "server": server}
+    ran = ran_stages(finish_repro(RUNNING["repro"]))
+    return {"path": RUNNING["workspace"], "env": RUNNING["env"], "first_run": ran, "server": server}
 
 
 def client(uri: str):
