@@ -45,18 +45,22 @@ TINY: dict = {
 }
 
 
-#: Test files whose program starts in the background once the suite is collected (their `start`).
-STARTED_EARLY = ("test_jax.py", "test_gpu_check.py", "test_demo.py")
+#: Test files whose program starts in the background once the team's members have run their
+#: pipelines (`team_members`, then their `start`), and which run last.
+STARTED_AFTER_TEAM = ("test_gpu_check.py", "test_jax.py", "test_demo.py", "test_pipeline.py")
 
 
-def pytest_collection_finish(session):
-    """Three slow checks run one program each, mostly a process starting after another (the JAX
-    pipeline, whose compiling leaves a core idle, the GPU check's quick mode, the demo): their programs
-    start as soon as the suite is collected, beside the tests that come first, and their tests wait
-    for them (tests/e2e/test_jax.py, tests/test_gpu_check.py, tests/e2e/test_demo.py). Started through
-    the module pytest imported, whose fixture then finds it started."""
-    for module in {item.module for item in session.items if item.path.name in STARTED_EARLY}:
-        module.start()
+def pytest_collection_modifyitems(session, config, items):
+    """Four slow checks run a program each, mostly a process starting after another (the GPU check's
+    quick mode; the JAX pipeline, whose compiling leaves a core idle; the demo; test_pipeline's MLflow
+    server and first repro). Until the team's members have run their three pipelines, the tests keep
+    both cores busy; after them, they mostly run one stage or one pipeline at a time. So the four
+    programs start then (`team_members`), beside those tests, and their own tests run last, when the
+    programs are done. Run without the team's tests, each file starts its program itself."""
+    late = [item for item in items if item.path.name in STARTED_AFTER_TEAM]
+    items[:] = [item for item in items if item.path.name not in STARTED_AFTER_TEAM] + sorted(
+        late, key=lambda item: STARTED_AFTER_TEAM.index(item.path.name)
+    )
 
 
 def pytest_runtest_teardown(item):
@@ -152,10 +156,6 @@ def team_stack():
     yield from teamstack.stack()
 
 
-#: The slow checks started once the team's members have run their pipelines (`team_members`).
-STARTED_AFTER_TEAM = ("test_pipeline.py",)
-
-
 @pytest.fixture(scope="session")
 def team_members(request, team_stack, four_classes, tmp_path_factory):
     """alice and bob, who ran the tiny pipeline against the team stack at the same time.
@@ -163,8 +163,9 @@ def team_members(request, team_stack, four_classes, tmp_path_factory):
     `four_classes` is asked for only to start it first: it runs beside their two pipelines, which
     keep the two cores busier than one pipeline does (a stage spends seconds importing TensorFlow
     on one core), so the suite is shorter than with the three one after the other. The tests that
-    follow mostly run one pipeline, or one stage, at a time, leaving a core idle: the first repro of
-    tests/e2e/test_pipeline.py starts then, beside them, and its fixture waits for it."""
+    follow mostly run one pipeline, or one stage, at a time, leaving a core idle: the programs of
+    STARTED_AFTER_TEAM start then, beside them, in the module pytest imported, whose fixture then
+    finds its program started."""
     from tests import teamstack
 
     members = teamstack.members(team_stack, tmp_path_factory)

@@ -3,7 +3,7 @@ the tiny pipeline with `backend: jax`, featurize, finetune and evaluate each run
 two processes on 127.0.0.1 (PIPELINE_LAUNCH), so that each batch of fine-tuning is split two ways
 and the validation split's last batch is completed with pictures of weight 0, and `import
 tensorflow` failing in every process. The pipeline starts in the
-background as soon as the suite is collected (`start`, tests/conftest.py).
+background once the team's members have run (`start`, tests/conftest.py).
 
 Then, here on TensorFlow: the JAX run's backbone weights give the same features, and its saved
 model the same test scores and the same validation accuracy, as the JAX run computed; both
