@@ -45,18 +45,30 @@ TINY: dict = {
 }
 
 
+#: Test files whose program starts in the background once the suite is collected (their `start`).
+STARTED_EARLY = ("test_gpu_check.py", "test_demo.py")
+
 #: Test files whose program starts in the background once the team's members have run their
 #: pipelines (`team_members`, then their `start`), and which run last.
-STARTED_AFTER_TEAM = ("test_gpu_check.py", "test_jax.py", "test_demo.py", "test_pipeline.py")
+STARTED_AFTER_TEAM = ("test_jax.py", "test_pipeline.py")
+
+
+def pytest_collection_finish(session):
+    """Four slow checks run a program each, mostly a process starting after another: the GPU check's
+    quick mode, the demo, the JAX pipeline (whose compiling leaves a core idle) and test_pipeline's
+    MLflow server and first repro. They run beside other tests, where those leave a core idle, and
+    their tests wait for them. The unit tests that come first mostly use one core: the GPU check and
+    the demo start as soon as the suite is collected (STARTED_EARLY). From the team's members, who
+    run three pipelines at once, both cores are busy; the tests after them mostly run one stage or
+    one pipeline at a time: the JAX pipeline and test_pipeline's repro start then (`team_members`),
+    and their tests run last (`pytest_collection_modifyitems`). Started through the module pytest
+    imported, whose fixture then finds it started; a file run alone starts its program itself."""
+    for module in {item.module for item in session.items if item.path.name in STARTED_EARLY}:
+        module.start()
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Four slow checks run a program each, mostly a process starting after another (the GPU check's
-    quick mode; the JAX pipeline, whose compiling leaves a core idle; the demo; test_pipeline's MLflow
-    server and first repro). Until the team's members have run their three pipelines, the tests keep
-    both cores busy; after them, they mostly run one stage or one pipeline at a time. So the four
-    programs start then (`team_members`), beside those tests, and their own tests run last, when the
-    programs are done. Run without the team's tests, each file starts its program itself."""
+    """The tests of STARTED_AFTER_TEAM run last, in that order (`pytest_collection_finish`)."""
     late = [item for item in items if item.path.name in STARTED_AFTER_TEAM]
     items[:] = [item for item in items if item.path.name not in STARTED_AFTER_TEAM] + sorted(
         late, key=lambda item: STARTED_AFTER_TEAM.index(item.path.name)

@@ -22,7 +22,7 @@ def cells(line: str) -> list[str]:
     return [cell.strip() for cell in line.strip().strip("|").split("|")]
 
 
-#: The check's process, started by `start` (tests/conftest.py, STARTED_AFTER_TEAM).
+#: The check's process, started by `start` (tests/conftest.py, once the suite is collected).
 RUNNING: dict = {}
 
 

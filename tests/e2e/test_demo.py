@@ -1,5 +1,5 @@
 """The README's demo path, run as written: `make demo` (here `python -m ops.demo` on the tiny
-config, started in the background once the team's members have run), then the experiment and the MLflow
+config, started in the background once the suite is collected), then the experiment and the MLflow
 link it prints, whose commands the README shows."""
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ RUNNING: dict = {}
 
 
 def start() -> None:
-    """The demo on the tiny config, started in the background once the team's members have run
-    (tests/conftest.py, STARTED_AFTER_TEAM): its pipeline runs beside the tests that come after them."""
+    """The demo on the tiny config, started in the background as soon as the suite is collected
+    (tests/conftest.py, STARTED_EARLY): its pipeline runs beside the tests that come first."""
     env = base_env()
     env.pop("MLFLOW_TRACKING_URI", None)  # the demo's own store, as `make demo` has
     tmp = Path(tempfile.mkdtemp(prefix="demo-"))
