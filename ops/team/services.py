@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -99,7 +100,11 @@ def start_s3(stack: Stack) -> None:
         ]
         # TMPDIR: where it puts its gRPC unix sockets, in its private folder rather than /tmp
         private = str(stack.path("s3"))
-        process = _spawn(stack, "s3", args, _service_env(HOME=str(stack.root), TMPDIR=private))
+        # WEED_MASTER_VOLUME_GROWTH_COPY_1: a bucket grows by one volume when it needs one, not seven at once;
+        # with "as many volumes as the disk holds", seven per bucket left a disk with a few GiB free
+        # none to give the second bucket, whose every write then failed
+        growth = {"WEED_MASTER_VOLUME_GROWTH_COPY_1": "1"}
+        process = _spawn(stack, "s3", args, _service_env(HOME=str(stack.root), TMPDIR=private, **growth))
     else:
         process = None
     client = _s3_client(stack)
@@ -116,7 +121,27 @@ def start_s3(stack: Stack) -> None:
             client.delete_object(Bucket=bucket, Key=READY_PROBE)
         return True
 
-    _wait_until(stores, stack, "s3", process)
+    try:
+        _wait_until(stores, stack, "s3", process)
+    except StageError as err:
+        raise StageError(f"{err}{_low_disk(stack.path('s3'))}") from err
+
+
+#: Below this much free space the store may have no room for a bucket's next volume.
+LOW_DISK = 4 * 2**30
+
+
+def _low_disk(folder: Path) -> str:
+    """What to say of the free space of `folder`'s disk when the store did not start: nothing, unless
+    it is low."""
+    free = shutil.disk_usage(folder).free
+    if free >= LOW_DISK:
+        return ""
+    return (
+        f"\nThe disk holding {folder} has {free / 2**30:.1f} GiB free: the store makes a volume of up to 1 GiB "
+        'for each bucket, and refuses every write to a bucket it has no room for ("no free volumes left" in '
+        "its log). Free some space, or move the stack to a larger disk (TEAM_DIR), then `make team-up` again."
+    )
 
 
 def api(stack: Stack, method: str, path: str, body: dict | None = None) -> dict:

@@ -339,6 +339,16 @@ def test_a_stack_in_a_folder_its_database_user_cannot_pass_says_so_in_one_line(m
         shutil.rmtree(base)
 
 
+def test_a_store_that_did_not_start_on_a_nearly_full_disk_says_how_much_is_free(tmp_path, monkeypatch):
+    free = {"free": 5 * 2**30}
+    monkeypatch.setattr(services.shutil, "disk_usage", lambda folder: type("Usage", (), free)())
+    assert services._low_disk(tmp_path) == ""
+    free["free"] = int(2.5 * 2**30)
+    said = services._low_disk(tmp_path)
+    assert f"The disk holding {tmp_path} has 2.5 GiB free" in said
+    assert "no free volumes left" in said and "`make team-up` again" in said
+
+
 def test_a_group_whose_leader_has_ended_is_alive_while_another_of_its_processes_runs():
     """What `stop` waits for: every process of the service's group (MLflow's workers, a process whose
     main thread has ended before its others), not its first process alone."""
