@@ -146,7 +146,7 @@ def test_each_service_gets_only_what_it_needs_of_the_environment(team_stack):
     pids = {name: processes._pid(s, name) for name in ("postgres", "s3", "mlflow")}
     own = {
         "postgres": set(),
-        "s3": {"HOME", "TMPDIR"},
+        "s3": {"HOME", "TMPDIR", "WEED_MASTER_VOLUME_GROWTH_COPY_1"},
         "mlflow": {"HOME", "PGPASSFILE", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
         | {"AWS_DEFAULT_REGION", "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_PASSWORD"}
         | {"MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "MLFLOW_DISABLE_TELEMETRY"},
@@ -160,6 +160,8 @@ def test_each_service_gets_only_what_it_needs_of_the_environment(team_stack):
         theirs = {k for k in given if not (name == "postgres" and (k.startswith(("PG", "LC_")) or k == "PWD"))}
         assert theirs <= set(processes.PASSED_ENV) | own[name], (name, sorted(theirs))
         assert not set(OPERATOR_SECRETS.values()) & set(given.values()), name
+        if name == "s3":  # a bucket grows by one volume at a time (services.start_s3)
+            assert given["WEED_MASTER_VOLUME_GROWTH_COPY_1"] == "1"
 
 
 def test_credentials_appear_in_no_log_tag_param_lock_or_commit(team_stack, team_members):
