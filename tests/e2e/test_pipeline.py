@@ -73,7 +73,7 @@ def start() -> None:
     """A real MLflow tracking server on 127.0.0.1 (sqlite backend, artifacts served by it) and the
     tiny pipeline's first `dvc repro` against it, in a fresh git repository, both started in the
     background. tests/conftest.py starts them once the team's members have run their pipelines,
-    while the tests before this file leave a core idle; the fixtures below wait for them."""
+    beside the tests after those, which leave a core idle; the fixtures below wait for them."""
     root = Path(tempfile.mkdtemp(prefix="pipeline-"))
     port = free_port()
     server_log = root / "server.log"
