@@ -63,7 +63,12 @@ def pytest_collection_finish(session):
     one pipeline at a time: the JAX pipeline and test_pipeline's repro start then (`team_members`),
     and their tests run last (`pytest_collection_modifyitems`). Started through the module pytest
     imported, whose fixture then finds it started; a file run alone starts its program itself."""
-    for module in {item.module for item in session.items if item.path.name in STARTED_EARLY}:
+    _start(session.items, STARTED_EARLY)
+
+
+def _start(items, files: tuple[str, ...]) -> None:
+    """Start the program of each of `files` that has a test among `items` (the module's `start`)."""
+    for module in {item.module for item in items if item.path.name in files}:
         module.start()
 
 
@@ -181,8 +186,7 @@ def team_members(request, team_stack, four_classes, tmp_path_factory):
     from tests import teamstack
 
     members = teamstack.members(team_stack, tmp_path_factory)
-    for module in {item.module for item in request.session.items if item.path.name in STARTED_AFTER_TEAM}:
-        module.start()
+    _start(request.session.items, STARTED_AFTER_TEAM)
     return members
 
 

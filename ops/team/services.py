@@ -251,16 +251,13 @@ def stop(stack: Stack, service: str) -> bool:
     if service == "postgres":
         _run_pg([_postgres_bin(stack, "pg_ctl"), "-D", str(stack.path("postgres")), "-m", "fast", "-w", "stop"])
         return True
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + GRACE[service]
-    while _group_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-    # until the killed processes are gone they hold their ports, and an `up` right after would find them taken
-    deadline = time.monotonic() + 5
-    while _group_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # SIGKILL after the grace; until the killed processes are gone they hold their ports, and an `up`
+    # right after would find them taken
+    for signum, seconds in ((signal.SIGTERM, GRACE[service]), (signal.SIGKILL, 5)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signum)
+        deadline = time.monotonic() + seconds
+        while _group_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
     stack.path(f"{service}.pid").unlink(missing_ok=True)
     return True
