@@ -56,7 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="the test suite's tiny config instead of the demo's")
     args = parser.parse_args()
-    overrides = TINY if args.tiny else demo.DEMO_PARAMS
+    overrides = TINY if args.tiny else demo.DEMO_GENERATED
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workspace = demo.make_workspace(Path(tmp) / "repo", overrides, git=True)

@@ -94,7 +94,7 @@ def main() -> None:
     try:
         rows += measure(tmp, "tiny", TINY, args.rounds, None)
         if args.demo:
-            rows += measure(tmp, "demo", demo.DEMO_PARAMS, 1, None)
+            rows += measure(tmp, "demo", demo.DEMO_GENERATED, 1, None)
         if args.team:
             rows += measure(tmp, "tiny, team", TINY, args.rounds, team_login(tmp))
     finally:

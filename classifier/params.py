@@ -15,13 +15,23 @@ from typing import Any, Literal
 PARAMS_FILE = "params.yaml"
 
 #: Names accepted by `model.backbone` and `ensemble.backbones`; classifier.model.catalog describes each.
-BACKBONES = ("vgg16", "resnet50", "inception_v3", "xception", "mobilenet_v2", "efficientnet_v2_b0")
+BACKBONES = (
+    "vgg16",
+    "resnet50",
+    "inception_v3",
+    "xception",
+    "mobilenet_v2",
+    "efficientnet_v2_b0",
+    "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
+)
 
 
 #: The presets downloaded from where they are published (classifier.data.presets says where).
 PUBLISHED = ("cats_vs_dogs", "stanford_dogs")
 #: Named data sources; anything else must be an http(s) URL or a local path.
-PRESETS = (*PUBLISHED, "synthetic")
+PRESETS = (*PUBLISHED, "synthetic", "fashion_mnist")
 
 
 class ParamsError(ValueError):
@@ -122,6 +132,17 @@ class SyntheticParams:
 
 
 @dataclass(frozen=True)
+class FashionMnistParams:
+    """Fashion-MNIST's pictures (`data.source: fashion_mnist`, classifier.data.fashion_mnist)."""
+
+    per_class: int = 1800  # the first pictures of each class, training file first: the default split's 1000 + 400 + 400
+
+    def check(self, key: str) -> None:
+        if not 1 <= self.per_class <= 7000:
+            _fail(f"{key}.per_class", self.per_class, "must be 1..7000 (Fashion-MNIST has 7000 pictures per class)")
+
+
+@dataclass(frozen=True)
 class DataParams:
     source: str = "cats_vs_dogs"
     sha256: str | None = None
@@ -132,6 +153,7 @@ class DataParams:
     max_pixels: int = 89_478_485  # Pillow's own default limit
     split: SplitParams = field(default_factory=SplitParams)
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+    fashion_mnist: FashionMnistParams = field(default_factory=FashionMnistParams)
 
     def check(self, key: str) -> None:
         if not 0 <= self.seed < SEED_LIMIT:
@@ -147,6 +169,13 @@ class DataParams:
                 _fail(f"{key}.image_size", list(self.image_size), "height and width must be >= 32")
         if self.min_side < 1:
             _fail(f"{key}.min_side", self.min_side, "must be >= 1 pixel")
+        if self.source == "fashion_mnist" and self.min_side > 28:
+            _fail(
+                f"{key}.min_side",
+                self.min_side,
+                "Fashion-MNIST's pictures are 28x28, so prepare would drop every one as too small: "
+                "set data.min_side: 28 (or lower)",
+            )
         if self.max_pixels < self.min_side**2:
             _fail(f"{key}.max_pixels", self.max_pixels, f"must be >= data.min_side squared ({self.min_side**2})")
         if self.max_side < max(self.image_size):

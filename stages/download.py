@@ -2,13 +2,16 @@
 
 Sources: a preset (`cats_vs_dogs`, `stanford_dogs`), an http(s) URL of an archive, a local archive
 (.zip, .tar, .tar.gz, .tgz), a local folder with one subfolder per class (or one already split
-into train/ and validation/ (or val/), test/ or both, each with class subfolders), or `synthetic`
-(generated offline). A preset that publishes its own split (Stanford Dogs' lists.tar) is laid out
-split, as its lists say. Downloads (classifier/data/fetch.py) stream with a progress bar into
-data/cache/ under a temporary name, resume after an interruption, and are renamed when complete
-and verified; data/cache/ also takes an archive downloaded by hand. Archives are extracted member
-by member: a member whose path would land outside the target, or a link, is refused and reported.
-The source is only read, never changed. data/raw/source.json records what was read and its sha256.
+into train/ and validation/ (or val/), test/ or both, each with class subfolders), `synthetic`
+(generated offline) or `fashion_mnist` (real 28x28 pictures as PNG files, read from Debian's
+package dataset-fashion-mnist or Keras's cache when either is there, else downloaded: see
+classifier/data/fashion_mnist.py). A preset that publishes its own split (Stanford Dogs'
+lists.tar) is laid out split, as its lists say. Downloads (classifier/data/fetch.py) stream with a
+progress bar into data/cache/ under a temporary name, resume after an interruption, and are
+renamed when complete and verified; data/cache/ also takes an archive downloaded by hand. Archives
+are extracted member by member: a member whose path would land outside the target, or a link, is
+refused and reported. The source is only read, never changed. data/raw/source.json records what
+was read and its sha256.
 
 Run: dvc repro download   (or: python -m stages.download data/raw)
 """

@@ -1,5 +1,6 @@
 """What `data.source` names, fetched into data/raw (`download`): a preset, a URL, a local archive
-or folder, or `synthetic`. Downloads are kept in data/cache/ (resumable, verified by sha256)."""
+or folder, `synthetic` or `fashion_mnist`. Downloads are kept in data/cache/ (resumable, verified by
+sha256)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from scipy.io import loadmat  # type: ignore[import-untyped]
 from scipy.io.matlab import MatReadError  # type: ignore[import-untyped]
 
 from classifier import config, saving
-from classifier.data import fetch, synthetic
+from classifier.data import fashion_mnist, fetch, synthetic
 from classifier.data.archives import ARCHIVE_SUFFIXES, LISTED_REFUSALS, _safe_member_path, extract, is_archive
 from classifier.data.fetch import sha256_file
 from classifier.data.folders import Copier, class_root
@@ -175,6 +176,8 @@ def download(params: config.DataParams, seed: int, out: Path) -> dict:
     if source == "synthetic":
         record["classes"] = synthetic.generate(out, params.synthetic, seed)
         return record
+    if source == "fashion_mnist":
+        return fashion_mnist.lay_out(out, params.fashion_mnist, project_root() / CACHE_DIR / fashion_mnist.CACHE_NAME)
     preset = PRESETS.get(source)
     url = preset.url if preset else source if fetch.is_url(source) else None
     pinned = params.sha256 or (preset.sha256 if preset else None)

