@@ -174,12 +174,21 @@ def build_ensemble(members: list[keras.Model], head: keras.Model) -> keras.Model
 
 
 def unfreeze_last_blocks(base: keras.Model, backbone: str, blocks: int) -> list[str]:
-    """Freeze the whole base except its last `blocks` blocks; return the unfrozen layers' names."""
+    """Freeze the whole base except its last `blocks` blocks; return the unfrozen layers' names.
+
+    BatchNormalization layers stay frozen, in the unfrozen blocks too: a frozen one runs in inference
+    mode (its ImageNet moving statistics, never updated), a trainable one would normalise each batch
+    by its own statistics and move its moving statistics toward them. Calling the base with
+    `training=False` does not prevent that: Keras 3's functional model passes the outer call's
+    `training=True` down to every layer under `fit`. With small batches that drift undoes what the
+    pretrained block knows (fine-tuning EfficientNet-Lite on Fashion-MNIST ended below the frozen head,
+    at a learning rate of 1e-12 too).
+    """
     _require_blocks(backbone, blocks)
     ends = REGISTRY[backbone].block_ends
     names = [layer.name for layer in base.layers]
     cut = names.index(ends[-(blocks + 1)])
     base.trainable = True
     for i, layer in enumerate(base.layers):
-        layer.trainable = i > cut
-    return [layer.name for layer in base.layers[cut + 1 :] if layer.weights]
+        layer.trainable = i > cut and not isinstance(layer, keras.layers.BatchNormalization)
+    return [layer.name for layer in base.layers[cut + 1 :] if layer.trainable and layer.weights]

@@ -60,7 +60,9 @@ def build_classifier(
     inputs = keras.Input(shape=base.input_shape[1:], name="image")
     x = augmentation(inputs) if augmentation is not None else inputs
     x = Preprocess(backbone, name="preprocess")(x)
-    x = base(x, training=False)  # BatchNorm stays in inference mode even when unfrozen
+    # Inference mode for the base where nothing overrides it (predict); under `fit` Keras passes
+    # training=True down regardless, which is why unfreeze_last_blocks keeps BatchNorm frozen.
+    x = base(x, training=False)
     outputs = head(x)
     return keras.Model(inputs, outputs, name=f"{backbone}_classifier")
 

@@ -142,3 +142,30 @@ def test_a_model_saved_before_the_layers_moved_loads_the_same(tmp_path):
     x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     loaded = inference.load_model(old, "float32")
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "mobilenet_v2"])
+def test_fine_tuning_leaves_every_batchnorm_in_inference_mode(name):
+    """Under `fit`, Keras 3 passes training=True down through `base(x, training=False)`: an unfrozen
+    block's BatchNorm would normalise each batch by its own statistics and drift its moving ones.
+    Trained at a learning rate of nearly 0, the model must predict exactly as before."""
+    from classifier.model import heads
+
+    keras.utils.set_random_seed(0)
+    base = backbones.build_backbone(name, None, (32, 32))
+    unfrozen = backbones.unfreeze_last_blocks(base, name, 1)
+    assert unfrozen and not any(isinstance(base.get_layer(n), keras.layers.BatchNormalization) for n in unfrozen)
+    head = keras.Sequential([keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3, activation="softmax")])
+    model = heads.build_classifier(base, head, name)
+    heads.compile_classifier(model, keras.optimizers.SGD(learning_rate=1e-12), 3)
+    rng = np.random.default_rng(0)
+    pictures = rng.uniform(0, 255, (16, 32, 32, 3)).astype("float32")
+    labels = rng.integers(0, 3, 16)
+    moving = [w for w in base.non_trainable_weights if "moving" in w.path]
+    statistics = [keras.ops.convert_to_numpy(w) for w in moving]
+    assert moving
+    before = model.predict(pictures, verbose=0)
+    model.fit(pictures, labels, epochs=2, batch_size=4, verbose=0)
+    for variable, value in zip(moving, statistics, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), value, err_msg=variable.path)
+    np.testing.assert_allclose(model.predict(pictures, verbose=0), before, atol=1e-6)
