@@ -2,7 +2,7 @@
 
     python benchmarks/real.py                      # 100 and 1000 training pictures per class (about an hour on 2 cores)
     python benchmarks/real.py --per-class 100      # one size (about 10 minutes)
-    python benchmarks/real.py --quick              # 10 per class, 2 epochs: checks every row in a few minutes
+    python benchmarks/real.py --quick              # 30 per class, 2 epochs: checks every row in a few minutes
 
 For each size, in a temporary copy of the pipeline (`ops.demo.make_workspace`), with params.yaml's
 defaults but for REAL below (the data, EfficientNet-Lite0 at 64x64, the ensemble of Lite0/1/2, no
@@ -132,6 +132,7 @@ def plain_keras(workspace: Path, params: Any) -> dict[str, float]:
     from classifier.model import backbones, devices, finetuning, images
 
     devices.start(params.deterministic)
+    keras.utils.set_random_seed(params.seed)
     policy = devices.precision_policy(params.precision)
     train = images.load_split(workspace / "data" / "prepared", "train")
     x = np.concatenate(list(images.images_only(train.paths, params.data.image_size, 256)))
@@ -168,7 +169,7 @@ def audit_precision(root: Path, params_overrides: dict, env: dict, seed: int = 0
     folder = root / "flipped"
     cache = root / "cache"
     per_class = params_overrides["data"]["fashion_mnist"]["per_class"]
-    from classifier.config import FashionMnistParams
+    from classifier.params import FashionMnistParams
 
     fashion_mnist.lay_out(folder, FashionMnistParams(per_class), cache)
     files = sorted(p for p in folder.rglob("*.png"))
@@ -179,18 +180,19 @@ def audit_precision(root: Path, params_overrides: dict, env: dict, seed: int = 0
         other = rng.choice([c for c in classes if c != path.parent.name])
         path = path.rename(folder / other / path.name)
         wrong.add(pictures.sha256(pictures.decode(path, params_overrides["data"]["max_side"]).image))
-    workspace = demo.make_workspace(
-        root / "audit", demo.merge(params_overrides, {"data": {"source": str(folder)}}), git=True
-    )
+    # Classes no longer hold the same number of pictures: the split's counts, as fractions.
+    fractions = {name: n / per_class - 1e-4 for name, n in params_overrides["data"]["split"].items()}
+    flipped_source = demo.merge(params_overrides, {"data": {"source": str(folder), "split": fractions}})
+    workspace = demo.make_workspace(root / "audit", flipped_source, git=True)
     audit_env = env | {"MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}"}
     dvc(workspace, audit_env, "repro", "audit")
     with open(workspace / "reports" / "audit" / "suspects.csv", newline="", encoding="utf-8") as f:
         suspects = list(csv.DictReader(f))
     with open(workspace / "data" / "prepared" / "manifest.csv", newline="", encoding="utf-8") as f:
-        sha_of = {row["path"]: row["sha256"] for row in csv.DictReader(f)}
-    flipped = [row for row in suspects if sha_of[row["picture"]] in wrong]
-    n = len(flipped)
-    found = sum(sha_of[row["picture"]] in wrong for row in suspects[:n])
+        sha_of = {Path(row["path"]).name: row["sha256"] for row in csv.DictReader(f)}  # names are unique
+    moved = [sha_of[Path(row["picture"]).name] in wrong for row in suspects]
+    n = sum(moved)
+    found = sum(moved[:n])
     return {"flipped": n, "audited": len(suspects), "precision": found / n if n else float("nan")}
 
 
@@ -241,11 +243,11 @@ def measure(per_class: int, quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--per-class", type=int, nargs="+", default=[100, 1000], help="training pictures per class")
-    parser.add_argument("--quick", action="store_true", help="10 per class, 2 epochs: every row, in minutes")
+    parser.add_argument("--quick", action="store_true", help="30 per class, 2 epochs: every row, in minutes")
     args = parser.parse_args()
     if fashion_mnist.local_copy(Path("data/cache") / fashion_mnist.CACHE_NAME) is None:
         sys.exit("needs Fashion-MNIST on this machine: apt-get install dataset-fashion-mnist")
-    sizes = [10] if args.quick else args.per_class
+    sizes = [30] if args.quick else args.per_class
     print(f"{time.strftime('%Y-%m-%d')}, {cpu_model()}\n")
     for per_class in sizes:
         measure(per_class, args.quick)
