@@ -205,7 +205,7 @@ class TopParams:
     learning_rate: float = 1e-3
     epochs: int = 50
     batch_size: int = 16
-    patience: int | None = None  # epochs without a better validation loss before stopping; None: all epochs
+    patience: int | None = 5  # epochs without a better validation loss before stopping (the best kept); None: all
 
     def check(self, key: str) -> None:
         _check_dense_training(key, self)
@@ -240,7 +240,7 @@ class FinetuneParams:
     momentum: float = 0.9
     epochs: int = 50
     batch_size: int = 16
-    patience: int | None = None  # epochs without a better validation loss before stopping; None: all epochs
+    patience: int | None = 5  # epochs without a better validation loss before stopping (the best kept); None: all
     augment: AugmentParams = field(default_factory=AugmentParams)
 
     def check(self, key: str) -> None:

@@ -87,3 +87,17 @@ def test_a_model_holding_constant_tensors_exports_to_onnx_with_one_input(tmp_pat
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     np.testing.assert_allclose(session.run(None, {"image": x})[0], model.predict(x, verbose=0), atol=1e-5)
     assert not (tmp_path / "saved_model").exists(), "the SavedModel it went through is not left behind"
+
+
+def test_an_efficientnet_lite_classifier_exports_to_every_format(tmp_path):
+    """EfficientNet-Lite's layers (ReLU6, depthwise convolutions, its preprocessing) in each runtime."""
+    from classifier.model import backbones, heads
+
+    keras.utils.set_random_seed(0)
+    base = backbones.build_backbone("efficientnet_lite0", None, (32, 32))
+    head = keras.Sequential([keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3, activation="softmax")])
+    model = heads.build_classifier(base, head, "efficientnet_lite0")
+    written = exporting.export(model, tmp_path, exporting.FILES)
+    batch = np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    largest = exporting.check(model, written, [batch])
+    assert set(largest) == set(exporting.FILES) and all(value < 1e-4 for value in largest.values()), largest
