@@ -10,7 +10,8 @@ exports; at 1000 per class fewer epochs for fine-tuning and the baseline, see `o
 
 - every stage run on its own (`dvc repro --single-item`, in dvc.yaml's order), timed as a whole
   process: the time each stage takes on this machine, fixed costs included;
-- test accuracy, log loss and ECE of the four models (reports/models.csv);
+- test accuracy, log loss and ECE of the four models (reports/models.csv), and of each ensemble
+  member alone (the ensemble's head trained on that member's features only);
 - featurize and fine-tuning pictures per second (MLflow's `images_per_second` of featurize; the
   fine-tuning epochs' span in MLflow) against plain Keras on the same pictures held in memory
   (`model.predict` of the same extractor; `model.fit` of the same fine-tuning model, second epoch);
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import random
 import shutil
 import sqlite3
@@ -155,6 +157,22 @@ def plain_keras(workspace: Path, params: Any) -> dict[str, float]:
     return {"featurize": featurize, "finetune": fit}
 
 
+def member_scores(workspace: Path, params: Any) -> dict[str, dict[str, float]]:
+    """Each ensemble member alone: the ensemble's head (train_top's params) on that member's cached
+    features only, scored on the test split as the ensemble stage scores its own."""
+    from classifier.model import bottleneck, training
+
+    out = {}
+    for backbone in params.ensemble.backbones:
+        folder = workspace / "data" / "ensemble" / backbone
+        classes = json.loads((folder / bottleneck.META).read_text())["classes"]
+        data = [bottleneck.load_features(folder, split) for split in ("train", "validation", "test")]
+        head, _ = training.train_top(data[0], data[1], len(classes), params.top, params.seed, "flatten")
+        _, metrics = training.score_head(head, data[2], classes, params.evaluate.threshold)
+        out[backbone] = metrics["test"]
+    return out
+
+
 def pipeline_rates(workspace: Path, train_pictures: int) -> dict[str, float]:
     """The pipeline's own pictures per second: featurize's logged rate, and fine-tuning's epochs
     after the first (whose graph building is not counted), from their MLflow timestamps."""
@@ -210,6 +228,7 @@ def measure(per_class: int, quick: bool) -> None:
         params = config.parse(yaml.safe_load((workspace / "params.yaml").read_text()))
         with open(workspace / "reports" / "models.csv", newline="", encoding="utf-8") as f:
             rows = {row["model"]: row for row in csv.DictReader(f)}
+        members = member_scores(workspace, params)
         ours = pipeline_rates(workspace, per_class * 10)
         plain = plain_keras(workspace, params)
         audit = audit_precision(root, chosen, env)
@@ -226,6 +245,8 @@ def measure(per_class: int, quick: bool) -> None:
         row = rows.get(name)
         if row:
             print(f"| {name} | {float(row['accuracy']):.3f} | {float(row['log_loss']):.3f} | {float(row['ece']):.3f} |")
+    for backbone, m in members.items():
+        print(f"| ensemble member {backbone} alone | {m['accuracy']:.3f} | {m['log_loss']:.3f} | {m['ece']:.3f} |")
     print(
         f"\nLabel audit: {audit['flipped']} of {audit['audited']} training and validation labels moved to another "
         f"class at random; precision at {audit['flipped']}: {audit['precision']:.2f} "
