@@ -25,6 +25,7 @@ Prints one markdown table per size (docs/real.md keeps them). Nothing here is a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import random
@@ -48,17 +49,18 @@ from ops import demo
 from tests.workspace import GIT_ENV
 
 #: What the measured pipelines change in params.yaml, whatever the size.
-REAL: dict[str, Any] = {
-    "data": {"source": "fashion_mnist", "image_size": [64, 64], "max_side": 64, "min_side": 28},
-    "model": {"backbone": "efficientnet_lite0", "weights": "imagenet"},
-    "ensemble": {
-        "backbones": ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
-        "weights": "imagenet",
-        "image_size": 64,
+REAL: dict[str, Any] = demo.merge(
+    demo.FASHION_MNIST_64,
+    {
+        "model": {"backbone": "efficientnet_lite0", "weights": "imagenet"},
+        "ensemble": {
+            "backbones": ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
+            "weights": "imagenet",
+        },
+        "evaluate": {"registered_model": None},
+        "export": {"formats": []},
     },
-    "evaluate": {"registered_model": None},
-    "export": {"formats": []},
-}
+)
 
 #: The four models of reports/models.csv, in the table's order.
 MODELS = ("baseline", "top", "finetuned", "ensemble")
@@ -167,7 +169,8 @@ def member_scores(workspace: Path, params: Any) -> dict[str, dict[str, float]]:
         folder = workspace / "data" / "ensemble" / backbone
         classes = json.loads((folder / bottleneck.META).read_text())["classes"]
         data = [bottleneck.load_features(folder, split) for split in ("train", "validation", "test")]
-        head, _ = training.train_top(data[0], data[1], len(classes), params.top, params.seed, "flatten")
+        with contextlib.redirect_stdout(sys.stderr):  # Keras's epoch lines: progress, not the table
+            head, _ = training.train_top(data[0], data[1], len(classes), params.top, params.seed, "flatten")
         _, metrics = training.score_head(head, data[2], classes, params.evaluate.threshold)
         out[backbone] = metrics["test"]
     return out
@@ -266,7 +269,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, nargs="+", default=[100, 1000], help="training pictures per class")
     parser.add_argument("--quick", action="store_true", help="30 per class, 2 epochs: every row, in minutes")
     args = parser.parse_args()
-    if fashion_mnist.local_copy(Path("data/cache") / fashion_mnist.CACHE_NAME) is None:
+    if fashion_mnist.local_copy() is None:  # each copy of the pipeline has a data/cache of its own
         sys.exit("needs Fashion-MNIST on this machine: apt-get install dataset-fashion-mnist")
     sizes = [30] if args.quick else args.per_class
     print(f"{time.strftime('%Y-%m-%d')}, {cpu_model()}\n")

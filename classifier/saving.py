@@ -28,6 +28,15 @@ def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or Path.cwd())
 
 
+def keras_home() -> Path:
+    """The folder Keras keeps what it downloads in, as Keras finds it: $KERAS_HOME, else ~/.keras,
+    else /tmp/.keras where the home folder cannot be written (keras/src/backend/config.py)."""
+    if os.environ.get("KERAS_HOME"):
+        return Path(os.environ["KERAS_HOME"]).expanduser()
+    home = Path("~").expanduser()
+    return (home if os.access(home, os.W_OK) else Path("/tmp")) / ".keras"
+
+
 #: Temporary files and folders of unfinished writes start with this (.gitignore ignores them).
 TMP_PREFIX = ".tmp-"
 

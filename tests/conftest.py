@@ -34,8 +34,9 @@ TINY: dict = {
     },
     "model": {"backbone": "vgg16", "weights": None},
     "featurize": {"batch_size": 8},
-    "top": {"units": 16, "epochs": 2, "batch_size": 8},
-    "finetune": {"learning_rate": 0.01, "epochs": 1, "batch_size": 8},
+    # Every epoch kept (patience null): the tests name the epoch a stage ends with.
+    "top": {"units": 16, "epochs": 2, "batch_size": 8, "patience": None},
+    "finetune": {"learning_rate": 0.01, "epochs": 1, "batch_size": 8, "patience": None},
     "evaluate": {"batch_size": 8},
     # Switched off here; tests/e2e/test_many_classes.py runs them end to end.
     "baseline": {"enabled": False},

@@ -23,13 +23,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
-import os
 import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from classifier import saving
 from classifier.data import fetch
 from classifier.errors import StageError
 from classifier.params import FashionMnistParams
@@ -74,19 +74,11 @@ IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
 
 
-def _keras_cache() -> Path:
-    """Keras's folder for this data set: $KERAS_HOME, else ~/.keras (/tmp/.keras where the home
-    folder is not writable), then datasets/fashion-mnist (keras/src/backend/config.py, get_file)."""
-    if "KERAS_HOME" in os.environ:
-        home = Path(os.environ["KERAS_HOME"]).expanduser()
-    else:
-        base = Path("~").expanduser()
-        home = (base if os.access(base, os.W_OK) else Path("/tmp")) / ".keras"
-    return home / "datasets" / "fashion-mnist"
-
-
 #: Folders that may already hold the four .gz files, searched in order after data/cache/fashion-mnist/.
-LOCAL_FOLDERS: tuple[Path, ...] = (Path("/usr/share/datasets/fashion-mnist"), _keras_cache())
+LOCAL_FOLDERS: tuple[Path, ...] = (
+    Path("/usr/share/datasets/fashion-mnist"),
+    saving.keras_home() / "datasets" / "fashion-mnist",
+)
 
 
 def hint(url: str, dest: Path) -> str:
@@ -117,10 +109,10 @@ def _checked(path: Path, name: str) -> tuple[bytes, str]:
     return data, digest
 
 
-def local_copy(cache: Path) -> Path | None:
-    """The first of cache/ and `LOCAL_FOLDERS` that holds all four files (their contents are checked
-    when read), or None: whether the data set can be laid out without network."""
-    for folder in (cache, *LOCAL_FOLDERS):
+def local_copy(cache: Path | None = None) -> Path | None:
+    """The first of cache/ (when given) and `LOCAL_FOLDERS` that holds all four files (their contents
+    are checked when read), or None: whether the data set can be laid out without network."""
+    for folder in (*([cache] if cache else []), *LOCAL_FOLDERS):
         if all((folder / f"{name}.gz").is_file() for name in CONTENTS):
             return folder
     return None

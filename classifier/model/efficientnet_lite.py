@@ -10,8 +10,8 @@ pinned in requirements.txt) as PyTorch state dicts. `imagenet_weights` reads the
 without PyTorch and without trusting it (classifier.model.pth), checks it against the pinned
 sha256, converts each tensor to Keras's layout (convolutions OIHW -> HWIO, depthwise C1HW ->
 HWC1, the dense layer transposed) and caches the result by that sha256 in Keras's folder
-(~/.keras/models, or $KERAS_HOME/models), so the conversion runs once per machine and every run
-reads the same numbers.
+(~/.keras/models, or $KERAS_HOME/models: classifier.saving.keras_home), so the conversion
+runs once per machine and every run reads the same numbers.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from classifier import saving
 from classifier.errors import StageError
 from classifier.model import pth
 
@@ -259,23 +261,27 @@ def package_file(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "models" / variant.weights_file
 
 
-def cache_dir() -> Path:
-    """Keras's own folder for downloaded weights: $KERAS_HOME/models, else ~/.keras/models."""
-    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "models"
+#: Changes when `convert` does, so that weights converted by an earlier version are not read back.
+CONVERSION = 1
 
 
 def imagenet_weights(name: str) -> dict[str, list[np.ndarray]]:
     """The ImageNet weights of `name`, converted once per machine and cached by the file's sha256."""
     variant = VARIANTS[name]
-    cached = cache_dir() / f"{name}_{variant.sha256[:16]}.npz"
+    cached = saving.keras_home() / "models" / f"{name}_{variant.sha256[:16]}_v{CONVERSION}.npz"
+    expected = set(_torch_names(name))
     if cached.is_file():
         try:
             with np.load(cached) as data:
-                return _unflatten(dict(data))
-        except (OSError, ValueError) as err:
+                weights = _unflatten(dict(data))
+            if set(weights) == expected:
+                return weights
+            log.warning("%s does not hold every layer of %s: converting the weights again", cached, name)
+        except (OSError, ValueError, zipfile.BadZipFile) as err:
             log.warning("%s cannot be read (%s): converting the weights again", cached, err)
     source = package_file(name)
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    with source.open("rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
     if digest != variant.sha256:
         raise StageError(
             f"{source} has sha256 {digest}, not the pinned {variant.sha256}: the package "
@@ -285,16 +291,19 @@ def imagenet_weights(name: str) -> dict[str, list[np.ndarray]]:
         weights = convert(pth.read_state_dict(source), name)
     except (pth.UnsafePickle, pth.NotAStateDict) as err:
         raise StageError(f"the ImageNet weights of {name} cannot be used: {err}") from err
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{cached.name}.", dir=cached.parent)  # several processes may convert at once
     try:
-        with os.fdopen(fd, "wb") as file:
-            flat: dict[str, Any] = {f"{layer}/{i}": w for layer, ws in weights.items() for i, w in enumerate(ws)}
-            np.savez(file, **flat)
-        os.replace(tmp, cached)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    log.info("converted the ImageNet weights of %s from %s into %s", name, source, cached)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{cached.name}.", dir=cached.parent)  # several processes may convert
+        try:
+            with os.fdopen(fd, "wb") as file:
+                flat: dict[str, Any] = {f"{layer}/{i}": w for layer, ws in weights.items() for i, w in enumerate(ws)}
+                np.savez(file, **flat)
+            os.replace(tmp, cached)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        log.info("converted the ImageNet weights of %s from %s into %s", name, source, cached)
+    except OSError as err:  # a cache that cannot be written costs a conversion per run, nothing else
+        log.warning("could not cache the converted weights in %s (%s)", cached.parent, err)
     return weights
 
 

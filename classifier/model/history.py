@@ -84,8 +84,8 @@ def finetune_note(head: float | None, tuned: float | None) -> str | None:
         return None
     return (
         f"fine-tuning lowered validation accuracy from {head:.4f} (the head, row top) to {tuned:.4f}: the "
-        "frozen-backbone model (models/frozen) is the better one; try a lower finetune.learning_rate, or "
-        "finetune.patience to keep the best epoch"
+        "frozen-backbone model (models/frozen) is the better one; try a lower finetune.learning_rate or a "
+        "milder finetune.augment (docs/real.md)"
     )
 
 

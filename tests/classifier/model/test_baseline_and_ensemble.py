@@ -228,8 +228,8 @@ def test_the_table_notes_a_fine_tuning_that_ended_below_the_head_it_started_from
     note = table.finetune_note(table.validation_accuracies(paths))
     assert note == (
         "fine-tuning lowered validation accuracy from 0.8620 (the head, row top) to 0.6510: the frozen-backbone "
-        "model (models/frozen) is the better one; try a lower finetune.learning_rate, or finetune.patience to keep "
-        "the best epoch"
+        "model (models/frozen) is the better one; try a lower finetune.learning_rate or a milder finetune.augment "
+        "(docs/real.md)"
     )
     rows = table.table(table.scores(paths), tiny_params, {table.FINETUNED: note})
     table.write_table(rows, tmp_path / "models.csv")

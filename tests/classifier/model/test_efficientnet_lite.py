@@ -225,3 +225,48 @@ def test_a_zip_format_pth_is_named_as_such(tmp_path):
     path.write_bytes(b"PK\x03\x04rest")
     with pytest.raises(pth.NotAStateDict, match="zip-format"):
         pth.read_state_dict(path)
+
+
+def _raw_pickle(body: bytes) -> bytes:
+    """A protocol-2 pickle of the given opcodes."""
+    return b"\x80\x02" + body + b"."
+
+
+def test_tuples_nested_deep_enough_to_crash_the_interpreter_are_refused_unread(tmp_path):
+    """A million nested tuples as a storage key would overflow the C stack when hashed: refused from
+    its opcodes, before pickle builds anything."""
+    deep = _raw_pickle(b")" + b"\x85" * 1_000_000)  # EMPTY_TUPLE, then TUPLE1 a million times
+    path = tmp_path / "deep.pth"
+    path.write_bytes(_legacy_file(_pickled({}), [], [])[: -len(pickle.dumps([], protocol=2))] + deep)
+    with pytest.raises(pth.UnsafePickle, match=f"nests tuples more than {pth.MAX_DEPTH} deep"):
+        pth.read_state_dict(path)
+
+
+@pytest.mark.parametrize(
+    ("body", "refusal"),
+    [
+        (b"\x82\x01", "opcode EXT1"),  # a copyreg extension: looked up without find_class
+        (b"cos\nsystem\n)R.", "os.system"),  # the classic: caught by name
+        (b"ctorch\nFloatStorage\n}(X\x04\x00\x00\x00nameX\x0a\x00\x00\x00IntStorageub", "state of something other"),
+    ],
+)
+def test_opcodes_a_state_dict_does_not_need_are_refused(tmp_path, body, refusal):
+    path = tmp_path / "bad.pth"
+    path.write_bytes(_raw_pickle(body.removesuffix(b".")))
+    with pytest.raises(pth.UnsafePickle, match=refusal):
+        pth.read_state_dict(path)
+
+
+def test_a_tensor_repeating_its_storage_to_fill_memory_is_refused(tmp_path):
+    """Stride 0 makes 2 numbers look like 9 million: refused before any copy is made."""
+    path = tmp_path / "t.pth"
+    path.write_bytes(_torch_file((3000, 3000), (0, 0), 2, np.arange(2, dtype=np.float32)))
+    with pytest.raises(pth.NotAStateDict, match="reaches beyond its storage of 2"):
+        pth.read_state_dict(path)
+
+
+def test_a_storage_claiming_more_numbers_than_any_file_holds_is_refused(tmp_path):
+    path = tmp_path / "t.pth"
+    path.write_bytes(_torch_file((2,), (1,), 10**15, np.arange(2, dtype=np.float32)))
+    with pytest.raises(pth.NotAStateDict, match="claims 1000000000000000 numbers"):
+        pth.read_state_dict(path)

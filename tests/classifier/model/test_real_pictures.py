@@ -17,26 +17,19 @@ from classifier import config
 from classifier.data import cleaning, fashion_mnist
 from classifier.metrics import scores
 from classifier.model import bottleneck, finetuning, heads, images, training
-from ops.demo import merge
+from ops.demo import FASHION_MNIST_64, merge
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.skipif(
-    fashion_mnist.local_copy(Path("data/cache") / fashion_mnist.CACHE_NAME) is None,
+    fashion_mnist.local_copy() is None,  # what `real` lays out, with a cache of its own
     reason="needs Fashion-MNIST on this machine: apt-get install dataset-fashion-mnist",
 )
 
 #: 12 training pictures of each of the 10 classes at 64x64: seconds on a CPU.
 REAL = merge(
-    TINY,
+    merge(TINY, FASHION_MNIST_64),
     {
-        "data": {
-            "source": "fashion_mnist",
-            "image_size": [64, 64],
-            "max_side": 64,
-            "min_side": 28,
-            "split": {"train": 12, "validation": 6, "test": 12},
-            "fashion_mnist": {"per_class": 30},
-        },
+        "data": {"split": {"train": 12, "validation": 6, "test": 12}, "fashion_mnist": {"per_class": 30}},
         "model": {"backbone": "efficientnet_lite0", "weights": "imagenet"},
         "top": {"units": 64, "epochs": 40, "batch_size": 16},
     },
