@@ -1,6 +1,7 @@
 # make repro   install (into .venv) and run the whole pipeline on the real data set
 # make test    install and run the test suite
-# make demo    the same pipeline offline, on generated images, in a few minutes on a CPU
+# make demo    the same pipeline offline: ImageNet weights that ship with the install, on Fashion-MNIST where
+#              the machine has it (apt-get install dataset-fashion-mnist), else on generated images; minutes on a CPU
 # make lint    lint, format and type checks alone (make test runs them first); make format fixes
 # make bench   the pipeline's speed against plain Keras, Pillow and DVC on this machine: one markdown table
 # make team-up / make team-down   the team's MLflow server, PostgreSQL and S3 store on this machine

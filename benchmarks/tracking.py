@@ -1,7 +1,7 @@
 """What MLflow logging adds to `dvc repro`, per stage, the ways a stage can log.
 
     python benchmarks/tracking.py                 # the tiny config; prints a table
-    python benchmarks/tracking.py --demo          # and the demo's config (minutes)
+    python benchmarks/tracking.py --demo          # and the generated stripes' config (benchmarks/caching.py, minutes)
     python benchmarks/tracking.py --team          # and a team stack (ops/team), the tiny config
 
 The ways: `off` (PIPELINE_TRACKING=off, nothing logged), `in-process` (the stage imports MLflow
@@ -28,6 +28,7 @@ from pathlib import Path
 # The checkout, for its tests/ and benchmarks/ helpers (classifier and ops are installed).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.caching import STRIPES
 from ops import demo
 from ops.code import ROOT
 from tests.conftest import TINY
@@ -85,7 +86,7 @@ def measure(tmp: Path, config: str, overrides: dict, rounds: int, login: dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--demo", action="store_true", help="also the demo's config (a few minutes a run)")
+    parser.add_argument("--demo", action="store_true", help="also the stripes' config (a few minutes a run)")
     parser.add_argument("--team", action="store_true", help="also the tiny config logging to a team stack")
     parser.add_argument("--rounds", type=int, default=2, help="`dvc repro --force` runs per way (default 2)")
     args = parser.parse_args()
@@ -94,7 +95,7 @@ def main() -> None:
     try:
         rows += measure(tmp, "tiny", TINY, args.rounds, None)
         if args.demo:
-            rows += measure(tmp, "demo", demo.DEMO_GENERATED, 1, None)
+            rows += measure(tmp, "demo", STRIPES, 1, None)
         if args.team:
             rows += measure(tmp, "tiny, team", TINY, args.rounds, team_login(tmp))
     finally:

@@ -125,8 +125,8 @@ def build_backbone(name: str, weights: str | None, image_size: tuple[int, int]) 
             f"Could not download the ImageNet weights of {name}: {err}\n"
             "To run offline, download that file by hand and put it in ~/.keras/models/ "
             "(Keras looks there before downloading), or set model.weights in params.yaml to the "
-            "path of a local .h5 weights file, or to null for random initialisation "
-            "(as `make demo` does)."
+            "path of a local .h5 weights file, or to null for random initialisation, "
+            "or use efficientnet_lite0, whose ImageNet weights come with the install."
         ) from err
     base.trainable = False
     return base
@@ -181,8 +181,7 @@ def unfreeze_last_blocks(base: keras.Model, backbone: str, blocks: int) -> list[
     by its own statistics and move its moving statistics toward them. Calling the base with
     `training=False` does not prevent that: Keras 3's functional model passes the outer call's
     `training=True` down to every layer under `fit`. With small batches that drift undoes what the
-    pretrained block knows (fine-tuning EfficientNet-Lite on Fashion-MNIST ended below the frozen head,
-    at a learning rate of 1e-12 too).
+    pretrained block knows, whatever the learning rate (docs/real.md).
     """
     _require_blocks(backbone, blocks)
     ends = REGISTRY[backbone].block_ends
