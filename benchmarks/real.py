@@ -1,8 +1,8 @@
 """The recipe on real ImageNet weights and real pictures: Fashion-MNIST with EfficientNet-Lite.
 
-    python benchmarks/real.py                      # 100 and 1000 training pictures per class (about an hour on 2 cores)
-    python benchmarks/real.py --per-class 100      # one size (about 10 minutes)
-    python benchmarks/real.py --quick              # 30 per class, 2 epochs: checks every row in a few minutes
+    python benchmarks/real.py                      # 100 and 1000 training pictures per class (half an hour on 2 cores)
+    python benchmarks/real.py --per-class 100      # one size (about 6 minutes)
+    python benchmarks/real.py --quick              # 30 per class, 2 epochs: checks every row in about 3 minutes
 
 For each size, in a temporary copy of the pipeline (`ops.demo.make_workspace`), with params.yaml's
 defaults but for REAL below (the data, EfficientNet-Lite0 at 64x64, the ensemble of Lite0/1/2, no
