@@ -78,6 +78,8 @@ def launch(command: list[str], processes: int, port: int | None = None) -> int:
             "KERAS_DISTRIBUTION_JOB_ADDRESSES": address,
             "KERAS_DISTRIBUTION_NUM_PROCESSES": str(processes),
             "KERAS_DISTRIBUTION_PROCESS_ID": str(index),
+            # JAX's coordinator binds to every interface unless told: here it serves this machine alone.
+            "JAX_COORDINATOR_BIND_ADDRESS": address,
         }
         children.append(subprocess.Popen(command, env=env))
     try:

@@ -18,6 +18,7 @@ import json, os, sys, time
 from pathlib import Path
 index = os.environ["KERAS_DISTRIBUTION_PROCESS_ID"]
 keys = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES", "PIPELINE_LAUNCHED")
+keys += ("JAX_COORDINATOR_BIND_ADDRESS",)
 Path(sys.argv[1], index).write_text(json.dumps({key: os.environ[key] for key in keys}))
 if index == sys.argv[2]:
     sys.exit(3)
@@ -37,7 +38,40 @@ def test_launch_gives_each_process_its_place_and_stops_the_others_when_one_fails
             "KERAS_DISTRIBUTION_JOB_ADDRESSES": "127.0.0.1:41234",
             "KERAS_DISTRIBUTION_NUM_PROCESSES": "3",
             "PIPELINE_LAUNCHED": "1",
+            "JAX_COORDINATOR_BIND_ADDRESS": "127.0.0.1:41234",
         }
+
+
+#: Two processes join through JAX's coordinator; process 0 writes the addresses its port listens on.
+COORDINATED = """
+import os, sys
+from pathlib import Path
+import jax
+address = os.environ["KERAS_DISTRIBUTION_JOB_ADDRESSES"]
+index = int(os.environ["KERAS_DISTRIBUTION_PROCESS_ID"])
+jax.distributed.initialize(address, int(os.environ["KERAS_DISTRIBUTION_NUM_PROCESSES"]), index)
+if index == 0:
+    port = "%04X" % int(address.rsplit(":", 1)[1])
+    listening = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and local.endswith(":" + port):
+                listening.append(local.rsplit(":", 1)[0])
+    Path(sys.argv[1]).write_text(" ".join(listening))
+jax.distributed.shutdown()
+"""
+
+
+def test_the_coordinator_listens_on_this_machine_alone(tmp_path):
+    """JAX binds its (unauthenticated) coordinator to every interface by default: the launcher's
+    processes find it on 127.0.0.1, and nothing else can reach it."""
+    code = launch.launch([sys.executable, "-c", COORDINATED, str(tmp_path / "listening")], 2)
+    assert code == 0
+    # /proc/net's hex: 127.0.0.1 in tcp, as ::ffff:127.0.0.1 in tcp6; every interface would be 0s
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}
+    listening = (tmp_path / "listening").read_text().split()
+    assert listening and set(listening) <= loopback, listening
 
 
 def test_launch_ends_with_0_when_every_process_does_and_asks_for_a_command():
