@@ -200,6 +200,29 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+#: The most values (scalars, lists, mappings) params.yaml may expand to, aliases counted each time
+#: they are used: the file holds about 150. YAML aliases can make 600 bytes expand to billions.
+MAX_VALUES = 10_000
+
+
+def _expands_within(root: yaml.Node, limit: int) -> bool:
+    """Whether the node tree, each alias followed where it is used, holds at most `limit` nodes:
+    counted without building anything, and stopped as soon as it passes the limit."""
+    pending = [root]
+    seen = 0
+    while pending:
+        node = pending.pop()
+        seen += 1
+        if seen > limit:
+            return False
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                pending += (key, value)
+        elif isinstance(node, yaml.SequenceNode):
+            pending += node.value
+    return True
+
+
 def _read_text(path: Path) -> str:
     """The file's text; a byte that is not UTF-8 fails naming its line, instead of a UnicodeDecodeError."""
     raw = path.read_bytes()
@@ -231,6 +254,11 @@ def load(path: str | Path = PARAMS_FILE) -> Params:
             raise ParamsError(
                 f"{path}: the file is empty (no keys, only blank lines or comments): it should map the "
                 f"parameters {top_keys} to their values; restore it from git"
+            )
+        if not _expands_within(node, MAX_VALUES):
+            raise ParamsError(
+                f"{path}: its YAML aliases (*name) expand to more than {MAX_VALUES} values: write the values "
+                "out instead of repeating aliases"
             )
         data = loader.construct_document(node)
     except yaml.YAMLError as err:

@@ -247,3 +247,20 @@ def test_a_top_level_that_is_not_a_mapping_is_named(tmp_path, content, found):
     message = rf"params.yaml: the top level is {found}, not a mapping: write `key: value` lines for the parameters seed"
     with pytest.raises(config.ParamsError, match=message):
         config.load(write_params(tmp_path, content))
+
+
+#: 400 bytes of nested aliases under a real key: nine values, each the nine before it, nine levels
+#: deep (9**9 values once expanded).
+ALIAS_BOMB = "seed:\n  - &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"  - &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+def test_aliases_that_expand_past_any_params_file_are_refused_before_anything_is_built(tmp_path):
+    with pytest.raises(config.ParamsError, match=r"its YAML aliases \(\*name\) expand to more than 10000 values"):
+        config.load(write_params(tmp_path, ALIAS_BOMB))
+
+
+def test_a_few_aliases_still_load(tmp_path):
+    params = config.load(write_params(tmp_path, "top:\n  units: &width 32\nbaseline:\n  units: *width\n"))
+    assert params.top.units == params.baseline.units == 32
