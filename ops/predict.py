@@ -90,7 +90,7 @@ def _threshold(text: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, GIF, BMP, WebP, TIFF, ...)")
+    parser.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, GIF, BMP, WebP or TIFF)")
     parser.add_argument("--top", type=_at_least_one, default=3, help="how many classes to show per image (default 3)")
     parser.add_argument("--batch-size", type=_at_least_one, default=32, help="images per prediction step")
     parser.add_argument("--model", type=Path, default=Path("models/model.keras"), help="the fine-tuned model")

@@ -28,6 +28,13 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
+#: The formats read, as Pillow names them, and no other: each of Pillow's other decoders (PSD, ICO,
+#: EPS through Ghostscript, JPEG 2000, ...) is more code a picture from anywhere could reach, and an ICO
+#: can hide a huge PNG behind a small header, decoded whole as it is opened.
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+#: The same, as people name them.
+FORMAT_NAMES = "JPEG, PNG, GIF, BMP, WebP or TIFF"
+
 #: Quality of the JPEG files `prepare` writes, and of the re-encoding `images.model_input` does.
 JPEG_QUALITY = 95
 #: Greyscale modes Pillow gives 16-bit (and 32-bit integer) pictures: values 0..65535, not 0..255.
@@ -41,7 +48,7 @@ _STRIP_ROWS = 256
 REASONS = {
     "empty": "the file is empty",
     "truncated": "the image data ends early",
-    "not_an_image": "not an image format Pillow reads (JPEG, PNG, GIF, BMP, WebP, TIFF, ...)",
+    "not_an_image": f"not a picture in a format read here ({FORMAT_NAMES})",
     "undecodable": "an image format whose data is corrupt",
     "decompression_bomb": "more pixels than allowed (a possible decompression bomb)",
     "too_small": "smaller than data.min_side, below which prepare drops pictures",
@@ -91,7 +98,7 @@ def decode(source: Path | bytes, max_side: int, max_pixels: int | None = None) -
         raise Unusable("empty")
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=FORMATS) as opened:
             width, height = opened.size
             if limit is not None and width * height > limit:
                 raise Unusable("decompression_bomb", f"{width}x{height} = {width * height} pixels, over {limit}")
@@ -112,7 +119,7 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) as the picture's header gives them, nothing decoded; None when `data` has no
     header Pillow reads. Raises `Unusable` for one so large that Pillow refuses to open it."""
     try:
-        with Image.open(io.BytesIO(data)) as opened:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as opened:
             return opened.size
     except Image.DecompressionBombError as err:
         raise Unusable("decompression_bomb", str(err)) from err

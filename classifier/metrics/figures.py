@@ -216,7 +216,7 @@ def write_contact_sheet(path: Path, pictures: Sequence[Path], captions: Sequence
     for ax in axes.ravel():
         ax.axis("off")
     for ax, picture, caption in zip(axes.ravel(), pictures, captions, strict=False):
-        with Image.open(picture) as image:
+        with Image.open(picture) as image:  # a JPEG prepare wrote
             image.thumbnail((256, 256))
             ax.imshow(np.asarray(image.convert("RGB")))
         ax.set_title(caption, fontsize=8)

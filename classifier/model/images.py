@@ -73,7 +73,7 @@ def decode_tf(path: Any, image_size: tuple[int, int]) -> Any:
 
 
 def decode_bytes(data: Any, image_size: tuple[int, int]) -> Any:
-    """An encoded image (JPEG, PNG, GIF, BMP, WebP) -> float32 RGB array of `image_size`, 0..255:
+    """An encoded image (one of `pictures.FORMATS`) -> float32 RGB array of `image_size`, 0..255:
     by TensorFlow on TensorFlow (a tensor), else by Pillow and `resize` (a numpy array)."""
     if not on_tensorflow():
         return decode_pillow(data, image_size)
@@ -112,7 +112,7 @@ def resize(image: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
 
 def decode_pillow(data: bytes, image_size: tuple[int, int]) -> np.ndarray:
     """An encoded image -> float32 RGB numpy array of `image_size`, 0..255, without TensorFlow."""
-    with Image.open(io.BytesIO(data)) as picture:
+    with Image.open(io.BytesIO(data), formats=pictures.FORMATS) as picture:
         return resize(np.asarray(picture.convert("RGB"), dtype=np.float32), image_size)
 
 

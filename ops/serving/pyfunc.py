@@ -186,8 +186,10 @@ def _is_base64_picture(data: bytes) -> bool:
 
     from PIL import Image
 
+    from classifier.data.pictures import FORMATS
+
     try:
-        with Image.open(io.BytesIO(base64.b64decode(data, validate=True))):
+        with Image.open(io.BytesIO(base64.b64decode(data, validate=True)), formats=FORMATS):
             return True
     except (ValueError, OSError, Image.DecompressionBombError):  # not base64; no picture (or a huge one) in it
         return False

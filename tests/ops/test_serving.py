@@ -27,7 +27,7 @@ from tests.workspace import free_port, wait_until_answering
 
 CLASSES = ["cat", "dog"]
 SEND = pyfunc.WHAT_TO_SEND
-NOT_AN_IMAGE = "not an image format Pillow reads (JPEG, PNG, GIF, BMP, WebP, TIFF, ...)"
+NOT_AN_IMAGE = "not a picture in a format read here (JPEG, PNG, GIF, BMP, WebP or TIFF)"
 
 
 def tiny_classifier(outputs: int = 1):

@@ -134,7 +134,7 @@ def test_too_small_is_judged_on_the_size_in_the_file(tmp_path):
 def test_files_that_are_no_picture_say_why(tmp_path):
     with pytest.raises(pictures.Unusable, match="the file is empty") as empty:
         pictures.decode(b"", max_side=100)
-    with pytest.raises(pictures.Unusable, match="not an image format") as text:
+    with pytest.raises(pictures.Unusable, match="not a picture in a format read here") as text:
         pictures.decode(b"not a picture at all", max_side=100)
     assert (empty.value.reason, text.value.reason) == ("empty", "not_an_image")
 
@@ -264,3 +264,26 @@ def test_the_pixel_limit_holds_for_every_thread_decoding_at_once(tmp_path):
     assert outcomes[1::2] == ["decoded"] * 200
     with pytest.raises(pictures.Unusable, match=r"3000x2000 = 6000000 pixels, over 5000000"):
         pictures.decode(over, max_side=64, max_pixels=5_000_000)
+
+
+@pytest.mark.parametrize("kind", ["ICO", "PPM", "TGA", "PCX", "SGI", "IM"])
+def test_formats_outside_the_documented_ones_are_never_decoded(tmp_path, kind):
+    """Pillow reads dozens of formats; each of its other decoders is code a picture from anywhere
+    could reach (an ICO can hide a huge PNG behind a small header): they are refused unread."""
+    from PIL import Image
+
+    path = tmp_path / f"picture.{kind.lower()}"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(path, format=kind)
+    with pytest.raises(pictures.Unusable, match=r"not a picture in a format read here \(JPEG, PNG, GIF, BMP, WebP"):
+        pictures.decode(path, 64)
+    assert pictures.header_size(path.read_bytes()) is None
+
+
+@pytest.mark.parametrize("kind", ["JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF"])
+def test_the_documented_formats_are_decoded(tmp_path, kind):
+    from PIL import Image
+
+    path = tmp_path / f"picture.{kind.lower()}"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(path, format=kind)
+    assert pictures.decode(path, 64).original_size == (40, 30)
+    assert pictures.header_size(path.read_bytes()) == (40, 30)
