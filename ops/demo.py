@@ -107,11 +107,29 @@ def demo_params(cache: Path) -> tuple[dict[str, Any], str]:
     )
 
 
+#: Git settings a demo folder's own .git/config cannot override: it may come from someone else (a
+#: copy), and its hooks and fsmonitor command would run as code on every commit, status or diff.
+UNTRUSTED_GIT = (("core.hooksPath", os.devnull), ("core.fsmonitor", "false"))
+
+
+def safe_git_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` with UNTRUSTED_GIT added to the settings every git process reads from the environment
+    (GIT_CONFIG_COUNT, git 2.31 and newer), after any the environment already gives: git itself, and
+    the git that DVC runs."""
+    count = int(env.get("GIT_CONFIG_COUNT", "0") or 0)
+    out = dict(env)
+    for i, (key, value) in enumerate(UNTRUSTED_GIT, start=count):
+        out[f"GIT_CONFIG_KEY_{i}"], out[f"GIT_CONFIG_VALUE_{i}"] = key, value
+    out["GIT_CONFIG_COUNT"] = str(count + len(UNTRUSTED_GIT))
+    return out
+
+
 def pipeline_env(**extra: str) -> dict[str, str]:
     """The environment for `dvc repro`: the stages run `python -m stages.<name>`, so this
-    environment's python comes first on PATH."""
+    environment's python comes first on PATH; git runs no hook nor fsmonitor of the folder's."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, "PATH": path, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), **extra}
+    env = {**os.environ, "PATH": path, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), **extra}
+    return safe_git_env(env)
 
 
 def make_workspace(dest: Path, overrides: dict, git: bool = False) -> Path:
@@ -201,10 +219,11 @@ def exported(workspace: Path) -> str:
 def commit(workspace: Path, message: str) -> None:
     """Commit everything in the demo's own git repository (its own identity: it is a throwaway)."""
     who = ["-c", "user.name=make demo", "-c", "user.email=demo@localhost"]
-    subprocess.run(["git", "add", "-A"], cwd=workspace, check=True)
-    staged = subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=workspace, check=False)
+    env = safe_git_env(dict(os.environ))
+    subprocess.run(["git", "add", "-A"], cwd=workspace, env=env, check=True)
+    staged = subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=workspace, env=env, check=False)
     if staged.returncode:
-        subprocess.run(["git", *who, "commit", "-qm", message], cwd=workspace, check=True)
+        subprocess.run(["git", *who, "commit", "-qm", message], cwd=workspace, env=env, check=True)
 
 
 if __name__ == "__main__":
