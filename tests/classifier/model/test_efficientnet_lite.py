@@ -206,13 +206,6 @@ def test_a_tensor_is_read_with_its_shape_and_strides(tmp_path):
     np.testing.assert_array_equal(state["w"], data.reshape(2, 3).T)
 
 
-def test_a_tensor_reaching_beyond_its_storage_is_refused(tmp_path):
-    path = tmp_path / "t.pth"
-    path.write_bytes(_torch_file((4, 4), (4, 1), 6, np.arange(6, dtype=np.float32)))
-    with pytest.raises(pth.NotAStateDict, match="reaches beyond its storage of 6"):
-        pth.read_state_dict(path)
-
-
 def test_a_truncated_file_is_refused(tmp_path):
     path = tmp_path / "t.pth"
     path.write_bytes(_torch_file((3, 2), (2, 1), 6, np.arange(6, dtype=np.float32))[:-5])
@@ -257,16 +250,19 @@ def test_opcodes_a_state_dict_does_not_need_are_refused(tmp_path, body, refusal)
         pth.read_state_dict(path)
 
 
-def test_a_tensor_repeating_its_storage_to_fill_memory_is_refused(tmp_path):
-    """Stride 0 makes 2 numbers look like 9 million: refused before any copy is made."""
+@pytest.mark.parametrize(
+    ("size", "stride", "numel", "refusal"),
+    [
+        ((4, 4), (4, 1), 6, "reaches beyond its storage of 6"),
+        # stride 0 makes 2 numbers look like 9 million: refused before any copy is made
+        ((3000, 3000), (0, 0), 2, "reaches beyond its storage of 2"),
+        # more numbers than any file read holds: refused before any is read
+        ((2,), (1,), 10**15, "claims 1000000000000000 numbers"),
+    ],
+)
+def test_a_tensor_or_storage_larger_than_its_data_is_refused(tmp_path, size, stride, numel, refusal):
     path = tmp_path / "t.pth"
-    path.write_bytes(_torch_file((3000, 3000), (0, 0), 2, np.arange(2, dtype=np.float32)))
-    with pytest.raises(pth.NotAStateDict, match="reaches beyond its storage of 2"):
-        pth.read_state_dict(path)
-
-
-def test_a_storage_claiming_more_numbers_than_any_file_holds_is_refused(tmp_path):
-    path = tmp_path / "t.pth"
-    path.write_bytes(_torch_file((2,), (1,), 10**15, np.arange(2, dtype=np.float32)))
-    with pytest.raises(pth.NotAStateDict, match="claims 1000000000000000 numbers"):
+    data = np.arange(min(numel, 6), dtype=np.float32)
+    path.write_bytes(_torch_file(size, stride, numel, data))
+    with pytest.raises(pth.NotAStateDict, match=refusal):
         pth.read_state_dict(path)
