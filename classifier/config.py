@@ -38,7 +38,7 @@ from classifier.params import (  # noqa: F401  re-exported: config.Params, confi
     SplitParams,
     SyntheticParams,
     TopParams,
-    _fail,
+    fail,
 )
 
 #: Keys of earlier versions of params.yaml -> what replaced them.
@@ -62,41 +62,41 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            _fail(key, value, f"one of {', '.join(map(str, allowed))}")
+            fail(key, value, f"one of {', '.join(map(str, allowed))}")
         return value
     if origin is tuple and typing.get_args(tp)[1:] == (Ellipsis,):  # tuple[str, ...]: a list of any length
         if not isinstance(value, (list, tuple)):
-            _fail(key, value, "a list (or [] for none)")
+            fail(key, value, "a list (or [] for none)")
         return tuple(_convert(typing.get_args(tp)[0], v, key) for v in value)
     if origin is tuple:
         inner = typing.get_args(tp)
         if isinstance(value, int) and not isinstance(value, bool):
             value = [value] * len(inner)  # a single size means a square
         if not isinstance(value, (list, tuple)) or len(value) != len(inner):
-            _fail(key, value, f"a list of {len(inner)} values (or one number)")
+            fail(key, value, f"a list of {len(inner)} values (or one number)")
         return tuple(_convert(t, v, key) for t, v in zip(inner, value, strict=True))
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):
-            _fail(key, value, "true or false")
+            fail(key, value, "true or false")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            _fail(key, value, "a whole number")
+            fail(key, value, "a whole number")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
                 value = float(value)
             except ValueError:
-                _fail(key, value, "a number")
+                fail(key, value, "a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            _fail(key, value, "a finite number")
+            fail(key, value, "a finite number")
         return value  # an int stays one: a count of 1000 is logged and shown as 1000, not 1000.0
     if tp is str:
         if not isinstance(value, str):
-            _fail(key, value, "a string")
+            fail(key, value, "a string")
         return value
     raise TypeError(f"unsupported parameter type {tp!r} for {key}")
 
@@ -105,7 +105,7 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        _fail(prefix or "params", data, "a mapping of keys to values")
+        fail(prefix or "params", data, "a mapping of keys to values")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     # In file order, and without sorting: YAML keys may be numbers, booleans (`on:`, `yes:`) or null.

@@ -45,27 +45,28 @@ SEED_LIMIT = 2**32
 SEED_RANGE = f"must be >= 0 and < 2**32 ({SEED_LIMIT})"
 
 
-def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
+def fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
+    """Refuse `value` of params.yaml's `key`, saying what is allowed (classifier.config's checks too)."""
     raise ParamsError(f"{PARAMS_FILE}: {key} = {value!r} is not valid: {allowed}")
 
 
 def _positive(key: str, value: float) -> None:
     if not value > 0:
-        _fail(key, value, "must be > 0")
+        fail(key, value, "must be > 0")
 
 
 def _check_choices(key: str, values: tuple[str, ...], allowed: tuple[str, ...], what: str) -> None:
     """A list of some of `allowed`, each at most once."""
     for name in values:
         if name not in allowed:
-            _fail(key, list(values), f"each one of {', '.join(allowed)}")
+            fail(key, list(values), f"each one of {', '.join(allowed)}")
     if len(set(values)) != len(values):
-        _fail(key, list(values), f"each {what} at most once")
+        fail(key, list(values), f"each {what} at most once")
 
 
 def _check_patience(key: str, value: int | None) -> None:
     if value is not None and value < 1:
-        _fail(key, value, "a number of epochs >= 1, or null to train every epoch")
+        fail(key, value, "a number of epochs >= 1, or null to train every epoch")
 
 
 def _check_dense_training(key: str, params: TopParams | BaselineParams) -> None:
@@ -73,7 +74,7 @@ def _check_dense_training(key: str, params: TopParams | BaselineParams) -> None:
     _check_patience(f"{key}.patience", params.patience)
     _positive(f"{key}.units", params.units)
     if not 0 <= params.dropout < 1:
-        _fail(f"{key}.dropout", params.dropout, "must be in [0, 1)")
+        fail(f"{key}.dropout", params.dropout, "must be in [0, 1)")
     _positive(f"{key}.learning_rate", params.learning_rate)
     _positive(f"{key}.epochs", params.epochs)
     _positive(f"{key}.batch_size", params.batch_size)
@@ -91,22 +92,22 @@ class SplitParams:
         values = dataclasses.asdict(self)
         for name, value in values.items():
             if value < 0:
-                _fail(f"{key}.{name}", value, "must be >= 0")
+                fail(f"{key}.{name}", value, "must be >= 0")
         if self.train <= 0:
-            _fail(f"{key}.train", self.train, "must be > 0: training needs images")
+            fail(f"{key}.train", self.train, "must be > 0: training needs images")
         if self.validation <= 0:
-            _fail(f"{key}.validation", self.validation, "must be > 0: training is validated")
+            fail(f"{key}.validation", self.validation, "must be > 0: training is validated")
         if self.test <= 0:
-            _fail(f"{key}.test", self.test, "must be > 0: evaluation needs a test set")
+            fail(f"{key}.test", self.test, "must be > 0: evaluation needs a test set")
         counts = [v >= 1 for v in values.values()]
         if any(counts) and not all(counts):
-            _fail(key, values, "give all three as counts per class (>= 1) or all as fractions (< 1)")
+            fail(key, values, "give all three as counts per class (>= 1) or all as fractions (< 1)")
         if all(counts):
             for name, value in values.items():
                 if value != int(value):
-                    _fail(f"{key}.{name}", value, "a count per class must be a whole number")
+                    fail(f"{key}.{name}", value, "a count per class must be a whole number")
         elif sum(values.values()) > 1 + 1e-9:
-            _fail(key, values, "fractions must add up to at most 1")
+            fail(key, values, "fractions must add up to at most 1")
 
     @property
     def as_fractions(self) -> bool:
@@ -123,12 +124,12 @@ class SyntheticParams:
 
     def check(self, key: str) -> None:
         if self.classes < 2:
-            _fail(f"{key}.classes", self.classes, "must be >= 2")
+            fail(f"{key}.classes", self.classes, "must be >= 2")
         if self.classes > 8:
-            _fail(f"{key}.classes", self.classes, "must be <= 8 (there are 8 patterns)")
+            fail(f"{key}.classes", self.classes, "must be <= 8 (there are 8 patterns)")
         _positive(f"{key}.images_per_class", self.images_per_class)
         if self.size < 16:
-            _fail(f"{key}.size", self.size, "must be >= 16 pixels")
+            fail(f"{key}.size", self.size, "must be >= 16 pixels")
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ class FashionMnistParams:
 
     def check(self, key: str) -> None:
         if not 1 <= self.per_class <= 7000:
-            _fail(f"{key}.per_class", self.per_class, "must be 1..7000 (Fashion-MNIST has 7000 pictures per class)")
+            fail(f"{key}.per_class", self.per_class, "must be 1..7000 (Fashion-MNIST has 7000 pictures per class)")
 
 
 @dataclass(frozen=True)
@@ -157,29 +158,29 @@ class DataParams:
 
     def check(self, key: str) -> None:
         if not 0 <= self.seed < SEED_LIMIT:
-            _fail(f"{key}.seed", self.seed, SEED_RANGE)
+            fail(f"{key}.seed", self.seed, SEED_RANGE)
         if not self.source:
-            _fail(f"{key}.source", self.source, f"one of {', '.join(PRESETS)}, an http(s) URL, or a local path")
+            fail(f"{key}.source", self.source, f"one of {', '.join(PRESETS)}, an http(s) URL, or a local path")
         if self.sha256 is not None and (
             len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256.lower())
         ):
-            _fail(f"{key}.sha256", self.sha256, "64 hexadecimal digits, or null")
+            fail(f"{key}.sha256", self.sha256, "64 hexadecimal digits, or null")
         for value in self.image_size:
             if value < 32:
-                _fail(f"{key}.image_size", list(self.image_size), "height and width must be >= 32")
+                fail(f"{key}.image_size", list(self.image_size), "height and width must be >= 32")
         if self.min_side < 1:
-            _fail(f"{key}.min_side", self.min_side, "must be >= 1 pixel")
+            fail(f"{key}.min_side", self.min_side, "must be >= 1 pixel")
         if self.source == "fashion_mnist" and self.min_side > 28:
-            _fail(
+            fail(
                 f"{key}.min_side",
                 self.min_side,
                 "Fashion-MNIST's pictures are 28x28, so prepare would drop every one as too small: "
                 "set data.min_side: 28 (or lower)",
             )
         if self.max_pixels < self.min_side**2:
-            _fail(f"{key}.max_pixels", self.max_pixels, f"must be >= data.min_side squared ({self.min_side**2})")
+            fail(f"{key}.max_pixels", self.max_pixels, f"must be >= data.min_side squared ({self.min_side**2})")
         if self.max_side < max(self.image_size):
-            _fail(
+            fail(
                 f"{key}.max_side", self.max_side, f"must be >= the largest of data.image_size ({max(self.image_size)})"
             )
 
@@ -191,9 +192,9 @@ class ModelParams:
 
     def check(self, key: str) -> None:
         if self.backbone not in BACKBONES:
-            _fail(f"{key}.backbone", self.backbone, f"one of {', '.join(BACKBONES)}")
+            fail(f"{key}.backbone", self.backbone, f"one of {', '.join(BACKBONES)}")
         if self.weights is not None and self.weights != "imagenet" and not self.weights.endswith(".h5"):
-            _fail(f"{key}.weights", self.weights, "imagenet, null (random init), or a path to a local .h5 weights file")
+            fail(f"{key}.weights", self.weights, "imagenet, null (random init), or a path to a local .h5 weights file")
 
 
 @dataclass(frozen=True)
@@ -224,13 +225,13 @@ class AugmentParams:
 
     def check(self, key: str) -> None:
         if not 0 <= self.rotation <= 180:
-            _fail(f"{key}.rotation", self.rotation, "degrees in [0, 180]")
+            fail(f"{key}.rotation", self.rotation, "degrees in [0, 180]")
         for name in ("width_shift", "height_shift", "zoom"):
             value = getattr(self, name)
             if not 0 <= value < 1:
-                _fail(f"{key}.{name}", value, "a fraction in [0, 1)")
+                fail(f"{key}.{name}", value, "a fraction in [0, 1)")
         if not 0 <= self.shear <= math.pi / 4:
-            _fail(f"{key}.shear", self.shear, "radians in [0, 0.785] (45 degrees)")
+            fail(f"{key}.shear", self.shear, "radians in [0, 0.785] (45 degrees)")
 
 
 @dataclass(frozen=True)
@@ -246,10 +247,10 @@ class FinetuneParams:
     def check(self, key: str) -> None:
         _check_patience(f"{key}.patience", self.patience)
         if self.blocks < 1:
-            _fail(f"{key}.blocks", self.blocks, "must be >= 1 (the number of last backbone blocks to unfreeze)")
+            fail(f"{key}.blocks", self.blocks, "must be >= 1 (the number of last backbone blocks to unfreeze)")
         _positive(f"{key}.learning_rate", self.learning_rate)
         if not 0 <= self.momentum < 1:
-            _fail(f"{key}.momentum", self.momentum, "must be in [0, 1)")
+            fail(f"{key}.momentum", self.momentum, "must be in [0, 1)")
         _positive(f"{key}.epochs", self.epochs)
         _positive(f"{key}.batch_size", self.batch_size)
 
@@ -263,9 +264,9 @@ class EvaluateParams:
     def check(self, key: str) -> None:
         _positive(f"{key}.batch_size", self.batch_size)
         if self.registered_model is not None and not self.registered_model.strip():
-            _fail(f"{key}.registered_model", self.registered_model, "a model name, or null to not register")
+            fail(f"{key}.registered_model", self.registered_model, "a model name, or null to not register")
         if not 0 < self.threshold < 1:
-            _fail(f"{key}.threshold", self.threshold, "must be in (0, 1)")
+            fail(f"{key}.threshold", self.threshold, "must be in (0, 1)")
 
 
 @dataclass(frozen=True)
@@ -295,9 +296,9 @@ class EnsembleParams:
     def check(self, key: str) -> None:
         _check_choices(f"{key}.backbones", self.backbones, BACKBONES, "backbone")
         if self.weights not in (None, "imagenet"):
-            _fail(f"{key}.weights", self.weights, "imagenet, or null (random init)")
+            fail(f"{key}.weights", self.weights, "imagenet, or null (random init)")
         if self.image_size < 32:
-            _fail(f"{key}.image_size", self.image_size, "must be >= 32")
+            fail(f"{key}.image_size", self.image_size, "must be >= 32")
 
 
 @dataclass(frozen=True)
@@ -309,9 +310,9 @@ class AuditParams:
 
     def check(self, key: str) -> None:
         if self.folds < 2:
-            _fail(f"{key}.folds", self.folds, "at least 2 (each picture is scored by a head trained on the others)")
+            fail(f"{key}.folds", self.folds, "at least 2 (each picture is scored by a head trained on the others)")
         if self.sheet < 0:
-            _fail(f"{key}.sheet", self.sheet, "0 or more pictures")
+            fail(f"{key}.sheet", self.sheet, "0 or more pictures")
 
 
 #: The formats `export` writes, as Keras 3's `model.export` names them.
@@ -355,4 +356,4 @@ class Params:
 
     def check(self, key: str) -> None:
         if not 0 <= self.seed < SEED_LIMIT:
-            _fail("seed", self.seed, SEED_RANGE)
+            fail("seed", self.seed, SEED_RANGE)

@@ -54,7 +54,7 @@ def is_archive(name: str) -> bool:
     return name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def _safe_member_path(name: str) -> PurePosixPath | None:
+def safe_member_path(name: str) -> PurePosixPath | None:
     """The relative path an archive member may be written to, or None if it would escape."""
     path = PurePosixPath(name.replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
@@ -169,7 +169,7 @@ def _extract(archive: Path, target: Path) -> dict:
     for member in _members(archive):
         if member.kind == "dir":
             continue  # folders are made as their files need them
-        rel = _safe_member_path(member.name)
+        rel = safe_member_path(member.name)
         if rel is None or member.kind != "file":
             _refuse(counts, "refused", member.name)
             log.warning("refused archive member %r: it is a link or its path leaves the target folder", member.name)

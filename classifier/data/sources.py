@@ -18,7 +18,7 @@ from scipy.io.matlab import MatReadError  # type: ignore[import-untyped]
 
 from classifier import config, saving
 from classifier.data import fashion_mnist, fetch, synthetic
-from classifier.data.archives import ARCHIVE_SUFFIXES, LISTED_REFUSALS, _safe_member_path, extract, is_archive
+from classifier.data.archives import ARCHIVE_SUFFIXES, LISTED_REFUSALS, extract, is_archive, safe_member_path
 from classifier.data.fetch import sha256_file
 from classifier.data.folders import Copier, class_root
 from classifier.data.layout import files
@@ -136,7 +136,7 @@ def arrange_by_lists(root: Path, lists: dict[str, list[str]], out: Path) -> dict
     split_of: dict[PurePosixPath, str] = {}
     for split, paths in lists.items():
         for name in paths:
-            rel = _safe_member_path(name)
+            rel = safe_member_path(name)
             if rel is None:
                 raise StageError(f"the {split} list names {name!r}, a path outside the data set: {DAMAGED_LISTS}")
             if split_of.setdefault(rel, split) != split:
