@@ -10,6 +10,7 @@ and predicts; `class_probabilities` does the same for the files of a split, in b
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,10 @@ class UnusablePicture(StageError):
         self.reason = cause.reason
 
 
+class OutOfTime(StageError):
+    """The pictures were not classified by their deadline: the work was given up."""
+
+
 def load_model(path: str | Path, precision: str) -> Any:
     """The classifier saved at `path` (.keras, loaded in safe mode), computing in the policy
     `precision` (params.yaml's, `auto` included) gives on this machine."""
@@ -58,16 +63,21 @@ def load_model(path: str | Path, precision: str) -> Any:
     return devices.computing_in(saved, devices.precision_policy(precision))
 
 
-def probabilities(model: Any, files: Sequence[bytes], limits: Limits) -> np.ndarray:
+def probabilities(model: Any, files: Sequence[bytes], limits: Limits, deadline: float | None = None) -> np.ndarray:
     """(N, classes) probabilities of `model` for the encoded pictures `files`, decoded and resized as
-    in training; `UnusablePicture` names the first that cannot be."""
+    in training; `UnusablePicture` names the first that cannot be. Past `deadline` (a
+    time.monotonic() value), the next picture is not decoded, nor the batch predicted: `OutOfTime`."""
     size = tuple(model.input_shape[1:3])
     inputs = []
     for index, data in enumerate(files):
+        if deadline is not None and time.monotonic() > deadline:
+            raise OutOfTime(f"{index} of {len(files)} pictures decoded by the deadline")
         try:
             inputs.append(images.model_input(data, size, limits.max_side, limits.max_pixels, limits.min_side))
         except pictures.Unusable as err:
             raise UnusablePicture(index, err) from err
+    if deadline is not None and time.monotonic() > deadline:
+        raise OutOfTime(f"{len(files)} pictures decoded, none predicted, by the deadline")
     return as_class_probabilities(model.predict(np.stack(inputs), verbose=0))
 
 

@@ -4,7 +4,9 @@ Input: a DataFrame with one column, `image`, each row the bytes of one picture f
 MLflow's scoring server decodes base64 in dataframe_split or dataframe_records JSON). Output: one
 row per picture: `label`, `confidence` and `p.<class>` for every class. Pictures go through
 classifier.inference, as predict does. A request over the model's limits is refused before any
-picture is decoded (`check_limits`), and one request at a time decodes and predicts.
+picture is decoded (`check_limits`), one request at a time decodes and predicts, and a request
+still waiting or working when the scoring server's timeout has passed (it answered 504 then) is
+given up before its next picture.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import mlflow.models
 import numpy as np
 import pandas as pd
+from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 from mlflow.pyfunc.model import PythonModel
 
 from classifier.data import pictures
@@ -51,7 +55,8 @@ MAX_REQUEST_PIXELS = 100_000_000  # the pictures of one request together
 
 
 class BadRequest(MlflowException):
-    """A request the model cannot answer: the scoring server answers HTTP 400 with this one line.
+    """A request the model cannot answer: the scoring server answers HTTP 400 with this one line
+    (HTTP 503 with the error code TEMPORARILY_UNAVAILABLE).
 
     The scoring server puts the request's whole frame before the message of any MlflowException
     that `predict` raises (`Failed to predict data '<frame>'. \\nError: ...`): several lines that
@@ -59,8 +64,8 @@ class BadRequest(MlflowException):
     raised; the error code INVALID_PARAMETER_VALUE is what makes it a 400 and not a 500.
     """
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+    def __init__(self, message: str, error_code: int = INVALID_PARAMETER_VALUE) -> None:
+        super().__init__(message, error_code=error_code)
         self.line = message
 
     def serialize_as_json(self) -> str:
@@ -88,19 +93,35 @@ class ImageClassifier(PythonModel):
         # One request at a time decodes and predicts: the server's threads wait here, so memory holds
         # one request's pictures, not one per thread.
         self.busy = threading.Lock()
+        # The scoring server answers 504 past this many seconds, but its thread works on: give it up.
+        self.seconds: float = MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        deadline = time.monotonic() + self.seconds
         files = _pictures(model_input)
         check_limits(files, self.limits.max_pixels)
-        with self.busy:
-            return self._predict(files)
+        if not self.busy.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise self._given_up("waiting for the requests before it")
+        try:
+            return self._predict(files, deadline)
+        finally:
+            self.busy.release()
 
-    def _predict(self, files: list[bytes]) -> pd.DataFrame:
+    def _given_up(self, doing: str) -> BadRequest:
+        return BadRequest(
+            f"the request was given up after {self.seconds:g} s ({MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name}), "
+            f"{doing}: send fewer or smaller pictures in each request, or try again in a moment",
+            error_code=TEMPORARILY_UNAVAILABLE,
+        )
+
+    def _predict(self, files: list[bytes], deadline: float | None = None) -> pd.DataFrame:
         from classifier import inference
         from classifier.metrics.scores import predicted_classes
 
         try:
-            probs = inference.probabilities(self.model, files, self.limits)
+            probs = inference.probabilities(self.model, files, self.limits, deadline)
+        except inference.OutOfTime as err:
+            raise self._given_up(str(err)) from err
         except inference.UnusablePicture as err:
             if _is_base64_picture(files[err.index]):
                 problem = (

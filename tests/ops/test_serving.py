@@ -9,8 +9,10 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,9 +21,10 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 
 from ops import runner, tracking
-from ops.serving import pyfunc, registry
+from ops.serving import pyfunc, registry, server
 from tests.classifier.data.test_pictures import rotated_jpeg, transparent_png
 from tests.workspace import free_port, wait_until_answering
 
@@ -225,8 +228,6 @@ def test_text_that_is_not_base64_is_refused_by_mlflow_in_one_line(scoring_app):
 
 
 def test_the_python_api_refuses_in_the_same_words(logged):
-    from mlflow.exceptions import MlflowException
-
     with pytest.raises(MlflowException) as refused:
         logged.model.predict(pd.DataFrame({"image": [b"not a picture"]}))
     assert refused.value.message == f"row 0 is not a usable picture: {NOT_AN_IMAGE}. {SEND}"
@@ -530,7 +531,6 @@ def test_a_lower_data_max_pixels_is_the_limit_per_picture():
 
 def guarded(app, headers: list[tuple[bytes, bytes]], chunks: list[bytes], **limits):
     """POST /invocations to serve.Guard(app) with these headers and body chunks: (status, answer)."""
-    from ops.serving import server
 
     guard = server.Guard(app, **limits)
     messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
@@ -580,7 +580,6 @@ def test_the_server_lets_a_request_within_the_limits_through_whole():
 
 
 def test_a_busy_server_answers_503_at_once_rather_than_queue_without_end():
-    from ops.serving import server
 
     async def scenario() -> list[int]:
         release = asyncio.Event()
@@ -615,40 +614,249 @@ def test_a_busy_server_answers_503_at_once_rather_than_queue_without_end():
     assert asyncio.run(scenario()) == [503, 200, 200]
 
 
+# Slow and wide requests: read under a deadline, refused before parsing, given up past the timeout --
+
+
+JSON = [(b"content-type", b"application/json")]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"dataframe_records": [{' + b",".join(b'"k%d": 1' % i for i in range(1_000_000)) + b"}]}",
+        b'{"dataframe_split": {"columns": ["image"], "data": [[' + b",".join([b"0"] * 1_000_000) + b"]]}}",
+        b'{"inputs": [' + b",".join([b'"a"'] * 1_000_000) + b"]}",
+    ],
+    ids=["a row of a million keys", "a row of a million numbers", "a flat list of a million strings"],
+)
+def test_a_wide_json_is_refused_before_it_is_parsed(body):
+    status, answer = guarded(never_called, JSON, [body])
+    assert status == 400
+    assert answer["message"].startswith("the request holds more values than a request of at most 64 pictures does.")
+
+
+def test_the_widest_request_the_model_takes_goes_through():
+    got = []
+
+    async def app(scope, receive, send):
+        got.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    records = json.dumps({"dataframe_records": [{"image": b64(png(2, 2))}] * pyfunc.MAX_ROWS}).encode()
+    split = json.dumps(
+        {"dataframe_split": {"index": list(range(64)), "columns": ["image"], "data": [[b64(png(2, 2))]] * 64}}
+    ).encode()
+    for body in (records, split):
+        assert guarded(app, JSON, [body])[0] == 200
+    assert got == [records, split]
+
+
+def test_stalled_bodies_hold_no_slot_and_are_answered_408_with_the_connection_closed():
+    """Five clients send headers and one byte of a 100,000-byte body; one slot, one waiting place.
+    A whole request sent meanwhile is served at once, and each stalled one gets 408 at the deadline."""
+
+    async def scenario() -> tuple[list, list]:
+        served: list[bytes] = []
+
+        async def app(scope, receive, send):
+            served.append((await receive())["body"])
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        guard = server.Guard(app, slots=1, waiting=1, read_seconds=1.0)
+        answers: list[tuple[str, int, list]] = []
+
+        async def request(name: str, chunks: list[bytes], stall: bool) -> None:
+            queue = [
+                {"type": "http.request", "body": c, "more_body": stall or i < len(chunks) - 1}
+                for i, c in enumerate(chunks)
+            ]
+
+            async def receive() -> dict:
+                if queue:
+                    return queue.pop(0)
+                await asyncio.Event().wait()  # the rest never comes
+                raise AssertionError
+
+            async def send(message: dict) -> None:
+                if message["type"] == "http.response.start":
+                    answers.append((name, message["status"], message["headers"]))
+
+            length = [(b"content-length", b"100000")] if stall else []
+            await guard({"type": "http", "path": "/invocations", "headers": JSON + length}, receive, send)
+
+        stalled = [asyncio.create_task(request(f"stalled {i}", [b"{"], stall=True)) for i in range(5)]
+        await asyncio.sleep(0.1)
+        await request("whole", [b'{"dataframe_split"', b": {}}"], stall=False)
+        early = list(answers)
+        await asyncio.gather(*stalled)
+        return early, answers, served
+
+    early, answers, served = asyncio.run(scenario())
+    assert early == [("whole", 200, [])]
+    assert served == [b'{"dataframe_split": {}}']
+    close = (b"connection", b"close")
+    assert sorted((name, status, close in headers) for name, status, headers in answers[1:]) == [
+        (f"stalled {i}", 408, True) for i in range(5)
+    ]
+
+
+def test_bodies_beyond_what_may_be_held_at_once_are_told_to_come_back():
+    status, answer = guarded(never_called, JSON, [b"{" * 10, b"}" * 10], held_bytes=15)
+    assert (status, answer["message"]) == (503, "the model is busy: try again in a moment")
+
+
+@pytest.fixture
+def http_server():
+    """uvicorn with the guard's protocol (read_seconds 0.5) around an app that answers 200, on 127.0.0.1."""
+    import uvicorn
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    port = free_port()
+    protocol = type("Protocol", (server.Protocol,), {"read_seconds": 0.5})
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, log_level="warning", lifespan="off")
+    running = uvicorn.Server(config)
+    thread = threading.Thread(target=running.run)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not running.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    yield port
+    running.should_exit = True
+    thread.join(timeout=30)
+
+
+def closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
+    """(whether the server closed `sock` within `seconds`, what it sent before)."""
+    sock.settimeout(seconds)
+    got = b""
+    try:
+        while chunk := sock.recv(4096):
+            got += chunk
+    except TimeoutError:
+        return False, got
+    return True, got
+
+
+def test_a_connection_whose_headers_stall_is_closed(http_server):
+    with (
+        socket.create_connection(("127.0.0.1", http_server)) as silent,
+        socket.create_connection(("127.0.0.1", http_server)) as trickling,
+    ):
+        trickling.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        for _ in range(4):  # a header line every 0.2 s: never quiet long enough for a keep-alive timeout
+            time.sleep(0.2)
+            try:
+                trickling.sendall(b"X-A: b\r\n")
+            except OSError:
+                break
+        assert closed_within(silent, 5) == (True, b"")
+        assert closed_within(trickling, 5) == (True, b"")
+        assert time.monotonic() - started < 5
+
+
+def test_a_connection_that_asks_in_time_is_answered_and_kept(http_server):
+    with socket.create_connection(("127.0.0.1", http_server)) as client:
+        for _ in range(3):  # three requests on one connection, each within the deadline of the last answer
+            time.sleep(0.3)
+            client.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+            client.settimeout(5)
+            answer = b""
+            while not answer.endswith(b"\r\n\r\nok"):
+                answer += client.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 200")
+
+
+def test_a_request_past_the_timeout_is_given_up_before_its_next_picture(logged, monkeypatch):
+    from classifier.model import images
+
+    model = logged.model.unwrap_python_model()
+    decoded = []
+    real = images.model_input
+
+    def slow(*args, **kwargs):
+        decoded.append(time.monotonic())
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(images, "model_input", slow)
+    monkeypatch.setattr(model, "seconds", 1.0)
+    frame = pd.DataFrame({"image": [logged.pictures[0].read_bytes()] * 10})
+    started = time.monotonic()
+    with pytest.raises(MlflowException) as given_up:  # the model's own module's BadRequest
+        model.predict(None, frame)
+    assert given_up.value.message.startswith(
+        "the request was given up after 1 s (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT), 4 of 10 pictures decoded"
+    )
+    assert given_up.value.get_http_status_code() == 503
+    assert len(decoded) == 4 and decoded[-1] - started < 1.0
+
+
+def test_a_request_that_waited_out_its_timeout_for_the_model_does_nothing(logged, monkeypatch):
+    model = logged.model.unwrap_python_model()
+    monkeypatch.setattr(model, "seconds", 0.3)
+    frame = pd.DataFrame({"image": [logged.pictures[0].read_bytes()]})
+    waited = r"given up after 0.3 s .*, waiting for the requests before it"
+    with model.busy, pytest.raises(MlflowException, match=waited):  # another request holds the model
+        model.predict(None, frame)
+    assert model.predict(None, frame)["label"].tolist() == [logged.model.predict(frame)["label"][0]]
+
+
 #: The most memory requests may add to the idle server's under the load test below (README: "Serving
 #: the model"); the idle server (TensorFlow, MLflow, the model) holds about 0.8 GB.
 MEMORY_CEILING = 512 * 2**20
 
 
+#: A request that sends its headers and one byte of the body it announces, then nothing.
+STALLED = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+
+
 @pytest.mark.slow
 def test_hostile_requests_at_once_keep_the_server_under_its_memory_ceiling(logged, tmp_path):
-    """`python -m ops.serving` on 127.0.0.1, sent at once: thousands of tiny pictures, pictures at
-    the pixel limits, a compressed table, deep JSON; each gets its answer and the process's peak
-    memory stays within MEMORY_CEILING of its idle size."""
+    """`python -m ops.serving --read-timeout 5` on 127.0.0.1, sent at once after ten connections
+    that stall their bodies: thousands of tiny pictures, pictures at the pixel limits, a compressed
+    table, deep JSON, a row of 4 million keys, a flat list of 16 million numbers, one plain picture.
+    Each gets its answer (the plain picture 200: the stalled connections hold no slot), the stalled
+    ones get 408 and are closed, and the process's peak memory stays within MEMORY_CEILING of its
+    idle size."""
     import concurrent.futures
 
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": logged.store, "PYTHONPATH": str(Path(pyfunc.__file__).parents[2])}
     out = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "ops.serving", logged.uri, "--port", str(port)],
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ops.serving", logged.uri, "--port", str(port), "--read-timeout", "5"],
         cwd=tmp_path,
         env=env,
         stdout=out,
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/invocations"
+    stalled: list[socket.socket] = []
     try:
-        wait_until_answering(f"http://127.0.0.1:{port}/ping", server, tmp_path / "server.log")
-        idle = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{server.pid}/status").read_text())[1]) * 1024
+        wait_until_answering(f"http://127.0.0.1:{port}/ping", process, tmp_path / "server.log")
+        idle = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{process.pid}/status").read_text())[1]) * 1024
         tiny = split_request([b64(png(1, 1))] * 5000)
         full = split_request([b64(png(1250, 1250))] * 64)  # 100 million pixels: the most one request takes
         large = split_request([b64(png(5000, 5000))])  # 25 million pixels: the most one picture has
         deep = b"[" * 200_000 + b"]" * 200_000
+        wide = b'{"dataframe_records": [{' + b",".join(b'"k%d": 1' % i for i in range(4_000_000)) + b"}]}"
+        flat = b'{"inputs": [' + b"0," * 16_000_000 + b"0]}"
         requests = [(tiny, "application/json")] * 3 + [(full, "application/json")] * 2
         requests += [(large, "application/json")] * 2 + [
             (deep, "application/json"),
             (b"PAR1" * 3000, "application/vnd.apache.parquet"),
+            (wide, "application/json"),
+            (flat, "application/json"),
+            (split_request([b64(logged.pictures[0].read_bytes())]), "application/json"),
         ]
 
         def send(body_type: tuple[bytes, str]) -> int:
@@ -659,19 +867,28 @@ def test_hostile_requests_at_once_keep_the_server_under_its_memory_ceiling(logge
             except urllib.error.HTTPError as refused:
                 return refused.code
 
+        for _ in range(10):
+            stalled.append(socket.create_connection(("127.0.0.1", port)))
+            stalled[-1].sendall(STALLED)
         with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
             statuses = list(pool.map(send, requests))
-        peak = int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{server.pid}/status").read_text())[1]) * 1024
+        answers = [closed_within(connection, 30) for connection in stalled]
+        peak = int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{process.pid}/status").read_text())[1]) * 1024
     finally:
-        server.terminate()
+        for connection in stalled:
+            connection.close()
+        process.terminate()
         try:
-            server.wait(timeout=30)
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+            process.kill()
+            process.wait()
         out.close()
     assert statuses[:3] == [400] * 3, "5000 pictures: over the rows limit"
     assert set(statuses[3:7]) <= {200, 503}, statuses  # within the limits: answered, or told to come back
-    assert statuses[7:] == [400, 415], statuses
+    assert statuses[7:] == [400, 415, 400, 400, 200], statuses
+    assert [(closed, said.split(b"\r\n")[0]) for closed, said in answers] == [
+        (True, b"HTTP/1.1 408 Request Timeout")
+    ] * 10
     print(f"server memory: {idle / 2**20:.0f} MB idle, peak {peak / 2**20:.0f} MB")
     assert peak - idle < MEMORY_CEILING, f"peak {peak / 2**20:.0f} MB, idle {idle / 2**20:.0f} MB"
