@@ -172,8 +172,12 @@ def main() -> None:
     env = pipeline_env()
     uri = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace.resolve() / 'mlflow.db'}"
     store = workspace.resolve() / "mlflow.db"
-    if store.is_file() and tracking.store.relocate(store):  # a demo folder copied or moved here
+    if store.is_file() and tracking.locations.relocate(store):  # a demo folder copied or moved here
         print(f"{store} now points at its own {store.parent / 'mlartifacts'}")
+    try:
+        tracking.locations.check(store)
+    except tracking.TrackingError as err:
+        sys.exit(f"error: {err}")
     commit(workspace, "The demo's pipeline and params")
     started = time.perf_counter()
     result = subprocess.run(DVC + ["repro"], cwd=workspace, env=env | {"MLFLOW_TRACKING_URI": uri}, check=False)

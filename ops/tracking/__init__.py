@@ -2,6 +2,8 @@
 
 - store: where runs go (the tracking URI, an embedded sqlite store made whole or not at all, its
   file lock, a server's login check, the retry of concurrent inserts) and the errors of logging.
+- locations: an sqlite store's artifacts in its own mlartifacts/ (a copied or moved store pointed
+  there, a store with artifacts elsewhere refused).
 - lineage: what a run is traced to (dvc.yaml's deps, outs and params of a stage, dvc.lock's
   hashes, DVC's hash of an output, the git commit, the attempt).
 - metrics: a stage's metrics and history files as MLflow metrics.
@@ -16,6 +18,7 @@ Lineage points from MLflow to DVC, never back: nothing here writes a DVC output,
 depends on it, so DVC never re-runs a stage for tracking's sake.
 """
 
+from ops.tracking import locations
 from ops.tracking.lineage import (
     CODE,
     LOCK_FILE,
@@ -107,6 +110,7 @@ __all__ = [
     "git_commit",
     "in_worker",
     "lineage_tags",
+    "locations",
     "locked_hashes",
     "log_classifier",
     "log_metrics",

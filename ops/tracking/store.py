@@ -2,12 +2,9 @@
 MLFLOW_TRACKING_URI), the store made whole or not at all, its file lock, a server's login checked
 before any work, concurrent inserts sent again, and what to do when logging fails.
 
-An sqlite store's artifacts live in mlartifacts/ beside its database file. MLflow writes them into
-the database as absolute locations (experiments, runs, logged models, model versions, traces), so a
-project folder that was copied or moved would still point at the folder it was made in: a copy
-would write its new artifacts into the original, a moved one would not find its own. `relocate`
-points those locations at the store's own mlartifacts/; `store_uri`, the way every stage and tool
-opens the store, calls it once per process.
+An sqlite store's artifacts live in mlartifacts/ beside its database file; `store_uri`, the way
+every stage and tool opens the store, makes it hold to that once per process (ops.tracking.locations:
+a copied or moved store is pointed at its own folder, a store with locations elsewhere refused).
 """
 
 from __future__ import annotations
@@ -17,8 +14,6 @@ import fcntl
 import logging
 import os
 import random
-import re
-import sqlite3
 import threading
 import time
 import urllib.error
@@ -77,7 +72,7 @@ def _experiment(client: Any) -> Any:
     name = experiment_name()
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        store = _sqlite_path(tracking_uri())
+        store = sqlite_path(tracking_uri())
         location = (store.parent / "mlartifacts").as_uri() if store is not None else None
         try:
             client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
@@ -143,7 +138,7 @@ def check_server(uri: str | None = None) -> None:
         ) from err
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
     """The file of an sqlite store's URI; None for any other store."""
     return Path(uri[len("sqlite:///") :].split("?")[0]) if uri.startswith("sqlite:///") else None
 
@@ -154,124 +149,19 @@ _CHECKED: set[Path] = set()
 
 def store_uri() -> str:
     """tracking_uri(), its sqlite store created first if there is none (`create_store`), or, the first
-    time this process opens it, its artifact locations pointed at its own mlartifacts/ (`relocate`)."""
+    time this process opens it, its artifact locations pointed at its own mlartifacts/ and refused if
+    any is elsewhere (`locations.own_store`)."""
+    from ops.tracking import locations  # it takes this module's lock
+
     uri = tracking_uri()
-    path = _sqlite_path(uri)
+    path = sqlite_path(uri)
     if path is not None and not path.is_file():
         create_store(path)
         _CHECKED.add(path)
     elif path is not None and path not in _CHECKED:
-        relocate(path)
+        locations.own_store(path)
         _CHECKED.add(path)
     return uri
-
-
-#: Where MLflow's sqlite schema holds an absolute artifact location: table, column, and which of its
-#: rows (the trace tags hold other values too).
-LOCATIONS = (
-    ("experiments", "artifact_location", ""),
-    ("runs", "artifact_uri", ""),
-    ("logged_models", "artifact_location", ""),
-    ("model_versions", "storage_location", ""),
-    ("model_versions", "source", ""),
-    ("trace_tags", "value", " AND key = 'mlflow.artifactLocation'"),
-    ("workspaces", "default_artifact_root", ""),
-    ("workspaces", "trace_archival_location", ""),
-)
-
-#: An experiment's location in an mlartifacts/ folder: the folder itself or its subfolder for one
-#: experiment (MLflow's Default experiment), as a file URI or a plain absolute path.
-_ARTIFACTS_ROOT = re.compile(r"^((?:file://)?/.*/mlartifacts)(?:/\d+)?/?$")
-
-
-def relocate(path: Path) -> bool:
-    """Point the artifact locations of the sqlite store at `path` at its own mlartifacts/ folder, when
-    they name the mlartifacts/ folder of another place (the folder the store was made in, before it
-    was copied or moved); return whether anything changed.
-
-    By this project's rule an sqlite store's artifacts live in mlartifacts/ beside it, so a copied or
-    moved project folder finds its own artifacts and never writes into the original. The other place
-    is read from the experiments' locations (one small query when there is nothing to do); every
-    location under it, as a file URI or a plain path, is rewritten, in every table and column of
-    `LOCATIONS` (experiments, runs, logged models, model versions' sources and storage, traces,
-    workspaces), in one transaction under the store's lock. Locations elsewhere (a server's
-    mlflow-artifacts:, s3://, a folder of one's own that is not an mlartifacts/ folder) are left as
-    they are."""
-    own = path.absolute().parent / "mlartifacts"
-    if not path.is_file():
-        return False
-    try:
-        with contextlib.closing(sqlite3.connect(path, timeout=60)) as db:
-            moved = _moved_from(db, own)
-            if not moved:
-                return False
-            with store_lock(path):
-                db.execute("BEGIN IMMEDIATE")
-                moved = _moved_from(db, own)  # again: another process may have done it meanwhile
-                changed: dict[str, int] = {}
-                for found, old in moved:
-                    for before, after in _spellings(found, old, own):
-                        for table, column, rows in _present(db):
-                            done = db.execute(
-                                f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", length(?) + 1) '
-                                f'WHERE ("{column}" = ? OR substr("{column}", 1, length(?) + 1) = ? || \'/\'){rows}',
-                                (after, before, before, before, before),
-                            ).rowcount
-                            if done:
-                                changed[f"{table}.{column}"] = changed.get(f"{table}.{column}", 0) + done
-                db.commit()
-    except sqlite3.Error as err:
-        raise TrackingError(f"Could not point the MLflow store {path} at its own {own}: {err}") from err
-    if not changed:
-        return False
-    log.info(
-        "the MLflow store %s was made in %s: its artifact locations now point at %s (%s)",
-        path,
-        ", ".join(str(old.parent) for _, old in moved),
-        own,
-        ", ".join(f"{where} {count}" for where, count in changed.items()),
-    )
-    return True
-
-
-def _moved_from(db: sqlite3.Connection, own: Path) -> list[tuple[str, Path]]:
-    """The mlartifacts/ folders of other places that the store's experiments are located in: each as
-    the store writes it, and as a path."""
-    try:
-        locations = [row[0] for row in db.execute("SELECT DISTINCT artifact_location FROM experiments")]
-    except sqlite3.OperationalError as err:
-        if "no such table" in str(err):
-            return []  # not an MLflow store (yet)
-        raise
-    folders: list[tuple[str, Path]] = []
-    for location in locations:
-        match = _ARTIFACTS_ROOT.match(location or "")
-        if match is None:
-            continue
-        root = match.group(1)
-        folder = Path(urllib.parse.unquote(root[len("file://") :])) if root.startswith("file://") else Path(root)
-        if folder == own or any(folder == seen for _, seen in folders):
-            continue
-        with contextlib.suppress(OSError):
-            if os.path.samefile(folder.parent, own.parent):
-                continue  # the same folder by another name (a symbolic link)
-        folders.append((root, folder))
-    return folders
-
-
-def _spellings(found: str, old: Path, own: Path) -> list[tuple[str, str]]:
-    """(old prefix, new prefix) for each way MLflow may write a location: as the experiment has it, a
-    file URI, a plain path."""
-    pairs = [(found, own.as_uri() if found.startswith("file://") else str(own))]
-    return pairs + [pair for pair in ((old.as_uri(), own.as_uri()), (str(old), str(own))) if pair[0] != found]
-
-
-def _present(db: sqlite3.Connection) -> list[tuple[str, str, str]]:
-    """The `LOCATIONS` this store's schema has (an older MLflow's has fewer)."""
-    columns: dict[str, set[str]] = {}
-    for table in {table for table, _, _ in LOCATIONS}:
-        columns[table] = {row[1] for row in db.execute(f"PRAGMA table_info('{table}')")}
-    return [(table, column, rows) for table, column, rows in LOCATIONS if column in columns[table]]
 
 
 def create_store(path: Path) -> None:
@@ -297,7 +187,7 @@ def store_lock(path: Path | None = None) -> Iterator[None]:
     """Serialise writes to an sqlite store across processes (parallel experiments share it); `path`:
     the store of tracking_uri(). A thread that holds the lock already takes it again at once (a
     second flock of the same file in one process would wait for itself)."""
-    path = path if path is not None else _sqlite_path(tracking_uri())
+    path = path if path is not None else sqlite_path(tracking_uri())
     if path is None or (path, threading.get_ident()) in _HELD:
         yield
         return

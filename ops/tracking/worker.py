@@ -27,7 +27,7 @@ from typing import Any
 from ops import runner
 from ops.code import ROOT
 from ops.tracking.lineage import STAGE_PID
-from ops.tracking.store import TrackingError, _sqlite_path, enabled, experiment_name, store_lock, tracking_uri
+from ops.tracking.store import TrackingError, enabled, experiment_name, sqlite_path, store_lock, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def _warm_up(stage: str) -> None:
 
         uri = tracking_uri()
         mlflow.set_tracking_uri(uri)
-        store = _sqlite_path(uri)
+        store = sqlite_path(uri)
         if store is not None and store.is_file():
             with store_lock():
                 mlflow.get_experiment_by_name(experiment_name())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -296,6 +297,44 @@ def test_the_logged_model_ships_only_the_code_it_answers_with_and_runs_on_it_alo
     where, answer = done.stdout.strip().splitlines()[-2:]
     assert not where.startswith(str(code.ROOT)) and "/code/classifier/" in where
     assert json.loads(answer) == expected_rows(logged.model, [logged.pictures[0].read_bytes()])
+
+
+def test_a_store_whose_model_is_stored_in_another_folder_is_refused_before_its_code_runs(logged, tmp_path):
+    """A copied store whose registered version's storage was pointed at a folder outside it (holding a
+    model whose code writes a file): `ops.serving` refuses in one line and never loads that model."""
+    import shutil
+    import sqlite3
+
+    import yaml
+
+    copy = tmp_path / "copy"
+    shutil.copytree(logged.folder, copy)
+    evil = tmp_path / "elsewhere"
+    shutil.copytree(next((copy / "mlartifacts" / "models").glob("*/artifacts")), evil)
+    flavor = yaml.safe_load((evil / "MLmodel").read_text())["flavors"]["python_function"]
+    marker = tmp_path / "ran"
+    (evil / Path(flavor["model_code_path"]).name).write_text(f"open({str(marker)!r}, 'w').close()\n")
+    with contextlib.closing(sqlite3.connect(copy / "mlflow.db")) as db:
+        db.execute("UPDATE model_versions SET storage_location = ?", (evil.as_uri(),))
+        db.commit()
+    done = subprocess.run(
+        [sys.executable, "-m", "ops.serving", "models:/clf/1", "--port", str(free_port())],
+        cwd=copy,
+        env={
+            **os.environ,
+            "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db",
+            "PYTHONPATH": str(Path(pyfunc.__file__).parents[2]),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    refused = done.stderr.splitlines()[-1]
+    assert refused.startswith(f"error: The MLflow store {copy / 'mlflow.db'} keeps artifacts outside {copy} (")
+    assert f"model_versions.storage_location {evil.as_uri()!r}" in refused
+    assert not marker.exists()
 
 
 def test_a_registered_version_describes_itself(logged):

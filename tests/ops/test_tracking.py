@@ -21,7 +21,7 @@ import yaml
 from classifier import config
 from ops import tracking
 from ops.code import ROOT
-from ops.tracking import lineage, store, worker
+from ops.tracking import lineage, locations, store, worker
 from ops.tracking.metrics import _history
 from tests.workspace import GIT_ENV
 
@@ -765,7 +765,7 @@ def test_a_copied_or_moved_store_finds_and_writes_its_own_artifacts(tmp_path, mo
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{b / 'mlflow.db'}")
     mlflow.set_tracking_uri(store.tracking_uri())
-    with caplog.at_level("INFO", logger="ops.tracking.store"):
+    with caplog.at_level("INFO", logger="ops.tracking"):
         store.store_uri()
     assert "now point at" in caplog.text and str(b / "mlartifacts") in caplog.text
     own = (b / "mlartifacts").as_uri()
@@ -779,7 +779,7 @@ def test_a_copied_or_moved_store_finds_and_writes_its_own_artifacts(tmp_path, mo
         storage = db.execute("SELECT storage_location FROM model_versions").fetchone()[0]
         everywhere = [
             row[0]
-            for table, column, _ in store.LOCATIONS
+            for table, column, _ in locations.LOCATIONS
             for row in db.execute(f'SELECT "{column}" FROM "{table}" WHERE "{column}" LIKE ?', (f"%{a}%",))
         ]
     assert storage.startswith(f"{own}/") and not everywhere
@@ -795,10 +795,59 @@ def test_a_copied_or_moved_store_finds_and_writes_its_own_artifacts(tmp_path, mo
     assert a.exists() == (how == "copied")
 
     caplog.clear()
-    with caplog.at_level("INFO", logger="ops.tracking.store"):
+    with caplog.at_level("INFO", logger="ops.tracking"):
         store.store_uri()
-        assert store.relocate(b / "mlflow.db") is False
+        assert locations.relocate(b / "mlflow.db") is False
     assert not caplog.text, "once done, nothing more to do"
+
+
+@pytest.mark.parametrize(
+    ("table", "location"),
+    [
+        ("experiments", "s3://bucket/x"),
+        ("experiments", "mlflow-artifacts://otherhost:5000/7"),
+        ("experiments", "file:///data/mine"),
+        ("experiments", "/data/mlartifacts-old"),
+        ("experiments", "mlruns/0"),
+        ("experiments", "file://otherhost{own}"),
+        ("experiments", "{own}/../../elsewhere"),
+        ("model_versions", "file:///home/someone/model"),
+    ],
+)
+def test_a_store_with_artifacts_outside_its_folder_is_refused_in_one_line(project, table, location):
+    """Whatever the place (a bucket, a server, another folder, another machine, `..`), reading or
+    writing through it is refused before anything is; the store's own folder, by any name, is not."""
+    import sqlite3
+
+    import mlflow
+
+    own = project / "mlartifacts"
+    client = mlflow.MlflowClient(store.store_uri())
+    experiment = store._experiment(client).experiment_id
+    client.create_registered_model("echo")
+    client.create_model_version(
+        "echo", source=f"{own.as_uri()}/model", run_id=client.create_run(experiment).info.run_id
+    )
+    link = project.parent / f"{project.name}-link"
+    link.symlink_to(project)
+    with contextlib.closing(sqlite3.connect(project / "mlflow.db")) as db:  # as `mlflow ui` creates it
+        db.execute("UPDATE experiments SET artifact_location = 'mlflow-artifacts:/0' WHERE experiment_id = 0")
+        db.commit()
+    for place in (project, link):
+        locations.check(place / "mlflow.db")  # its own locations, as a file URI and a path, under either name
+
+    column = {"experiments": "artifact_location", "model_versions": "storage_location"}[table]
+    hostile = location.format(own=own)
+    with contextlib.closing(sqlite3.connect(project / "mlflow.db")) as db:
+        db.execute(f'UPDATE "{table}" SET "{column}" = ?', (hostile,))
+        db.commit()
+    with pytest.raises(store.TrackingError) as refused:
+        locations.check(project / "mlflow.db")
+    assert str(refused.value).startswith(
+        f"The MLflow store {project / 'mlflow.db'} keeps artifacts outside {project} ({table}.{column} {hostile!r}): "
+        "reading or writing them would reach a place this project did not make."
+    )
+    assert str(refused.value).endswith("Nothing was run.") and "\n" not in str(refused.value)
 
 
 def test_locations_that_are_no_mlartifacts_folder_are_left_alone(project, monkeypatch, caplog):
@@ -818,14 +867,14 @@ def test_locations_that_are_no_mlartifacts_folder_are_left_alone(project, monkey
         db.execute("UPDATE experiments SET artifact_location = 'file:///elsewhere/mlruns/0' WHERE experiment_id = 0")
         db.commit()
     caplog.clear()
-    with caplog.at_level("INFO", logger="ops.tracking.store"):
-        assert store.relocate(project / "mlflow.db") is False
+    with caplog.at_level("INFO", logger="ops.tracking"):
+        assert locations.relocate(project / "mlflow.db") is False
     assert not caplog.text, "at its own place: nothing to do"
 
     copy = project.parent / "copy"
     shutil.copytree(project, copy)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{copy / 'mlflow.db'}")
-    assert store.relocate(copy / "mlflow.db") is True
+    assert locations.relocate(copy / "mlflow.db") is True
     with contextlib.closing(sqlite3.connect(copy / "mlflow.db")) as db:
         experiments = dict(db.execute("SELECT experiment_id, artifact_location FROM experiments").fetchall())
         runs = {row[0] for row in db.execute("SELECT artifact_uri FROM runs")}
