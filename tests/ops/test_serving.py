@@ -64,6 +64,7 @@ def logged(tmp_path_factory) -> SimpleNamespace:
     pictures = [rotated_jpeg(folder / "phone.jpg"), transparent_png(folder / "logo.png")]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", store)
+        tracking.store.create_store(folder / "mlflow.db")  # as the stages make it: every location in the folder
         mlflow.set_tracking_uri(store)
         experiment = mlflow.create_experiment("serving", artifact_location=(folder / "mlartifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment) as run:
