@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -186,13 +187,15 @@ def git_commit() -> tuple[str, bool]:
 def attempt() -> str:
     """The `dvc repro` (or `dvc exp run`) this stage runs in, as `<pid>.<start>` of that process;
     the stage's own process when none is found. Tags runs so a failed attempt's runs stay together."""
-    pid = int(os.environ.get(STAGE_PID, os.getpid()))  # a stage's MLflow worker names the stage's
+    pid = _stage_pid()
     own = f"{pid}.{_IMPORTED}"
     for step in range(8):  # the stage's python, a shell, then DVC
+        stat = _stat(pid)
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
+            break
+        if stat is None:
             break
         here = f"{pid}.{stat[19]}"  # field 22 of /proc/<pid>/stat: the start time, against pid reuse
         own = here if step == 0 else own
@@ -202,11 +205,48 @@ def attempt() -> str:
     return own
 
 
+def _stage_pid() -> int:
+    """The stage's process id: this process's, or in a stage's MLflow worker the stage's."""
+    return int(os.environ.get(STAGE_PID, os.getpid()))
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command's name (field 3 on); None if it cannot be read."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def process() -> str:
+    """`<host>:<pid>.<start>` of the stage's process: the run's tag PROCESS, which tells whether that
+    process still runs (`process_gone`); `<start>` is `?` where /proc cannot be read."""
+    pid = _stage_pid()
+    stat = _stat(pid)
+    return f"{socket.gethostname()}:{pid}.{stat[19] if stat else '?'}"
+
+
+def process_gone(tag: str) -> bool:
+    """Whether the process a PROCESS tag names has ended: on this machine, no process of that id runs,
+    or one started at another time. False where that cannot be told (another machine, no /proc)."""
+    host, _, ident = tag.rpartition(":")
+    pid, _, start = ident.partition(".")
+    if host != socket.gethostname() or not pid.isdigit() or start == "?" or _stat(os.getpid()) is None:
+        return False
+    stat = _stat(int(pid))
+    return stat is None or stat[19] != start
+
+
+#: The run tag naming the process that runs a stage (`process`).
+PROCESS = "pipeline.process"
+
+
 def lineage_tags(stage: str) -> dict[str, str]:
     commit, dirty = git_commit()
     tags = {
         "pipeline.stage": stage,
         "pipeline.attempt": attempt(),
+        PROCESS: process(),
         "git.commit": commit,
         "git.dirty": str(dirty).lower(),
     }

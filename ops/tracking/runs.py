@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import socket
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,16 @@ from typing import Any
 from classifier import config
 from classifier.metrics import table
 from ops.tracking import worker
-from ops.tracking.lineage import data_deps, dvc_hash, lineage_tags, locked_hashes, stage_outputs, stage_params
+from ops.tracking.lineage import (
+    PROCESS,
+    data_deps,
+    dvc_hash,
+    lineage_tags,
+    locked_hashes,
+    process_gone,
+    stage_outputs,
+    stage_params,
+)
 from ops.tracking.metrics import CURVE_PREFIX, _history, _stage_metrics, metric_key
 from ops.tracking.store import (
     TrackingError,
@@ -83,6 +93,7 @@ def _begin(stage: str, params: config.Params, tags: dict[str, str]) -> str:
             run = _open_run(stage, tags=tags)
             mlflow.log_params(stage_params(stage, params))
             _log_inputs(stage)
+            end_orphaned_runs(run.info.experiment_id)
     except Exception as err:
         if mlflow.active_run() is not None:
             with contextlib.suppress(Exception), store_lock():
@@ -111,6 +122,31 @@ def _abort(stage: str, params: config.Params) -> None:
     with store_lock():
         mlflow.end_run("FAILED")
         _record_failed_attempt(stage, params)
+
+
+#: Why `end_orphaned_runs` ended a run (its tag pipeline.ended).
+ORPHANED = "its process ended without ending it (killed with SIGKILL, or the machine stopped): ended by a later run"
+
+
+def end_orphaned_runs(experiment_id: str) -> list[str]:
+    """End as FAILED every run of the experiment still RUNNING whose stage process on this machine has
+    ended (a process group killed with SIGKILL takes the stage's MLflow worker with it); their ids."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    host = socket.gethostname().replace("'", "")
+    orphans = [
+        run.info.run_id
+        for run in client.search_runs(
+            [experiment_id], f"attributes.status = 'RUNNING' AND tags.`{PROCESS}` LIKE '{host}:%'", max_results=1000
+        )
+        if process_gone(run.data.tags[PROCESS])
+    ]
+    for run_id in orphans:
+        client.set_tag(run_id, "pipeline.ended", ORPHANED)
+        client.set_terminated(run_id, "FAILED")
+        log.info("MLflow run %s was left running by a process that has ended: ended as failed", run_id)
+    return orphans
 
 
 def _log_inputs(stage: str) -> None:

@@ -21,7 +21,7 @@ import yaml
 from classifier import config
 from ops import tracking
 from ops.code import ROOT
-from ops.tracking import lineage, locations, store, worker
+from ops.tracking import lineage, locations, runs, store, worker
 from ops.tracking.metrics import _history
 from tests.workspace import GIT_ENV
 
@@ -478,6 +478,8 @@ with tracking.stage_run("train_top", params) as run_id:
     print(run_id, os.getpid(), worker._worker.process.pid, flush=True)
     if sys.argv[1] == "kill":
         os.kill(os.getpid(), 9)
+    if sys.argv[1] == "killpg":  # the stage and its worker at once: nothing is left to end the run
+        os.killpg(0, 9)
     if sys.argv[1] == "ctrl-c":  # to the whole process group, as a terminal sends it
         os.killpg(0, 2)
         time.sleep(5)
@@ -486,20 +488,23 @@ with tracking.stage_run("train_top", params) as run_id:
 """
 
 
-@pytest.mark.parametrize("end", ["done", "kill", "ctrl-c"])
-def test_a_stage_logs_through_its_worker_which_ends_a_killed_stage_run_failed(project, end):
-    import mlflow
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
+def run_stage_with_worker(end: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, "-c", STAGE_WITH_WORKER, end],
         start_new_session=True,  # a process group of its own, for Ctrl-C
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+@pytest.mark.parametrize("end", ["done", "kill", "ctrl-c"])
+def test_a_stage_logs_through_its_worker_which_ends_a_killed_stage_run_failed(project, end):
+    import mlflow
+
+    done = run_stage_with_worker(end)
     run_id, stage_pid, worker_pid = done.stdout.split()
     assert worker_pid != stage_pid
     client = mlflow.MlflowClient(tracking.tracking_uri())
@@ -519,6 +524,36 @@ def test_a_stage_logs_through_its_worker_which_ends_a_killed_stage_run_failed(pr
     experiment = client.get_experiment_by_name("image-classifier")
     (row,) = client.search_runs([experiment.experiment_id], "tags.`pipeline.stage` = 'pipeline'")
     assert row.info.run_name == "pipeline (failed at train_top)"
+
+
+def test_a_run_whose_stage_and_worker_were_killed_together_is_ended_failed_by_the_next_run(project):
+    import mlflow
+
+    killed = run_stage_with_worker("killpg")
+    assert killed.returncode == -9
+    run_id, stage_pid, _ = killed.stdout.split()
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING", "nothing was left to end it"
+    assert run.data.tags["pipeline.process"].startswith(f"{socket.gethostname()}:{stage_pid}.")
+
+    done = run_stage_with_worker("done")
+    assert done.returncode == 0, done.stderr
+    run = client.get_run(run_id)
+    assert (run.info.status, run.data.tags["pipeline.ended"]) == ("FAILED", runs.ORPHANED)
+    assert client.get_run(done.stdout.split()[0]).info.status == "FINISHED"
+
+
+def test_a_run_whose_process_still_runs_is_left_running():
+    """The process tag of this test's own process (alive), of another start of the same process id,
+    of another machine, and of a machine without /proc: only the second is gone."""
+    own = lineage.process()
+    host, ident = own.rsplit(":", 1)
+    pid, start = ident.split(".")
+    assert not lineage.process_gone(own)
+    assert lineage.process_gone(f"{host}:{pid}.{int(start) + 1}")
+    assert not lineage.process_gone(f"another-machine:{pid}.{int(start) + 1}")
+    assert not lineage.process_gone(f"{host}:{pid}.?")
 
 
 def test_a_foreach_stage_is_read_as_the_stages_dvc_makes_of_it(tmp_path, monkeypatch):
