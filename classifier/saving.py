@@ -162,3 +162,19 @@ def reproducible_keras_file(source: Path, dest: Path) -> None:
             member.compress_type = info.compress_type
             member.external_attr = info.external_attr
             zout.writestr(member, data)
+
+
+#: The first characters that make a spreadsheet read a cell as a formula, and `'`, which it hides.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def csv_text(text: str) -> str:
+    """A cell of text from a data set (a class name, a file name), as written to a CSV file: text a
+    spreadsheet would run as a formula (`=HYPERLINK(...)`, `+...`, `-...`, `@...`) starts with `'`,
+    which spreadsheets show as text. `from_csv_text` reads it back."""
+    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
+
+
+def from_csv_text(cell: str) -> str:
+    """The text `csv_text` wrote as `cell`."""
+    return cell.removeprefix("'")

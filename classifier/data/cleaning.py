@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from classifier import config
+from classifier import config, saving
 from classifier.data import manifest, pictures
 from classifier.data.layout import SOURCE_RECORD, SPLITS, files, split_folders, subfolders
 from classifier.data.splitting import assign_splits, carve
@@ -190,7 +190,7 @@ def prepare(raw: Path, out: Path, params: config.DataParams, seed: int, workers:
     with open(out / "dropped.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["source", "reason"])
-        writer.writerows(sorted(dropped))
+        writer.writerows((saving.csv_text(source), reason) for source, reason in sorted(dropped))
 
     reasons = Counter(reason for _, reason in dropped if reason in DROP_REASONS)
     counts = {label: {split: 0 for split in SPLITS} for label in classes}

@@ -26,7 +26,8 @@ def write_plot_data(out: Path, split: images.Split, probs: np.ndarray, threshold
         writer = csv.writer(f)
         writer.writerow(["path", "actual", "predicted", "confidence"])
         for path, y, p, row in zip(split.paths, split.labels, predicted, probs, strict=True):
-            writer.writerow([Path(path).name, split.classes[y], split.classes[p], f"{row[p]:.6f}"])
+            names = (Path(path).name, split.classes[y], split.classes[p])
+            writer.writerow([*map(saving.csv_text, names), f"{row[p]:.6f}"])
     with open(out / "roc.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["fpr", "tpr", "threshold"])
@@ -42,7 +43,7 @@ def write_per_class(path: Path, metrics: dict[str, Any]) -> None:
         writer.writerow(["class", *keys])
         for cls, values in metrics["per_class"].items():
             cells = [values["images"], *("" if values[k] is None else f"{values[k]:.6f}" for k in keys[1:])]
-            writer.writerow([cls, *cells])
+            writer.writerow([saving.csv_text(cls), *cells])
 
 
 def write_reports(

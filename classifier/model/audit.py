@@ -115,10 +115,10 @@ def write_suspects(
             writer.writerow(
                 [
                     place,
-                    pictures[i],
+                    saving.csv_text(pictures[i]),
                     splits[i],
-                    classes[labels[i]],
-                    classes[ranking.suggested[i]],
+                    saving.csv_text(classes[labels[i]]),
+                    saving.csv_text(classes[ranking.suggested[i]]),
                     f"{ranking.quality[i]:.6f}",
                     int(ranking.flagged[i]),
                 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -89,7 +90,7 @@ def describe(
     `log_loss` and `images` are given when there. `about` (see `log_model`) names the model (`model`,
     `what` it is), the pipeline `version` and the params it `changed` ({key: value}; None: unknown)."""
     about = about or {}
-    shown = ", ".join(classes[:DESCRIBED_CLASSES])
+    shown = ", ".join(map(literal, classes[:DESCRIBED_CLASSES]))
     if len(classes) > DESCRIBED_CLASSES:
         shown += f", ... (the first {DESCRIBED_CLASSES}; all in the model's artifacts/spec.json)"
     scores = f"accuracy {accuracy:.4f}"
@@ -98,7 +99,7 @@ def describe(
     images = f"{metrics['images']} images, " if isinstance(metrics.get("images"), int) else ""
     changed = about.get("changed")
     model = f"{about['model']} model" if about.get("model") else "a model"
-    version = about.get("version") or "an unknown pipeline version"
+    version = literal(about.get("version") or "an unknown pipeline version")
     lines = [
         f"{model} of {version}: {about.get('what') or backbone or 'a classifier'}",
         "",
@@ -106,14 +107,22 @@ def describe(
         + (
             "unknown (no committed params.yaml)"
             if changed is None
-            else ", ".join(f"{key}={value}" for key, value in changed.items()) or "none"
+            else ", ".join(literal(f"{key}={value}") for key, value in changed.items()) or "none"
         ),
         f"- test metrics: {scores}",
-        f"- test set: {test_set or 'unknown'} ({images}the DVC hash of the prepared data it was scored on)",
+        f"- test set: {literal(test_set or 'unknown')} ({images}the DVC hash of the prepared data it was scored on)",
         f"- classes ({len(classes)}): {shown}",
         f"- backbone: {backbone or 'unknown'}",
     ]
     return "\n".join(lines)
+
+
+def literal(text: str) -> str:
+    """`text` as Markdown that shows it as it is: the marks that start HTML (`<img ...>`), an entity,
+    a link, an image, code, a table cell, emphasis or strike-through are backslash-escaped (`_` inside
+    a word, as in learning_rate, starts nothing), so that a class name, a param value or a version
+    name is shown, never rendered, where the registry shows the description."""
+    return re.sub(r"[\\`*\[\]<>&!|~]|(?<!\w)_|_(?!\w)", lambda mark: "\\" + mark.group(0), text)
 
 
 #: The registered model's description: what its versions are and what its aliases mean.

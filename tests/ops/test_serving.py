@@ -352,6 +352,29 @@ def test_a_registered_version_describes_itself(logged):
     ]
 
 
+def test_names_from_a_data_set_are_shown_not_rendered_in_a_description():
+    """Class names, a version name and a param value that hold HTML, a link, an image, code or
+    emphasis: the description renders (CommonMark with tables and strike-through, as the registry
+    page) to text that shows each as it is, and to no element of theirs."""
+    import html
+
+    from markdown_it import MarkdownIt
+
+    classes = [
+        "<img src=x onerror=alert(1)>",
+        "[click](http://x.example)",
+        "![i](http://x.example/i.png)",
+        "**b** _c_ `d`",
+    ]
+    about = {"model": "top", "version": "v<script>1</script>", "changed": {"data.source": "http://x.example/<b>.tgz"}}
+    text = registry.describe(classes, "h&lt;", "vgg16", 0.5, {}, about)
+    rendered = MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(text)
+    assert not re.search(r"<(img|a|script|b|strong|em|code|del)\b", rendered), rendered
+    shown = html.unescape(re.sub(r"<[^>]+>", "", rendered))
+    for name in [*classes, "v<script>1</script>", "data.source=http://x.example/<b>.tgz", "h&lt;"]:
+        assert name in shown
+
+
 def test_a_description_names_the_first_classes_of_many(tmp_path):
     import mlflow
 
