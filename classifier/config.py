@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import reprlib
+import sys
 import types
 import typing
 from pathlib import Path
@@ -265,6 +266,13 @@ def load(path: str | Path = PARAMS_FILE) -> Params:
         raise ParamsError(f"{path} is not valid YAML: {err}") from err
     except _DuplicateKeyError as err:
         raise ParamsError(f"{path}: {err}") from None
+    except ValueError as err:  # Python reads integers of at most sys.get_int_max_str_digits() digits
+        raise ParamsError(
+            f"{path}: a number of more than {sys.get_int_max_str_digits()} digits: no parameter takes one; "
+            "write the value it should have"
+            if "digits" in str(err)
+            else f"{path}: a value that cannot be read ({err}): correct it"
+        ) from None
     finally:
         loader.dispose()
     if not isinstance(data, dict):

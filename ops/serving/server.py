@@ -14,7 +14,8 @@ front refuses, before reading or parsing a body:
   a body is read whole before the request waits for a work slot, so slow or stalled clients hold
   no slot, and the bodies held at once are bounded (HELD_BYTES, 503 beyond);
 - a body with more brackets (deep) or more commas and colons (wide) than a request of MAX_ROWS
-  pictures holds (400): either would make the parser build gigabytes from megabytes;
+  pictures holds (400): either would make the parser build gigabytes from megabytes; a number of
+  more than MAX_DIGITS digits (400): the parser refuses those of thousands with an error (500);
 - a request beyond SLOTS being served and WAITING queued (503: try again later).
 
 A connection whose next request's headers do not arrive within READ_SECONDS is closed (`Protocol`).
@@ -29,6 +30,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -52,6 +54,10 @@ MAX_BRACKETS = 2 * pyfunc.MAX_ROWS + 16
 #: The most `,` and `:` a request may hold: such a request has a few per row (base64 has none), so
 #: more is a wide JSON (a row of millions of keys, a flat list of millions of numbers).
 MAX_ITEMS = 4 * pyfunc.MAX_ROWS + 32
+#: The most digits of a number in a request (its `index` holds numbers below MAX_ROWS): a number of
+#: thousands is more than Python's JSON parser reads (a 500 from MLflow).
+MAX_DIGITS = 32
+LONG_NUMBER = re.compile(rb"(?:^|[\[,:\s-])\d{%d}" % (MAX_DIGITS + 1))  # base64 has none of [ , : - or spaces
 #: Seconds a request's headers, and then its body, may take to arrive.
 READ_SECONDS = 30.0
 #: The bytes of the bodies held at once, being read, waiting or served.
@@ -208,18 +214,17 @@ class Guard:
 
 
 def _refuse_by_shape(body: bytes) -> tuple[int, bytes] | None:
-    """400 for a JSON body deeper or wider than a request of at most MAX_ROWS pictures."""
+    """400 for a JSON body deeper or wider than a request of at most MAX_ROWS pictures, or holding a
+    number of more than MAX_DIGITS digits."""
     if body.count(b"[") + body.count(b"{") > MAX_BRACKETS:
-        what = "nests or lists more"
+        problem = f"nests or lists more than a request of at most {pyfunc.MAX_ROWS} pictures does"
     elif body.count(b",") + body.count(b":") > MAX_ITEMS:
-        what = "holds more values"
+        problem = f"holds more values than a request of at most {pyfunc.MAX_ROWS} pictures does"
+    elif LONG_NUMBER.search(body):
+        problem = f"holds a number of more than {MAX_DIGITS} digits, which no request for this model has"
     else:
         return None
-    return _answer(
-        400,
-        "INVALID_PARAMETER_VALUE",
-        f"the request {what} than a request of at most {pyfunc.MAX_ROWS} pictures does. " + pyfunc.WHAT_TO_SEND,
-    )
+    return _answer(400, "INVALID_PARAMETER_VALUE", f"the request {problem}. {pyfunc.WHAT_TO_SEND}")
 
 
 def app(model_uri: str, read_seconds: float = READ_SECONDS) -> Guard:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import yaml
@@ -264,3 +265,14 @@ def test_aliases_that_expand_past_any_params_file_are_refused_before_anything_is
 def test_a_few_aliases_still_load(tmp_path):
     params = config.load(write_params(tmp_path, "top:\n  units: &width 32\nbaseline:\n  units: *width\n"))
     assert params.top.units == params.baseline.units == 32
+
+
+def test_a_number_of_a_million_digits_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: " + "9" * 1_000_000 + "\n")
+    with pytest.raises(config.ParamsError) as refused:
+        config.load(path)
+    assert str(refused.value) == (
+        f"{path}: a number of more than {sys.get_int_max_str_digits()} digits: no parameter takes one; "
+        "write the value it should have"
+    )

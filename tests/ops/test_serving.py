@@ -698,6 +698,23 @@ def test_a_wide_json_is_refused_before_it_is_parsed(body):
     assert answer["message"].startswith("the request holds more values than a request of at most 64 pictures does.")
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"dataframe_split": {"columns": ["image"], "data": [[' + b"9" * 1_000_000 + b"]]}}",
+        b'{"dataframe_records": [{"image": -' + b"1" * 33 + b"}]}",
+        b"7" * 5000,
+    ],
+    ids=["a million digits", "33 digits", "a number alone"],
+)
+def test_a_number_no_parser_would_read_is_refused_in_one_line(body):
+    status, answer = guarded(never_called, JSON, [body])
+    assert (status, answer["message"].split(".")[0]) == (
+        400,
+        "the request holds a number of more than 32 digits, which no request for this model has",
+    )
+
+
 def test_the_widest_request_the_model_takes_goes_through():
     got = []
 
@@ -708,7 +725,13 @@ def test_the_widest_request_the_model_takes_goes_through():
 
     records = json.dumps({"dataframe_records": [{"image": b64(png(2, 2))}] * pyfunc.MAX_ROWS}).encode()
     split = json.dumps(
-        {"dataframe_split": {"index": list(range(64)), "columns": ["image"], "data": [[b64(png(2, 2))]] * 64}}
+        {
+            "dataframe_split": {
+                "index": list(range(10**31, 10**31 + 64)),
+                "columns": ["image"],
+                "data": [[b64(png(2, 2))]] * 64,
+            }
+        }
     ).encode()
     for body in (records, split):
         assert guarded(app, JSON, [body])[0] == 200
