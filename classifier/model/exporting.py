@@ -16,6 +16,7 @@ TensorFlow does the conversion: the stage runs on Keras's TensorFlow backend.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -53,15 +54,48 @@ def float32(model: Any) -> Any:
 def _onnx_from_saved_model(saved_model: Path, path: Path) -> None:
     """ONNX converted by tf2onnx from a SavedModel, whose graph it freezes whole. Keras's own ONNX
     export converts the model's function instead, where tf2onnx turns the constant tensors a layer
-    holds (the mean and variance of EfficientNetV2's Normalization) into inputs nobody can give."""
+    holds (the mean and variance of EfficientNetV2's Normalization) into inputs nobody can give.
+    The same model gives the same bytes, in one process or several."""
     from tf2onnx import convert, tf_loader
 
     graph, inputs, outputs, renamed = tf_loader.from_saved_model(
         str(saved_model), None, None, signatures=["serving_default"], return_tensors_to_rename=True
     )
-    convert.from_graph_def(
-        graph, input_names=inputs, output_names=outputs, tensors_to_rename=renamed, output_path=str(path)
-    )
+    converted, _ = convert.from_graph_def(graph, input_names=inputs, output_names=outputs, tensors_to_rename=renamed)
+    path.write_bytes(_canonical(converted).SerializeToString())
+
+
+#: A name tf2onnx made up: numbered by a counter that runs on through a process (`__<n>`, the
+#: unknown dimensions' `unk__<n>`), or a constant that its merging of equal constants kept, of
+#: several, in an order that varies with Python's hash seed (`const_starts__5` or `const_ends__6`).
+_MADE_UP = re.compile(r"__\d+(?=(:\d+)?$)")
+
+
+def _canonical(model: Any) -> Any:
+    """The ONNX `model` with the names tf2onnx made up numbered in the order the graph uses them, and
+    its constants and shapes sorted by name: the same model converts to the same bytes each time."""
+    graph, names = model.graph, dict[str, str]()
+    used = [n for node in graph.node for n in (*node.input, node.name, *node.output)]
+    for name in [*used, *(t.name for t in graph.initializer)]:
+        if _MADE_UP.search(name) and name not in names:
+            names[name] = f"const__{len(names)}" if name.startswith("const_") else _MADE_UP.sub(f"__{len(names)}", name)
+    for node in graph.node:
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]
+        node.name = names.get(node.name, node.name)
+    dims: dict[str, str] = {}
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        info.name = names.get(info.name, info.name)
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = dims.setdefault(dim.dim_param, f"unk__{len(dims)}")
+    for tensors in (graph.initializer, graph.value_info):
+        for tensor in tensors:
+            tensor.name = names.get(tensor.name, tensor.name)
+        ordered = sorted(tensors, key=lambda t: t.name)
+        del tensors[:]
+        tensors.extend(ordered)
+    return model
 
 
 def export(model: Any, out: Path, formats: Iterable[str]) -> dict[str, Path]:

@@ -46,6 +46,48 @@ def test_each_format_gives_the_keras_probabilities_from_raw_pixels(tmp_path):
     assert got.shape == (3, 3)
 
 
+#: Exports small_classifier(3) as ONNX and LiteRT into the folder argv[1], in a process of its own.
+EXPORT_AGAIN = """
+import sys
+from pathlib import Path
+from classifier.model import exporting
+import keras
+from tests.classifier.model.test_exporting import small_classifier
+keras.utils.clear_session()
+Path(sys.argv[1]).mkdir()
+exporting.export(small_classifier(3), Path(sys.argv[1]), ["onnx", "litert"])
+"""
+
+
+def test_the_same_model_exports_to_the_same_onnx_and_litert_bytes(tmp_path):
+    """Twice in this process (tf2onnx numbers the names it makes with a counter that runs on) and once
+    in another with another hash seed (which decides which of several equal constants it keeps), as
+    the export stage does: one model, its layers named as the first in a process."""
+    import os
+    import subprocess
+    import sys
+
+    from ops.code import ROOT
+
+    keras.utils.clear_session()  # its layers named as the other process names them
+    model = small_classifier(3)
+    for folder in ("first", "second"):
+        (tmp_path / folder).mkdir()
+        exporting.export(model, tmp_path / folder, ["onnx", "litert"])
+    subprocess.run(
+        [sys.executable, "-c", EXPORT_AGAIN, str(tmp_path / "third")],
+        env={**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)},
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    for name in ("model.onnx", "model.tflite"):
+        first = (tmp_path / "first" / name).read_bytes()
+        assert [(tmp_path / folder / name).read_bytes() == first for folder in ("second", "third")] == [True, True], (
+            name
+        )
+
+
 def test_a_two_class_model_is_checked_on_both_class_probabilities(tmp_path):
     model = small_classifier(2)
     written = exporting.export(model, tmp_path, ["onnx"])
