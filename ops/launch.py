@@ -60,6 +60,10 @@ def relaunch(stage: str) -> None:
         os.environ["PIPELINE_TRACKING"] = "off"
 
 
+#: Seconds the other processes have to stop once one has failed, after which they are killed.
+STOP_SECONDS = 5.0
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -93,11 +97,13 @@ def launch(command: list[str], processes: int, port: int | None = None) -> int:
         for child in children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_SECONDS
         for child in children:
             try:
-                child.wait(timeout=30)
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                child.kill()
+                child.kill()  # JAX takes SIGTERM as a notice of preemption and goes on
+                child.wait()
     if failed:
         log.error("a process failed (exit %d): the others were stopped", failed[0])
         return failed[0]
