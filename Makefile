@@ -14,22 +14,26 @@ VENV := .venv
 DEVICE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(DEVICE)
 
-# Stages run `python -m stages.<name>`: the venv's python must come first.
+# Stages run `python -m stages.<name>`: the venv's python must come first (outside make, the venv's
+# programs see to it themselves: ops/venv_bin_first.pth).
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install repro test lint format demo bench team-up team-down clean-venv
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-$(DEVICE).txt constraints.txt pyproject.toml
+$(STAMP): requirements.txt requirements-$(DEVICE).txt constraints.txt pyproject.toml ops/venv_bin_first.pth
 	@if [ "$(DEVICE)" != cpu ] && [ "$(DEVICE)" != gpu ]; then echo "DEVICE must be cpu or gpu, not '$(DEVICE)'"; exit 2; fi
 	@# tensorflow-cpu and tensorflow cannot share a venv: switching builds starts afresh.
 	@if ls $(VENV)/.installed-* >/dev/null 2>&1 && [ ! -f $@ ]; then echo "switching to the $(DEVICE) build: recreating $(VENV)"; rm -rf $(VENV); fi
-	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11 or newer is needed: make PYTHON=python3.11 ..."; exit 2; }
+	@v=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || { echo "$(PYTHON) cannot be run here: install it, or name another Python 3.11 or newer: make PYTHON=python3.11 ..."; exit 2; }; \
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "$(PYTHON) is Python $$v: 3.11 or newer is needed: make PYTHON=python3.11 ..."; exit 2; }
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet -r requirements-$(DEVICE).txt -c constraints.txt
 	@# The project's own packages (classifier, ops), editable: an edit takes effect without reinstalling.
 	$(VENV)/bin/python -m pip install --quiet --no-deps -e .
+	@# Every program of the venv puts its bin/ first on PATH: DVC's `python -m stages...` is the venv's.
+	cp ops/venv_bin_first.pth "$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/"
 	touch $@
 
 repro: $(STAMP)

@@ -144,10 +144,23 @@ def shoot(links: tuple[str, str], port: int) -> None:
         browser.close()
 
 
+def _has_playwright() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("playwright") is not None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--demo", type=Path, help="a demo with an experiment run, or where to build one and keep it")
     args = parser.parse_args()
+    found = {"playwright": _has_playwright(), "chromium": Path(CHROMIUM).exists()}
+    missing = [need for need, there in found.items() if not there]
+    if missing:
+        sys.exit(
+            f"error: {' and '.join(missing)} not found, and nothing was built: `.venv/bin/pip install playwright` "
+            "and `apt-get install chromium` first"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         where = args.demo or Path(tmp) / "demo"
         if not (where / "mlflow.db").is_file():

@@ -176,7 +176,7 @@ def main() -> None:
         print(f"{store} now points at its own {store.parent / 'mlartifacts'}")
     try:
         tracking.locations.check(store)
-    except tracking.TrackingError as err:
+    except tracking.locations.ForeignStore as err:
         sys.exit(f"error: {err}")
     commit(workspace, "The demo's pipeline and params")
     started = time.perf_counter()
@@ -204,11 +204,15 @@ def main() -> None:
         f"  labels:   {audit['flagged']} of {audit['pictures']} look wrong: {reports / 'audit' / 'suspects.csv'}, "
         f"suspects.png\n"
         f"  exports:  {exported(workspace)}\n"
-        f"  MLflow:   mlflow ui --backend-store-uri {uri}\n"
+        f"  MLflow:   {BIN / 'mlflow'} ui --backend-store-uri {uri}\n"
         f"            then open {tracking.versions_url()}\n"
-        f"  an experiment:  cd {workspace} && dvc exp run -S finetune.learning_rate=0.0002\n"
+        f"  an experiment:  cd {workspace} && {BIN / 'dvc'} exp run -S finetune.learning_rate=0.0002\n"
         "            ends with the link that compares it with this version"
     )
+
+
+#: The folder of this Python's programs (the venv's bin/): the commands printed run from any shell.
+BIN = Path(sys.executable).parent
 
 
 def exported(workspace: Path) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -27,14 +28,28 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+#: Defaults (a value already in the environment wins) that keep noise out of a user's terminal, set
+#: before TensorFlow or MLflow load: TensorFlow's C++ start-up notices (oneDNN, CPU instructions,
+#: absl) and MLflow's artifact-transfer progress bars; and MLflow's usage telemetry, which calls out
+#: to the network, off. None of them changes what a stage computes.
+QUIET = {
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
+
+
 def run(main: Callable[[], None]) -> None:
-    """Run a stage's main() with logging set up; known problems exit 2 with their message only.
+    """Run a stage's or tool's main() with logging set up and QUIET's defaults (the processes it
+    starts inherit them); known problems exit 2 with their message only.
 
     Ctrl-C and SIGTERM stop it with one line (exit 130 and 143): nothing unfinished is kept, since
     outputs get their names only when complete. A full disk is reported as such.
     """
     from classifier.config import ParamsError
 
+    for name, value in QUIET.items():
+        os.environ.setdefault(name, value)
     configure_logging()
     signal.signal(signal.SIGTERM, _terminate)
     name = Path(sys.argv[0]).stem

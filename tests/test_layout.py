@@ -89,23 +89,10 @@ def test_what_a_stage_runs_of_ops_writes_no_output():
 
 
 def test_the_packages_init_files_change_no_output():
-    """stages/__init__.py runs in every stage but is no dep: besides its docstring it only sets
-    environment defaults for log noise; it starts no process. The other packages' __init__.py
-    files hold a docstring, or (ops.tracking) the names they gather from their modules."""
-    body = ast.parse((ROOT / "stages" / "__init__.py").read_text()).body
-    imported_names = set()
-    for node in ast.walk(ast.Module(body=body, type_ignores=[])):
-        if isinstance(node, ast.Import):
-            imported_names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            imported_names |= {f"{node.module}.{alias.name}" for alias in node.names}
-    assert imported_names == {"os"}
-    calls = {
-        ast.unparse(node.func)
-        for node in ast.walk(ast.Module(body=body, type_ignores=[]))
-        if isinstance(node, ast.Call)
-    }
-    assert calls == {"os.environ.setdefault"}, calls
+    """stages/__init__.py runs in every stage but is no dep: it holds its docstring alone. The other
+    packages' __init__.py files hold a docstring, or (ops.tracking) the names they gather from their
+    modules."""
+    assert [type(s) for s in ast.parse((ROOT / "stages" / "__init__.py").read_text()).body] == [ast.Expr]
     for package in (COMPUTING, "ops"):
         for init in (ROOT / package).rglob("__init__.py"):
             statements = ast.parse(init.read_text()).body

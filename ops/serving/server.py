@@ -255,13 +255,13 @@ def main() -> None:
         )
     import uvicorn
 
-    from ops.tracking import TrackingError, locations, store
+    from ops.tracking import locations, store
 
     path = store.sqlite_path(store.tracking_uri())
     if path is not None and path.is_file():  # a models:/ or runs:/ URI resolves through it
         try:
             locations.own_store(path)
-        except TrackingError as err:
+        except locations.ForeignStore as err:
             parser.exit(2, f"error: {err}\n")
     guarded = app(args.model, args.read_timeout)
     log.info("serving %s on http://%s:%d", args.model, args.host, args.port)

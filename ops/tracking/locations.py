@@ -21,9 +21,14 @@ import sqlite3
 import urllib.parse
 from pathlib import Path
 
-from ops.tracking.store import TrackingError, store_lock
+from classifier.errors import StageError
+from ops.tracking import lock
 
 log = logging.getLogger(__name__)
+
+
+class ForeignStore(StageError):
+    """An sqlite store that cannot be used as it is: its locations leave its folder, or it cannot be read."""
 
 
 def own_store(path: Path) -> None:
@@ -71,7 +76,7 @@ def relocate(path: Path) -> bool:
             moved = _moved_from(db, own)
             if not moved:
                 return False
-            with store_lock(path):
+            with lock.held(path):
                 db.execute("BEGIN IMMEDIATE")
                 moved = _moved_from(db, own)  # again: another process may have done it meanwhile
                 changed: dict[str, int] = {}
@@ -87,7 +92,7 @@ def relocate(path: Path) -> bool:
                                 changed[f"{table}.{column}"] = changed.get(f"{table}.{column}", 0) + done
                 db.commit()
     except sqlite3.Error as err:
-        raise TrackingError(f"Could not point the MLflow store {path} at its own {own}: {err}") from err
+        raise ForeignStore(f"Could not point the MLflow store {path} at its own {own}: {err}") from err
     if not changed:
         return False
     log.info(
@@ -145,7 +150,7 @@ REFERENCES = ("models:/", "runs:/")
 
 
 def check(path: Path) -> None:
-    """Refuse with one line (TrackingError) the sqlite store at `path` if any of its `LOCATIONS` is
+    """Refuse with one line (ForeignStore) the sqlite store at `path` if any of its `LOCATIONS` is
     outside the folder that holds it: another folder, a file URI of another machine, an object store or
     a named server (stores with artifacts elsewhere are tracking servers, MLFLOW_TRACKING_URI=http://...).
     `mlflow-artifacts:/...` with no host is the artifacts of whichever server opens the store."""
@@ -161,10 +166,10 @@ def check(path: Path) -> None:
                     f"{table}.{column} {value!r}" for (value,) in db.execute(query) if not _inside(value, folder)
                 ]
     except sqlite3.Error as err:
-        raise TrackingError(f"Could not read the MLflow store {path}: {err}") from err
+        raise ForeignStore(f"Could not read the MLflow store {path}: {err}") from err
     if outside:
         shown = ", ".join(outside[:3]) + (f" and {len(outside) - 3} more" if len(outside) > 3 else "")
-        raise TrackingError(
+        raise ForeignStore(
             f"The MLflow store {path} keeps artifacts outside {folder} ({shown}): reading or writing them would "
             "reach a place this project did not make. If the store is yours, move those artifacts into "
             f"{folder / 'mlartifacts'} and correct the store; if not, delete mlflow.db and mlartifacts/ to start "

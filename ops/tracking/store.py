@@ -10,22 +10,21 @@ a copied or moved store is pointed at its own folder, a store with locations els
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import random
-import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from classifier import saving
 from classifier.data import fetch
 from classifier.errors import StageError
+from ops.tracking import locations, lock
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +150,6 @@ def store_uri() -> str:
     """tracking_uri(), its sqlite store created first if there is none (`create_store`), or, the first
     time this process opens it, its artifact locations pointed at its own mlartifacts/ and refused if
     any is elsewhere (`locations.own_store`)."""
-    from ops.tracking import locations  # it takes this module's lock
-
     uri = tracking_uri()
     path = sqlite_path(uri)
     if path is not None and not path.is_file():
@@ -182,30 +179,10 @@ def create_store(path: Path) -> None:
     log.info("created the MLflow store %s", path)
 
 
-@contextlib.contextmanager
-def store_lock(path: Path | None = None) -> Iterator[None]:
-    """Serialise writes to an sqlite store across processes (parallel experiments share it); `path`:
-    the store of tracking_uri(). A thread that holds the lock already takes it again at once (a
-    second flock of the same file in one process would wait for itself)."""
-    path = path if path is not None else sqlite_path(tracking_uri())
-    if path is None or (path, threading.get_ident()) in _HELD:
-        yield
-        return
-    held = (path, threading.get_ident())
-    lock_path = Path(f"{path}.lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        _HELD.add(held)
-        try:
-            yield
-        finally:
-            _HELD.discard(held)
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-#: The stores whose lock this process holds, with the thread that took it.
-_HELD: set[tuple[Path, int]] = set()
+def store_lock(path: Path | None = None) -> contextlib.AbstractContextManager[None]:
+    """Serialise writes to an sqlite store across processes (parallel experiments share it): `lock.held`
+    of `path`, by default the store of tracking_uri(); nothing for a server's store."""
+    return lock.held(path if path is not None else sqlite_path(tracking_uri()))
 
 
 def _client():

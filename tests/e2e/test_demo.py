@@ -72,23 +72,30 @@ def test_the_readme_demo_path_runs_as_written(demo_run, tmp_path):
     section = readme_section("The offline demo")
     assert "make demo" in section
 
-    # The experiment, as the demo prints it and the README shows it.
-    folder, experiment = re.search(r"an experiment:\s+cd (\S+) && (dvc exp run .+)", printed).groups()
-    assert experiment in section
-    done = run([sys.executable, "-m", *shlex.split(experiment)], Path(folder), env)
+    # The experiment, as the demo prints it and the README shows it, in a shell where nothing is
+    # activated: the system's programs alone on PATH, as in a new terminal.
+    unactivated = {**env, "PATH": "/usr/bin:/bin"}
+    unactivated.pop("VIRTUAL_ENV", None)
+    folder, dvc, experiment = re.search(r"an experiment:\s+cd (\S+) && (\S+) (exp run .+)", printed).groups()
+    assert (dvc, f"../.venv/bin/dvc {experiment}") == (
+        str(Path(sys.executable).parent / "dvc"),
+        section.split("cd demo && ")[1].split("  ")[0],
+    )
+    done = run([dvc, *shlex.split(experiment)], Path(folder), unactivated)
     assert ran_stages(done.stdout) == ["finetune", "evaluate", "export", "compare"]
 
     # The MLflow UI, as printed, shows both versions (the demo's and the experiment's) in its link.
-    store = re.search(r"MLflow:\s+mlflow ui --backend-store-uri (\S+)", printed).group(1)
-    assert "mlflow ui --backend-store-uri" in section
+    mlflow_program, store = re.search(r"MLflow:\s+(\S+) ui --backend-store-uri (\S+)", printed).groups()
+    assert mlflow_program == str(Path(sys.executable).parent / "mlflow")
+    assert "../.venv/bin/mlflow ui --backend-store-uri" in section
     link = re.search(r"then open (\S+)", printed).group(1)
     port = free_port()
     log = tmp_path / "ui.log"
     with log.open("w") as out:
         ui = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--port", str(port)],
+            [mlflow_program, "ui", "--backend-store-uri", store, "--port", str(port)],
             cwd=tmp_path,
-            env=env,
+            env=unactivated,
             stdout=out,
             stderr=subprocess.STDOUT,
         )

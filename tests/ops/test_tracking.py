@@ -876,7 +876,7 @@ def test_a_store_with_artifacts_outside_its_folder_is_refused_in_one_line(projec
     with contextlib.closing(sqlite3.connect(project / "mlflow.db")) as db:
         db.execute(f'UPDATE "{table}" SET "{column}" = ?', (hostile,))
         db.commit()
-    with pytest.raises(store.TrackingError) as refused:
+    with pytest.raises(locations.ForeignStore) as refused:
         locations.check(project / "mlflow.db")
     assert str(refused.value).startswith(
         f"The MLflow store {project / 'mlflow.db'} keeps artifacts outside {project} ({table}.{column} {hostile!r}): "
