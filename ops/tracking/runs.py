@@ -42,7 +42,7 @@ from ops.tracking.store import (
     tracking_uri,
 )
 from ops.tracking.version import _record_failed_attempt, changed_params, runs_that_wrote, version_name
-from ops.tracking.worker import in_worker
+from ops.tracking.worker import in_worker, in_worker_later
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,9 @@ def stage_run(stage: str, params: config.Params) -> Iterator[str | None]:
     """The MLflow run of one stage: opened (lineage tagged) before the work, completed after it.
 
     When the body returns, the run gets the DVC hashes of the outputs dvc.yaml declares for the
-    stage, and logs them (`log_outputs`). Yields the run's id (None when tracking is off).
+    stage, and logs them (`log_outputs`). The stage's worker opens the run while the stage works
+    (`_begin`), and its id is logged when it ends; yields the id where the run opened in this process
+    (no worker: tests, notebooks), else None.
     """
     if not enabled():
         log.info("PIPELINE_TRACKING=off: %s logs nothing", stage)
@@ -66,22 +68,25 @@ def stage_run(stage: str, params: config.Params) -> Iterator[str | None]:
         return
     uri = tracking_uri()
     check_server(uri)
+    # Sent to the worker, which opens the run once MLflow is loaded there: the stage works meanwhile.
     run_id = _begin(stage, params, lineage_tags(stage))
-    log.info("MLflow run %s (%s) at %s", run_id, stage, uri)
     try:
         yield run_id
         try:
             log_outputs(stage)
         except Exception as err:
+            run_id = None
+            with contextlib.suppress(Exception):
+                run_id = _open_run_id()
             raise logging_failed(stage, "logging its outputs", err, run_id) from err
     except BaseException:
         with contextlib.suppress(Exception):
             _abort(stage, params)
         raise
-    _end_run()
+    log.info("MLflow run %s (%s) at %s", _end_run(), stage, uri)
 
 
-@in_worker
+@in_worker_later
 def _begin(stage: str, params: config.Params, tags: dict[str, str]) -> str:
     """Open the stage's run with its lineage `tags`, log its params and inputs; return its id."""
     import mlflow
@@ -98,19 +103,30 @@ def _begin(stage: str, params: config.Params, tags: dict[str, str]) -> str:
         if mlflow.active_run() is not None:
             with contextlib.suppress(Exception), store_lock():
                 mlflow.end_run("FAILED")
-        raise TrackingError(f"Could not open an MLflow run at {uri}: {err}. Nothing was run.") from err
+        raise TrackingError(f"Could not open an MLflow run at {uri}: {err}") from err
     worker.run_opened(stage, functools.partial(_abort, stage, params))
     return run.info.run_id
 
 
 @in_worker
-def _end_run() -> None:
-    """End the stage's run as finished."""
+def _open_run_id() -> str | None:
+    """The id of the run the stage has open, if any (its worker opens it: `_begin`)."""
     import mlflow
 
+    run = mlflow.active_run()
+    return run.info.run_id if run is not None else None
+
+
+@in_worker
+def _end_run() -> str:
+    """End the stage's run as finished; return its id."""
+    import mlflow
+
+    run_id = active_run_id()
     with store_lock():
         mlflow.end_run()
     worker.run_closed()
+    return run_id
 
 
 @in_worker

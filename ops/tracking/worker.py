@@ -61,21 +61,42 @@ class _Worker:
             stdout=subprocess.PIPE,
         )
         self.called = False
+        self.unanswered = 0  # calls sent whose answers are not read yet (`send`)
 
-    def call(self, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
-        assert self.process.stdin is not None and self.process.stdout is not None
+    def send(self, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> None:
+        """Ask the worker to run `fn`, without waiting: its answer is read, and its error raised, by
+        the next `call`."""
+        assert self.process.stdin is not None
         self.called = True
         try:
             pickle.dump((fn.__module__, fn.__name__, args, kwargs), self.process.stdin)
             self.process.stdin.flush()
-            ok, value = pickle.load(self.process.stdout)
-        except (OSError, EOFError, pickle.UnpicklingError) as err:
-            raise TrackingError(
-                f"the MLflow logging process of this stage stopped (exit {self.process.poll()})"
-            ) from err
+        except OSError as err:
+            raise self._stopped() from err
+        self.unanswered += 1
+
+    def call(self, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+        """Run `fn` in the worker and return its value (raise its error), once every call sent before
+        it has been answered (the first error among those is raised instead)."""
+        self.send(fn, args, kwargs)
+        assert self.process.stdout is not None
+        answers = []
+        try:
+            while self.unanswered:
+                answers.append(pickle.load(self.process.stdout))
+                self.unanswered -= 1
+        except (EOFError, OSError, pickle.UnpicklingError) as err:
+            raise self._stopped() from err
+        for ok, value in answers[:-1]:
+            if not ok:
+                raise value
+        ok, value = answers[-1]
         if ok:
             return value
         raise value
+
+    def _stopped(self) -> TrackingError:
+        return TrackingError(f"the MLflow logging process of this stage stopped (exit {self.process.poll()})")
 
     def close(self) -> None:
         """At the stage's exit. A worker never called has nothing to finish (the stage stopped before
@@ -111,6 +132,20 @@ def in_worker(fn: Callable[..., Any]) -> Callable[..., Any]:
         return _worker.call(fn, args, kwargs)
 
     return call
+
+
+def in_worker_later(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` runs in this process's MLflow worker without the stage waiting for it: None at once (its
+    error is raised by the next call to the worker); with no worker, here, and its value."""
+
+    @functools.wraps(fn)
+    def send(*args: Any, **kwargs: Any) -> Any:
+        if _worker is None:
+            return fn(*args, **kwargs)
+        _worker.send(fn, args, kwargs)
+        return None
+
+    return send
 
 
 def _portable(err: BaseException) -> BaseException:

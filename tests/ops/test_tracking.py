@@ -473,8 +473,9 @@ from ops import tracking
 from ops.tracking import worker
 tracking.start_worker("train_top")  # as `python -m stages.train_top` does once its params are read
 params = config.parse({"top": {"units": 8}})
-with tracking.stage_run("train_top", params) as run_id:
+with tracking.stage_run("train_top", params):
     tracking.log_metrics({"top.loss": 0.5}, step=0)
+    run_id = worker.in_worker(tracking.active_run_id)()  # the run its worker opened
     print(run_id, os.getpid(), worker._worker.process.pid, flush=True)
     if sys.argv[1] == "kill":
         os.kill(os.getpid(), 9)
