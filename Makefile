@@ -1,5 +1,6 @@
 # make repro   install (into .venv) and run the whole pipeline on the real data set
 # make test    install and run the test suite
+# make check   lint, types and the tests that start no stage process: the inner loop
 # make demo    the same pipeline offline: ImageNet weights that ship with the install, on Fashion-MNIST where
 #              the machine has it (apt-get install dataset-fashion-mnist), else on generated images; minutes on a CPU
 # make lint    lint, format and type checks alone (make test runs them first); make format fixes
@@ -18,7 +19,7 @@ STAMP := $(VENV)/.installed-$(DEVICE)
 # programs see to it themselves: ops/venv_bin_first.pth).
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install repro test lint format demo bench team-up team-down clean-venv
+.PHONY: install repro test check lint format demo bench team-up team-down clean-venv
 
 install: $(STAMP)
 
@@ -41,6 +42,11 @@ repro: $(STAMP)
 
 test: lint
 	python -m pytest
+
+# The inner loop: lint, types, and every test that starts no stage process, side by side (one
+# pytest-xdist worker per core; a file whose tests share module fixtures runs on one: xdist_group).
+check: lint
+	python -m pytest -m "not slow" -n auto --dist loadgroup
 
 # What the checks cover and why is in pyproject.toml ([tool.ruff], [tool.mypy]).
 lint: $(STAMP)

@@ -29,6 +29,8 @@ from ops.serving import pyfunc, registry, server
 from tests.classifier.data.test_pictures import rotated_jpeg, transparent_png
 from tests.workspace import free_port, wait_until_answering
 
+pytestmark = pytest.mark.xdist_group("serving")  # one worker: its module fixtures are built once
+
 CLASSES = ["cat", "dog"]
 SEND = pyfunc.WHAT_TO_SEND
 NOT_AN_IMAGE = "not a picture in a format read here (JPEG, PNG, GIF, BMP, WebP or TIFF)"

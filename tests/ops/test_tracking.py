@@ -501,6 +501,7 @@ def run_stage_with_worker(end: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a stage's process
 @pytest.mark.parametrize("end", ["done", "kill", "ctrl-c"])
 def test_a_stage_logs_through_its_worker_which_ends_a_killed_stage_run_failed(project, end):
     import mlflow
@@ -527,6 +528,7 @@ def test_a_stage_logs_through_its_worker_which_ends_a_killed_stage_run_failed(pr
     assert row.info.run_name == "pipeline (failed at train_top)"
 
 
+@pytest.mark.slow  # a stage's process
 def test_a_run_whose_stage_and_worker_were_killed_together_is_ended_failed_by_the_next_run(project):
     import mlflow
 
@@ -661,6 +663,7 @@ def stage_command(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a stage's process
 def test_help_and_argument_errors_start_no_logging_and_make_no_store(tmp_path):
     helped = stage_command(["stages.prepare", "--help"], tmp_path)
     assert helped.returncode == 0 and "usage:" in helped.stdout

@@ -22,6 +22,8 @@ from ops.code import ROOT
 from ops.serving import registry
 from tests.conftest import TINY
 
+pytestmark = pytest.mark.xdist_group("baseline_and_ensemble")  # one worker: its module fixtures are built once
+
 #: Two small backbones, random weights, at the tiny images' size.
 MEMBERS = ("mobilenet_v2", "efficientnet_v2_b0")
 
@@ -89,6 +91,7 @@ def run_switched_off(module: str, args: list[str], params: dict, cwd) -> dict:
     return {"tensorflow": done.stdout.strip() == "TF True", "log": done.stderr}
 
 
+@pytest.mark.slow  # a stage's process
 def test_a_switched_off_baseline_writes_empty_outputs_without_tensorflow(tmp_path):
     params = TINY | {"baseline": {"enabled": False}}
     done = run_switched_off("baseline", ["data/prepared", "models/baseline", "reports/baseline"], params, tmp_path)
@@ -153,6 +156,7 @@ def test_missing_or_mismatched_member_features_say_which_stage_to_run(members, t
         ensemble.member_meta(members, MEMBERS, 64)
 
 
+@pytest.mark.slow  # a stage's process
 def test_a_switched_off_ensemble_writes_empty_outputs_without_tensorflow(tmp_path):
     params = TINY | {"ensemble": {"backbones": []}}
     args = ["data/ensemble", "data/prepared", "models/ensemble", "reports/ensemble"]

@@ -15,6 +15,8 @@ from classifier import config
 from classifier.model import bottleneck, devices, eta, heads
 from tests.conftest import TINY
 
+pytestmark = pytest.mark.xdist_group("devices")  # one worker: its module fixtures are built once
+
 ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 sha_ni\n"
 SAPPHIRE_RAPIDS = "flags\t\t: fpu avx2 avx512f amx_tile amx_bf16 amx_int8\n"
 ZEN3 = "processor\t: 0\nflags\t\t: fpu sse avx avx2 fma sha_ni\n"

@@ -20,10 +20,13 @@ from classifier.model import bottleneck, finetuning, heads, images, training
 from ops.demo import FASHION_MNIST_64, merge
 from tests.conftest import TINY
 
-pytestmark = pytest.mark.skipif(
-    fashion_mnist.local_copy() is None,  # what `real` lays out, with a cache of its own
-    reason="needs Fashion-MNIST on this machine: apt-get install dataset-fashion-mnist",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        fashion_mnist.local_copy() is None,  # what `real` lays out, with a cache of its own
+        reason="needs Fashion-MNIST on this machine: apt-get install dataset-fashion-mnist",
+    ),
+    pytest.mark.xdist_group("real_pictures"),  # one worker: its module fixtures are built once
+]
 
 #: 12 training pictures of each of the 10 classes at 64x64: seconds on a CPU.
 REAL = merge(
