@@ -1,6 +1,6 @@
 """What each stage pays before its work: its imports and its MLflow worker, on the tests' tiny pipeline.
 
-    python benchmarks/stages.py            # about 2 minutes on 2 cores; prints a markdown table
+    python -m benchmarks.stages            # about 6 minutes on 2 cores; prints a markdown table
 
 Builds the tests' tiny pipeline in a temporary git repository, reproduces it once, then runs each
 stage's own command (`dvc.yaml`'s cmd) again in it, three ways, each the median of --rounds:

@@ -277,7 +277,10 @@ def log_classifier(
     """Log and register a classifier that `stage` scored on the test split of `prepared` (`log_model`,
     with evaluate's threshold and registry name, `test` its headline test metrics and `example` an
     input picture), named as the models table names it (top, finetuned, ensemble) and described as
-    the model of this pipeline version; a failure says how to log it afterwards (`logging_failed`)."""
+    the model of this pipeline version; a failure says how to log it afterwards (`logging_failed`).
+    With tracking off, nothing (MLflow is not even imported)."""
+    if not enabled():
+        return
     model = next(name for name, scorer in table.STAGES.items() if scorer == stage)
     changed = changed_params(params)
     about = {
