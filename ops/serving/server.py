@@ -31,6 +31,7 @@ import asyncio
 import json
 import logging
 import re
+import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -263,6 +264,7 @@ def main() -> None:
             locations.own_store(path)
         except locations.ForeignStore as err:
             parser.exit(2, f"error: {err}\n")
+    sys.dont_write_bytecode = True  # the model's code is imported from its folder: leave no __pycache__ there
     guarded = app(args.model, args.read_timeout)
     log.info("serving %s on http://%s:%d", args.model, args.host, args.port)
     protocol = type("Protocol", (Protocol,), {"read_seconds": args.read_timeout})

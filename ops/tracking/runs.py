@@ -98,7 +98,10 @@ def _begin(stage: str, params: config.Params, tags: dict[str, str]) -> str:
             run = _open_run(stage, tags=tags)
             mlflow.log_params(stage_params(stage, params))
             _log_inputs(stage)
+        try:
             end_orphaned_runs(run.info.experiment_id)
+        except Exception as orphans_err:  # noqa: BLE001  a later run tries again; this stage's run is open
+            log.warning("could not end the runs left running by processes that have ended: %s", orphans_err)
     except Exception as err:
         if mlflow.active_run() is not None:
             with contextlib.suppress(Exception), store_lock():

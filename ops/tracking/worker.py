@@ -5,10 +5,11 @@ and params are read, starts a worker process of its own (`start_worker`: `python
 serve`) that imports MLflow while the stage loads its data and builds its model, then does the
 stage's logging: the functions marked `in_worker` are called there, with the same arguments and
 results (pickled over the two pipes between the stage and its child, which no other process can
-reach), their errors raised in the stage. Anywhere else (tests, notebooks, the tracking commands)
-they run in-process. A stage asked for --help, or stopped by a wrong argument or param, has started
-nothing; one killed before it closes its run leaves the worker at the end of its input: it ends the
-run as failed.
+reach), their errors raised in the stage; those marked `in_worker_later` (opening the stage's run)
+are sent without the stage waiting, their errors raised by the next call. Anywhere else (tests,
+notebooks, the tracking commands) they run in-process. A stage asked for --help, or stopped by a
+wrong argument or param, has started nothing; one killed before it closes its run leaves the worker
+at the end of its input: it ends the run as failed.
 """
 
 from __future__ import annotations

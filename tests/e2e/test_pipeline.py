@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import yaml
 
 from classifier.metrics import ranking
 from ops import demo
+from ops.code import ROOT
 from ops.serving import registry
 from ops.tracking import views
 from tests.conftest import TINY
@@ -526,6 +528,20 @@ def test_queued_experiments_run_in_parallel_into_the_embedded_store(repo):
                 thresholds.add(data["params"]["params.yaml"]["data"]["evaluate"]["threshold"])
                 assert "accuracy" in data["metrics"]["reports/metrics.json"]["data"]["test"]
     assert {0.3, 0.7} <= thresholds
+    # docs/experiments.md's `dvc exp show`, as written there: the kept metrics and the changed param alone
+    page = (ROOT / "docs" / "experiments.md").read_text(encoding="utf-8")
+    command = re.search(r"^(dvc exp show --only-changed .+?)$\n(?!  )", page, re.MULTILINE | re.DOTALL).group(1)
+    words = shlex.split(command.replace("\\\n", " "))
+    header = dvc(*words[1:], "--csv", cwd=workspace, env=env).stdout.splitlines()[0].split(",")
+    assert header == [
+        "Experiment",
+        "rev",
+        "typ",
+        "finetune.val_accuracy",
+        "test.accuracy",
+        "test.log_loss",
+        "evaluate.threshold",
+    ]
 
     c = client(f"sqlite:///{workspace / 'mlflow.db'}")
     experiment = c.get_experiment_by_name("image-classifier")
