@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -259,7 +260,9 @@ def log_pipeline_version(params: config.Params, stage: str = "compare") -> str |
         log.info("the two side by side, figures included: %s", links[COMPARE])
     log.info("every version, best first: %s", links[views.ALL_VERSIONS])
     if not tracking_uri().startswith(("http://", "https://")):
-        log.info("to open them, start the MLflow UI first: mlflow ui --backend-store-uri %s", tracking_uri())
+        # by its path: the command works in a shell where the venv is not activated
+        mlflow_ui = Path(sys.executable).parent / "mlflow"
+        log.info("to open them, start the MLflow UI first: %s ui --backend-store-uri %s", mlflow_ui, tracking_uri())
     return version_id
 
 

@@ -434,7 +434,8 @@ def test_versions_are_ranked_and_one_is_compared_with_the_version_its_committed_
     assert [run.info.run_id for run in found] == [second, first]
     assert "params.`top.units`" in view["selectedColumns"]
     assert "every version, best first: http://127.0.0.1:5000/#/experiments/" in caplog.text
-    assert f"start the MLflow UI first: mlflow ui --backend-store-uri {tracking.tracking_uri()}\n" in caplog.text
+    mlflow_ui = Path(sys.executable).parent / "mlflow"
+    assert f"start the MLflow UI first: {mlflow_ui} ui --backend-store-uri {tracking.tracking_uri()}\n" in caplog.text
 
 
 def test_a_failed_stage_stands_under_a_failed_row_of_its_attempt(project):
