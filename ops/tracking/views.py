@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from classifier.metrics import ranking
+from ops.tracking.store import retry_conflicts
 
 #: The experiment tag a view is saved in (its key follows) and the address parameter naming the key.
 SHARE_TAG = "mlflow.sharedViewState."
@@ -161,8 +162,9 @@ def decode(value: str) -> dict[str, Any]:
 
 
 def save(client: Any, experiment_id: str, key: str, view: dict[str, Any]) -> None:
-    """Save `view` with the experiment, under `key` (see `link`)."""
-    client.set_experiment_tag(experiment_id, SHARE_TAG + key, encode(view))
+    """Save `view` with the experiment, under `key` (see `link`); sent again when another writer (a
+    teammate's compare stage, saving the same view) inserted the tag at the same moment."""
+    retry_conflicts(client.set_experiment_tag, experiment_id, SHARE_TAG + key, encode(view))
 
 
 def link(base: str, experiment_id: str, key: str) -> str:

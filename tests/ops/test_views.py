@@ -138,3 +138,25 @@ def test_a_compare_link_names_the_runs_and_their_experiment():
     assert link.startswith("http://h:5000/#/compare-runs?")
     query = urllib.parse.parse_qs(link.split("?", 1)[1])
     assert json.loads(query["runs"][0]) == ["a", "b"] and json.loads(query["experiments"][0]) == ["3"]
+
+
+def test_a_view_saved_by_another_writer_at_the_same_moment_is_saved_again():
+    """Two compare stages of a team save the same view at one instant: the store refuses the second
+    insert of the tag (PostgreSQL's UniqueViolation, as the server reports it), which is sent again."""
+    from mlflow.exceptions import MlflowException
+
+    class Client:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, str]] = []
+
+        def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
+            self.calls.append((experiment_id, key))
+            if len(self.calls) == 1:
+                raise MlflowException(
+                    "BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint "
+                    '"experiment_tag_pk"'
+                )
+
+    client = Client()
+    views.save(client, "1", "versions", {"searchFilter": ""})
+    assert client.calls == [("1", views.SHARE_TAG + "versions")] * 2
