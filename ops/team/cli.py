@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from classifier.errors import StageError
-from ops.team.services import _pid, add_user, down, stop, up
+from ops.team.services import add_user, down, service_pid, stop, up
 from ops.team.state import DIR_VARIABLE, SERVICES, default_dir, exclusive, load, summary
 
 
@@ -45,7 +45,7 @@ def main() -> None:
         print(f"Stopped {', '.join(stopped) or 'nothing (nothing was running)'}; everything stays in {root}.")
     elif args.command == "status":
         for service in SERVICES:
-            pid = _pid(stack, service)
+            pid = service_pid(stack, service)
             print(f"{service:9} {'running, pid ' + str(pid) if pid else 'stopped'}")
     elif args.command == "add-user":
         path = add_user(stack, args.name)

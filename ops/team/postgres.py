@@ -9,11 +9,11 @@ import subprocess
 from pathlib import Path
 
 from classifier.errors import StageError
-from ops.team.processes import _pid, _port_free, _service_env
-from ops.team.state import DIR_VARIABLE, UNPRIVILEGED, Stack, _write_private
+from ops.team.processes import check_port_free, service_env, service_pid
+from ops.team.state import DIR_VARIABLE, UNPRIVILEGED, Stack, write_private
 
 
-def _postgres_bin(stack: Stack, name: str) -> str:
+def postgres_bin(stack: Stack, name: str) -> str:
     """The path of PostgreSQL's program `name`, from the pgserver wheel (its binaries, not its server
     manager). As root, PostgreSQL runs as UNPRIVILEGED: when that user cannot reach the wheel (a venv
     in a folder only root enters, such as /root), the binaries are run from a copy in the stack's folder."""
@@ -64,25 +64,25 @@ def start_postgres(stack: Stack) -> None:
         data.mkdir(mode=0o700, exist_ok=True)
         _chown_unprivileged(data)
         pwfile = stack.path(".pwfile")  # initdb reads the password from a file, as PostgreSQL's user
-        _write_private(pwfile, stack.secrets["postgres_password"])
+        write_private(pwfile, stack.secrets["postgres_password"])
         _chown_unprivileged(pwfile)
         try:
-            _run_pg(
-                [_postgres_bin(stack, "initdb"), "-D", str(data), "-U", "mlflow", f"--pwfile={pwfile}"]
+            run_pg(
+                [postgres_bin(stack, "initdb"), "-D", str(data), "-U", "mlflow", f"--pwfile={pwfile}"]
                 + ["--auth=scram-sha-256", "--encoding=UTF8", "--no-instructions"]
             )
         finally:
             pwfile.unlink()
-    if _pid(stack, "postgres") is None:
+    if service_pid(stack, "postgres") is None:
         port = stack.ports["postgres"]
-        _port_free(port)
+        check_port_free(port)
         logs = stack.path("logs")
         logs.mkdir(exist_ok=True)
         (logs / "postgres.log").touch()
         _chown_unprivileged(logs / "postgres.log")
         options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories=''"
-        _run_pg(
-            [_postgres_bin(stack, "pg_ctl"), "-D", str(data), "-l", str(logs / "postgres.log"), "-w", "-t", "60"]
+        run_pg(
+            [postgres_bin(stack, "pg_ctl"), "-D", str(data), "-l", str(logs / "postgres.log"), "-w", "-t", "60"]
             + ["-o", options, "start"]
         )
     _create_databases(stack, ("mlflow", "mlflow_auth"))
@@ -101,8 +101,8 @@ def _check_reachable_unprivileged(data: Path) -> None:
         )
 
 
-def _run_pg(args: list[str]) -> None:
-    env = _service_env()
+def run_pg(args: list[str]) -> None:
+    env = service_env()
     done = subprocess.run(args, capture_output=True, text=True, check=False, env=env, **_as_unprivileged())
     if done.returncode != 0:
         raise StageError(

@@ -23,7 +23,7 @@ GRACE = {"mlflow": 20, "s3": 5}
 READY_TIMEOUT = float(os.environ.get("TEAM_READY_TIMEOUT", "180"))
 
 
-def _venv_tool(name: str) -> str:
+def venv_tool(name: str) -> str:
     beside = Path(sys.executable).with_name(name)
     found = str(beside) if beside.is_file() else shutil.which(name)
     if not found:
@@ -31,7 +31,7 @@ def _venv_tool(name: str) -> str:
     return found
 
 
-def _pid(stack: Stack, service: str) -> int | None:
+def service_pid(stack: Stack, service: str) -> int | None:
     """The pid of `service` when it runs from this stack's folder."""
     if service == "postgres":
         pidfile = stack.path("postgres", "postmaster.pid")
@@ -60,12 +60,12 @@ def _alive(pid: int, mark: str) -> bool:
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 
 
-def _service_env(**extra: str) -> dict[str, str]:
+def service_env(**extra: str) -> dict[str, str]:
     """A service's whole environment: PASSED_ENV and `extra`."""
     return {k: os.environ[k] for k in PASSED_ENV if k in os.environ} | extra
 
 
-def _spawn(stack: Stack, service: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+def spawn_service(stack: Stack, service: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
     """Start `service` detached (its own session), its output appended to logs/<service>.log."""
     logs = stack.path("logs")
     logs.mkdir(exist_ok=True)
@@ -77,7 +77,7 @@ def _spawn(stack: Stack, service: str, args: list[str], env: dict[str, str]) -> 
     return process
 
 
-def _wait_until(ready, stack: Stack, service: str, process: subprocess.Popen | None = None) -> None:
+def wait_until_ready(ready, stack: Stack, service: str, process: subprocess.Popen | None = None) -> None:
     """Wait for `ready()` to be true; fail naming the log if `process` ends or READY_TIMEOUT passes."""
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
@@ -96,7 +96,7 @@ def _wait_until(ready, stack: Stack, service: str, process: subprocess.Popen | N
     raise StageError(f"The team's {service} did not start: {why}. The end of {log_file}:\n{tail}")
 
 
-def _port_free(port: int) -> None:
+def check_port_free(port: int) -> None:
     with socket.socket() as s:
         s.settimeout(0.5)
         if s.connect_ex(("127.0.0.1", port)) == 0:
@@ -106,7 +106,7 @@ def _port_free(port: int) -> None:
             )
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
     """Whether a thread of process group `pgid` still runs. A zombie does not count (its parent may never
     reap it), but a zombie leader does not make the group dead either: while a process exits, its main
     thread turns zombie before the others have ended and let go of its sockets."""

@@ -17,16 +17,16 @@ from pathlib import Path
 from classifier.data import fetch
 from classifier.errors import StageError
 from ops.team import security
-from ops.team.postgres import _postgres_bin, _run_pg, start_postgres
+from ops.team.postgres import postgres_bin, run_pg, start_postgres
 from ops.team.processes import (
     GRACE,
-    _group_alive,
-    _pid,
-    _port_free,
-    _service_env,
-    _spawn,
-    _venv_tool,
-    _wait_until,
+    check_port_free,
+    group_alive,
+    service_env,
+    service_pid,
+    spawn_service,
+    venv_tool,
+    wait_until_ready,
 )
 from ops.team.state import (
     ADMIN,
@@ -34,11 +34,11 @@ from ops.team.state import (
     DVC_BUCKET,
     SERVICES,
     Stack,
-    _secret,
-    _write_config,
     create,
     exclusive,
     load,
+    new_secret,
+    write_config,
     write_member,
 )
 
@@ -62,14 +62,14 @@ def _s3_client(stack: Stack):
 
 
 def start_s3(stack: Stack) -> None:
-    if _pid(stack, "s3") is None:
+    if service_pid(stack, "s3") is None:
         p = stack.ports
         for name in ("s3", "s3_grpc", "master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc"):
-            _port_free(p[name])
+            check_port_free(p[name])
         stack.path("s3").mkdir(exist_ok=True)
         stack.path("s3").chmod(0o700)  # the store's files (every artifact and DVC object): its user's alone
         args = [
-            _venv_tool("weed"),
+            venv_tool("weed"),
             "server",
             f"-dir={stack.path('s3')}",
             "-ip=127.0.0.1",
@@ -104,7 +104,7 @@ def start_s3(stack: Stack) -> None:
         # with "as many volumes as the disk holds", seven per bucket left a disk with a few GiB free
         # none to give the second bucket, whose every write then failed
         growth = {"WEED_MASTER_VOLUME_GROWTH_COPY_1": "1"}
-        process = _spawn(stack, "s3", args, _service_env(HOME=str(stack.root), TMPDIR=private, **growth))
+        process = spawn_service(stack, "s3", args, service_env(HOME=str(stack.root), TMPDIR=private, **growth))
     else:
         process = None
     client = _s3_client(stack)
@@ -122,7 +122,7 @@ def start_s3(stack: Stack) -> None:
         return True
 
     try:
-        _wait_until(stores, stack, "s3", process)
+        wait_until_ready(stores, stack, "s3", process)
     except StageError as err:
         raise StageError(f"{err}{_low_disk(stack.path('s3'))}") from err
 
@@ -160,10 +160,10 @@ def api(stack: Stack, method: str, path: str, body: dict | None = None) -> dict:
 
 
 def start_mlflow(stack: Stack) -> None:
-    if _pid(stack, "mlflow") is None:
-        _port_free(stack.ports["mlflow"])
+    if service_pid(stack, "mlflow") is None:
+        check_port_free(stack.ports["mlflow"])
         s = stack.secrets
-        env = _service_env(HOME=str(stack.root))
+        env = service_env(HOME=str(stack.root))
         env |= {
             "PGPASSFILE": str(stack.path("pgpass")),
             "MLFLOW_AUTH_CONFIG_PATH": str(stack.path("basic_auth.ini")),
@@ -192,7 +192,7 @@ def start_mlflow(stack: Stack) -> None:
                 "127.0.0.1:*",
             ]
             args += ["--allowed-hosts", ",".join(hosts + private)]
-        process = _spawn(stack, "mlflow", args, env)
+        process = spawn_service(stack, "mlflow", args, env)
     else:
         process = None
 
@@ -200,7 +200,7 @@ def start_mlflow(stack: Stack) -> None:
         with urllib.request.urlopen(stack.local_mlflow + "/health", timeout=2) as answer:
             return answer.status == 200
 
-    _wait_until(answers, stack, "mlflow", process)
+    wait_until_ready(answers, stack, "mlflow", process)
     api(stack, "GET", f"users/get?username={ADMIN}")  # the admin's password works
 
 
@@ -220,7 +220,7 @@ def _up(root: Path, bind: str | None, public_host: str | None) -> Stack:
             f"the stack in {root} serves on {stack.bind} as {stack.public_host}: edit its stack.json to change that"
         )
     else:
-        _write_config(stack)  # as this version of the code writes it
+        write_config(stack)  # as this version of the code writes it
     start_postgres(stack)
     start_s3(stack)
     start_mlflow(stack)
@@ -238,18 +238,18 @@ def add_user(stack: Stack, name: str) -> Path:
         raise StageError(f"user name {name!r}: use letters, digits, '.', '-' and '_'")
     if stack.path("members", f"{name}.env").exists():
         raise StageError(f"{name} has a login already: {stack.path('members', f'{name}.env')}")
-    password = _secret(24)
+    password = new_secret(24)
     api(stack, "POST", "users/create", {"username": name, "password": password})
     return write_member(stack, name, password)
 
 
 def stop(stack: Stack, service: str) -> bool:
     """Stop `service`; whether it was running."""
-    pid = _pid(stack, service)
+    pid = service_pid(stack, service)
     if pid is None:
         return False
     if service == "postgres":
-        _run_pg([_postgres_bin(stack, "pg_ctl"), "-D", str(stack.path("postgres")), "-m", "fast", "-w", "stop"])
+        run_pg([postgres_bin(stack, "pg_ctl"), "-D", str(stack.path("postgres")), "-m", "fast", "-w", "stop"])
         return True
     # SIGKILL after the grace; until the killed processes are gone they hold their ports, and an `up`
     # right after would find them taken
@@ -257,7 +257,7 @@ def stop(stack: Stack, service: str) -> bool:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signum)
         deadline = time.monotonic() + seconds
-        while _group_alive(pid) and time.monotonic() < deadline:
+        while group_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
     stack.path(f"{service}.pid").unlink(missing_ok=True)
     return True

@@ -77,7 +77,7 @@ class Stack:
         return self.root.joinpath(*parts)
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Write `text` to `path`, readable and writable by its owner only (also while it is written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -86,7 +86,7 @@ def _write_private(path: Path, text: str) -> None:
     path.chmod(0o600)
 
 
-def _secret(length: int) -> str:
+def new_secret(length: int) -> str:
     """A random password of letters and digits: safe on a command line and in a shell file."""
     return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(length))
 
@@ -115,34 +115,34 @@ def create(root: Path, bind: str, public_host: str | None) -> Stack:
         public_host=public_host or _public_host(bind),
         ports=_free_ports(PORTS, "127.0.0.1" if bind in ("127.0.0.1", "localhost") else "0.0.0.0"),
         secrets={
-            "postgres_password": _secret(32),
-            "admin_password": _secret(32),
+            "postgres_password": new_secret(32),
+            "admin_password": new_secret(32),
             "flask_secret_key": secrets.token_hex(32),
             "s3_server_key": "mlflow-" + secrets.token_hex(6),
-            "s3_server_secret": _secret(40),
+            "s3_server_secret": new_secret(40),
             "s3_dvc_key": "dvc-" + secrets.token_hex(6),
-            "s3_dvc_secret": _secret(40),
-            **{name: _secret(40) for name in security.JWT_SECRETS},
+            "s3_dvc_secret": new_secret(40),
+            **{name: new_secret(40) for name in security.JWT_SECRETS},
         },
     )
     stack.path("stack.json").write_text(
         json.dumps({"bind": stack.bind, "public_host": stack.public_host, "ports": stack.ports}, indent=2) + "\n"
     )
-    _write_private(stack.path("secrets.json"), json.dumps(stack.secrets, indent=2) + "\n")
-    _write_config(stack)
+    write_private(stack.path("secrets.json"), json.dumps(stack.secrets, indent=2) + "\n")
+    write_config(stack)
     write_member(stack, ADMIN, stack.secrets["admin_password"])
     return stack
 
 
-def _write_config(stack: Stack) -> None:
+def write_config(stack: Stack) -> None:
     s = stack.secrets
     missing = [name for name in security.JWT_SECRETS if name not in s]
     if missing:  # a stack made before the store had keys below S3
-        s.update({name: _secret(40) for name in missing})
-        _write_private(stack.path("secrets.json"), json.dumps(s, indent=2) + "\n")
-    security.write(stack.root, s, _write_private)
-    _write_private(stack.path("pgpass"), f"127.0.0.1:{stack.ports['postgres']}:*:mlflow:{s['postgres_password']}\n")
-    _write_private(
+        s.update({name: new_secret(40) for name in missing})
+        write_private(stack.path("secrets.json"), json.dumps(s, indent=2) + "\n")
+    security.write(stack.root, s, write_private)
+    write_private(stack.path("pgpass"), f"127.0.0.1:{stack.ports['postgres']}:*:mlflow:{s['postgres_password']}\n")
+    write_private(
         stack.path("basic_auth.ini"),
         "[mlflow]\n"
         "# Every member may log runs into the team's experiments and register models (READ would\n"
@@ -167,7 +167,7 @@ def _write_config(stack: Stack) -> None:
             "actions": [f"{a}:{DVC_BUCKET}" for a in ("Read", "Write", "List", "Tagging")],
         },
     ]
-    _write_private(stack.path("s3.json"), json.dumps({"identities": identities}, indent=2) + "\n")
+    write_private(stack.path("s3.json"), json.dumps({"identities": identities}, indent=2) + "\n")
 
 
 def _public_host(bind: str) -> str:
@@ -194,7 +194,7 @@ def write_member(stack: Stack, name: str, password: str) -> Path:
     """`members/<name>.env`: what `name` exports to log runs to the stack and push to its DVC remote."""
     path = stack.path("members", f"{name}.env")
     s = stack.secrets
-    _write_private(
+    write_private(
         path,
         f"# {name}'s login to the team stack at {stack.public_host}: `source` this file (keep it private).\n"
         f"export MLFLOW_TRACKING_URI={stack.mlflow_uri}\n"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ops.tracking.lineage import _stages
+from ops.tracking.lineage import dvc_stages
 from ops.tracking.runs import relog
 from ops.tracking.store import RERUN_TO_LOG, tracking_uri
 from ops.tracking.version import find
@@ -19,7 +19,7 @@ def main() -> None:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     log_cmd = sub.add_parser("log", help="log the saved outputs of a stage whose logging failed")
-    log_cmd.add_argument("stage", choices=[name for name in _stages() if name not in RERUN_TO_LOG])
+    log_cmd.add_argument("stage", choices=[name for name in dvc_stages() if name not in RERUN_TO_LOG])
     log_cmd.add_argument("--run-id", help="the stage's run, as its error message names it (default: a new run)")
     find_cmd = sub.add_parser("find", help="the MLflow runs that wrote an output, found by its DVC hash")
     find_cmd.add_argument("path", help="an output named in dvc.yaml, e.g. models/model.keras")

@@ -31,7 +31,7 @@ LOCK_FILE = Path("dvc.lock")
 _IMPORTED = f"{time.time():.0f}"
 
 
-def _stages() -> dict[str, Any]:
+def dvc_stages() -> dict[str, Any]:
     """The stages of dvc.yaml in the current folder, read once per process and folder."""
     return _read_stages(PIPELINE_FILE.resolve())
 
@@ -72,7 +72,7 @@ def _with_item(node: Any, item: str) -> Any:
     return node
 
 
-def _paths(entries: list) -> list[str]:
+def dep_paths(entries: list) -> list[str]:
     """Paths of dvc.yaml deps/outs/metrics entries (plain strings or {path: options})."""
     return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
 
@@ -80,7 +80,7 @@ def _paths(entries: list) -> list[str]:
 def stage_param_keys(stage: str) -> list[str]:
     """The params a stage depends on, as dvc.yaml declares them (e.g. ['seed', 'top'])."""
     keys: list[str] = []
-    for entry in _stages().get(stage, {}).get("params", []):
+    for entry in dvc_stages().get(stage, {}).get("params", []):
         if isinstance(entry, str):
             keys.append(entry)
         else:  # {params-file: [keys]}; {params-file: null} is all of them, as no keys at all
@@ -108,13 +108,13 @@ def stage_params(stage: str, params: config.Params) -> dict[str, Any]:
 
 def stage_outputs(stage: str) -> list[str]:
     """Everything dvc.yaml says `stage` writes: its outs, then its metrics."""
-    spec = _stages().get(stage, {})
-    return _paths(spec.get("outs")) + _paths(spec.get("metrics"))
+    spec = dvc_stages().get(stage, {})
+    return dep_paths(spec.get("outs")) + dep_paths(spec.get("metrics"))
 
 
 def data_deps(stage: str) -> list[str]:
     """What a stage reads that another stage wrote (data, features, models), per dvc.yaml."""
-    return [p for p in _paths(_stages().get(stage, {}).get("deps")) if not p.startswith(CODE)]
+    return [p for p in dep_paths(dvc_stages().get(stage, {}).get("deps")) if not p.startswith(CODE)]
 
 
 def locked_hashes(lock: Path = LOCK_FILE) -> dict[str, str]:

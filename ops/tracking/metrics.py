@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ops.tracking.lineage import _paths, _stages
+from ops.tracking.lineage import dep_paths, dvc_stages
 
 #: The prefix of each training stage's per-epoch metrics, so the curves of the stages can't be confused.
 CURVE_PREFIX = {"train_top": "top.", "finetune": "finetune.", "baseline": "baseline.", "ensemble": "ensemble."}
@@ -32,7 +32,7 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^\w\-. /]", "_", name)
 
 
-def _history(path: Path) -> list[tuple[int, dict[str, float]]]:
+def history_rows(path: Path) -> list[tuple[int, dict[str, float]]]:
     """The rows of a history.csv as (step, {metric: value}): the step is the row's epoch within its
     stage, 1, 2, ... (its `epoch` column; the row's number counted from 1 where there is none), as
     the live curves (`epoch_logger`) and the metrics files count them. Columns that are not numbers
@@ -49,15 +49,15 @@ def _history(path: Path) -> list[tuple[int, dict[str, float]]]:
     return rows
 
 
-def _stage_metrics(stage: str) -> dict[str, float]:
+def stage_metrics(stage: str) -> dict[str, float]:
     """Every number in the metrics files of `stage`, by its flattened name (as DVC shows it)."""
     metrics: dict[str, float] = {}
-    for path in _paths(_stages().get(stage, {}).get("metrics")):
+    for path in dep_paths(dvc_stages().get(stage, {}).get("metrics")):
         if Path(path).is_file():
             metrics.update(_numbers(json.loads(Path(path).read_text(encoding="utf-8"))))
     return metrics
 
 
-def _all_metrics() -> dict[str, float]:
+def all_metrics() -> dict[str, float]:
     """Every number in the pipeline's metrics files, by its flattened name."""
-    return {key: value for stage in _stages() for key, value in _stage_metrics(stage).items()}
+    return {key: value for stage in dvc_stages() for key, value in stage_metrics(stage).items()}

@@ -28,10 +28,9 @@ from ops.tracking.lineage import (
     stage_outputs,
     stage_params,
 )
-from ops.tracking.metrics import CURVE_PREFIX, _history, _stage_metrics, metric_key
+from ops.tracking.metrics import CURVE_PREFIX, history_rows, metric_key, stage_metrics
 from ops.tracking.store import (
     TrackingError,
-    _use_experiment,
     active_run_id,
     check_server,
     enabled,
@@ -40,8 +39,9 @@ from ops.tracking.store import (
     store_lock,
     store_uri,
     tracking_uri,
+    use_experiment,
 )
-from ops.tracking.version import _record_failed_attempt, changed_params, runs_that_wrote, version_name
+from ops.tracking.version import changed_params, record_failed_attempt, runs_that_wrote, version_name
 from ops.tracking.worker import in_worker, in_worker_later
 
 log = logging.getLogger(__name__)
@@ -134,13 +134,13 @@ def _end_run() -> str:
 
 @in_worker
 def _abort(stage: str, params: config.Params) -> None:
-    """End the stage's run as failed, with a failed row for its attempt (`_record_failed_attempt`)."""
+    """End the stage's run as failed, with a failed row for its attempt (`record_failed_attempt`)."""
     import mlflow
 
     worker.run_closed()
     with store_lock():
         mlflow.end_run("FAILED")
-        _record_failed_attempt(stage, params)
+        record_failed_attempt(stage, params)
 
 
 #: Why `end_orphaned_runs` ended a run (its tag pipeline.ended).
@@ -191,7 +191,7 @@ def log_outputs(stage: str, replay_history: bool = False) -> None:
     they were not logged live)."""
     import mlflow
 
-    metrics = _stage_metrics(stage)
+    metrics = stage_metrics(stage)
     written = {f"dvc.out.{path}": dvc_hash(Path(path)) for path in stage_outputs(stage) if Path(path).exists()}
     outputs = [p for p in stage_outputs(stage) if not p.startswith(NOT_ARTIFACTS)]
     with store_lock():
@@ -213,12 +213,12 @@ def log_outputs(stage: str, replay_history: bool = False) -> None:
 
 
 def _log_history(path: Path, prefix: str, skip: set[str]) -> set[str]:
-    """A history.csv as step metrics named `prefix` + column, at the steps of its epochs (`_history`),
+    """A history.csv as step metrics named `prefix` + column, at the steps of its epochs (`history_rows`),
     except the metrics in `skip` (already logged live); returns the names it logged."""
     import mlflow
 
     names: set[str] = set()
-    for step, row in _history(path):
+    for step, row in history_rows(path):
         values = {prefix + k: v for k, v in row.items() if prefix + k not in skip}
         mlflow.log_metrics(values, step=step)
         names |= set(values)
@@ -358,7 +358,7 @@ def _open_run(stage: str, run_id: str | None = None, tags: dict[str, str] | None
     """Start (or, with `run_id`, resume) the stage's run in the current experiment."""
     import mlflow
 
-    _use_experiment()
+    use_experiment()
     if run_id:
         return mlflow.start_run(run_id=run_id)
     return mlflow.start_run(run_name=stage, tags=lineage_tags(stage) if tags is None else tags)

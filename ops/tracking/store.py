@@ -61,7 +61,7 @@ def experiment_name() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
 
 
-def _experiment(client: Any) -> Any:
+def ensure_experiment(client: Any) -> Any:
     """The experiment, created if there is none yet (a team server on which every stage so far was
     restored from DVC rather than run, say). With the embedded sqlite store its artifacts go to
     mlartifacts/ beside the database, wherever the stage runs; a server decides for itself
@@ -82,11 +82,11 @@ def _experiment(client: Any) -> Any:
     return experiment
 
 
-def _use_experiment() -> None:
-    """Make the experiment current, creating it if needed (`_experiment`)."""
+def use_experiment() -> None:
+    """Make the experiment current, creating it if needed (`ensure_experiment`)."""
     import mlflow
 
-    mlflow.set_experiment(experiment_id=_experiment(_client()).experiment_id)
+    mlflow.set_experiment(experiment_id=ensure_experiment(tracking_client()).experiment_id)
 
 
 def check_server(uri: str | None = None) -> None:
@@ -185,7 +185,7 @@ def store_lock(path: Path | None = None) -> contextlib.AbstractContextManager[No
     return lock.held(path if path is not None else sqlite_path(tracking_uri()))
 
 
-def _client():
+def tracking_client():
     import mlflow
 
     return mlflow.MlflowClient(store_uri())

@@ -23,8 +23,8 @@ from classifier.metrics import ranking, table
 from ops.tracking import views
 from ops.tracking.lineage import (
     LOCK_FILE,
-    _stages,
     committed,
+    dvc_stages,
     git_commit,
     lineage_tags,
     locked_hashes,
@@ -32,16 +32,16 @@ from ops.tracking.lineage import (
     outputs_digest,
     stage_outputs,
 )
-from ops.tracking.metrics import CURVE_PREFIX, _all_metrics, _history
+from ops.tracking.metrics import CURVE_PREFIX, all_metrics, history_rows
 from ops.tracking.store import (
-    _client,
-    _experiment,
     enabled,
+    ensure_experiment,
     experiment_name,
     logging_failed,
     retry_conflicts,
     store_lock,
     store_uri,
+    tracking_client,
     tracking_uri,
 )
 from ops.tracking.worker import in_worker
@@ -102,7 +102,7 @@ def _log_curves(client: Any, run_id: str) -> set[str]:
     for stage, prefix in CURVE_PREFIX.items():
         for path in stage_outputs(stage):
             if path.endswith("history.csv") and Path(path).is_file():
-                rows = _history(Path(path))
+                rows = history_rows(Path(path))
                 points = [Metric(prefix + k, v, stamp, step) for step, values in rows for k, v in values.items()]
                 for start in range(0, len(points), 1000):  # log_batch takes at most 1000 metrics
                     client.log_batch(run_id, metrics=points[start : start + 1000])
@@ -142,7 +142,7 @@ def ui_base() -> str:
 def versions_url(base: str | None = None) -> str:
     """The address of the view of every pipeline version, best first (`views.ALL_VERSIONS`, saved by
     each version), in the MLflow UI at `base` (default `ui_base()`)."""
-    experiment = _client().get_experiment_by_name(experiment_name())
+    experiment = tracking_client().get_experiment_by_name(experiment_name())
     if experiment is None:
         return f"{base or ui_base()}/"
     return views.link(base or ui_base(), experiment.experiment_id, views.ALL_VERSIONS)
@@ -150,7 +150,7 @@ def versions_url(base: str | None = None) -> str:
 
 def runs_that_wrote(outputs: dict[str, str], stage: str | None = None, max_results: int = 100) -> list[Any]:
     """The finished runs, newest first, that wrote every output in `outputs` ({path: DVC hash})."""
-    client = _client()
+    client = tracking_client()
     experiment = client.get_experiment_by_name(experiment_name())
     if experiment is None or not outputs:
         return []
@@ -196,24 +196,24 @@ def log_pipeline_version(params: config.Params, stage: str = "compare") -> str |
     import mlflow
     from mlflow.entities import Param
 
-    client = _client()
+    client = tracking_client()
     hashes = locked_hashes()
     runs: dict[str, str] = {}
     skipped = switched_off(params) | {stage}
-    for name in _stages():
+    for name in dvc_stages():
         if name in skipped:
             continue
         if found := runs_that_wrote({p: hashes[p] for p in stage_outputs(name) if p in hashes}, name, 1):
             runs[name] = found[0].info.run_id
         else:
             log.warning("no run in %s wrote the %s outputs dvc.lock records: not linked", tracking_uri(), name)
-    metrics = {k: v for k, v in _all_metrics().items() if k in KEY_METRICS}
+    metrics = {k: v for k, v in all_metrics().items() if k in KEY_METRICS}
     tags = lineage_tags(PIPELINE_RUN) | {f"run.{name}": run_id for name, run_id in runs.items()}
     if LOCK_FILE.is_file():
         tags[OUTPUTS_TAG] = outputs_digest(LOCK_FILE.read_text(encoding="utf-8"), last=stage)
     try:
         with store_lock():
-            experiment = _experiment(client)
+            experiment = ensure_experiment(client)
             linked = {name: client.get_run(run_id) for name, run_id in runs.items()}
             new = [r for r in linked.values() if "mlflow.parentRunId" not in r.data.tags]  # made in this version
             for name, prefix in (("evaluate", ""), ("train_top", "top."), ("ensemble", "ensemble.")):
@@ -292,7 +292,7 @@ def _log_reports(client: Any, version_id: str) -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        for name in _stages():
+        for name in dvc_stages():
             for output in stage_outputs(name):
                 path = Path(output)
                 if not output.startswith(REPORTS):
@@ -385,11 +385,11 @@ def find(path: str, md5: str | None) -> list[str]:
     ]
 
 
-def _record_failed_attempt(stage: str, params: config.Params) -> None:
+def record_failed_attempt(stage: str, params: config.Params) -> None:
     """A failed row for the attempt a stage failed in, with the attempt's stage runs nested under it,
     so that a failure stands with its version's params, not as a lone run among the versions."""
-    client = _client()
-    experiment = _experiment(client)
+    client = tracking_client()
+    experiment = ensure_experiment(client)
     tags = lineage_tags(PIPELINE_RUN) | {"pipeline.failed_stage": stage}
     runs = client.search_runs(
         [experiment.experiment_id], f"tags.`pipeline.attempt` = '{tags['pipeline.attempt']}'", max_results=100

@@ -46,9 +46,9 @@ def test_up_prints_what_members_need_with_a_new_admin_password_and_restarts_noth
         bad = state.Stack(**{**s.__dict__, "secrets": {**s.secrets, "admin_password": password}})
         with pytest.raises(StageError, match="HTTP 401"):
             services.api(bad, "GET", "users/get?username=admin")
-    pids = {service: processes._pid(s, service) for service in state.SERVICES}
+    pids = {service: processes.service_pid(s, service) for service in state.SERVICES}
     again = team_cli(root, "up")
-    assert {service: processes._pid(s, service) for service in state.SERVICES} == pids
+    assert {service: processes.service_pid(s, service) for service in state.SERVICES} == pids
     assert f"http://127.0.0.1:{s.ports['mlflow']}" in again.stdout
     status = team_cli(root, "status").stdout
     for service in state.SERVICES:
@@ -143,7 +143,7 @@ def test_each_service_gets_only_what_it_needs_of_the_environment(team_stack):
     """As root, PostgreSQL runs as `nobody`, whose other processes could read its environment: no
     service is given the operator's logins and keys, only PATH, the locale and its own settings."""
     s = team_stack["stack"]
-    pids = {name: processes._pid(s, name) for name in ("postgres", "s3", "mlflow")}
+    pids = {name: processes.service_pid(s, name) for name in ("postgres", "s3", "mlflow")}
     own = {
         "postgres": set(),
         "s3": {"HOME", "TMPDIR", "WEED_MASTER_VOLUME_GROWTH_COPY_1"},
@@ -316,14 +316,12 @@ def test_postgresql_runs_from_a_copy_in_the_stack_when_its_user_cannot_reach_the
     monkeypatch.setattr(postgres.os, "geteuid", lambda: 0)
     monkeypatch.setattr(postgres, "_blocked_folder", lambda path: path if venv_copy in path.parents else None)
     stack = state.Stack(root=tmp_path / ".team", bind="127.0.0.1", public_host="127.0.0.1", ports={}, secrets={})
-    initdb = Path(postgres._postgres_bin(stack, "initdb"))
+    initdb = Path(postgres.postgres_bin(stack, "initdb"))
     assert initdb == tmp_path / ".team" / "postgres-bin" / "pgserver" / "pginstall" / "bin" / "initdb"
     done = run([str(initdb), "--version"], tmp_path, {"PATH": os.environ["PATH"]})
     assert done.stdout.startswith("initdb (PostgreSQL)")
     before = initdb.stat().st_mtime_ns
-    assert Path(postgres._postgres_bin(stack, "pg_ctl")).is_file() and initdb.stat().st_mtime_ns == before, (
-        "copied once"
-    )
+    assert Path(postgres.postgres_bin(stack, "pg_ctl")).is_file() and initdb.stat().st_mtime_ns == before, "copied once"
 
 
 def test_a_stack_in_a_folder_its_database_user_cannot_pass_says_so_in_one_line(monkeypatch):
@@ -362,13 +360,13 @@ def test_a_group_whose_leader_has_ended_is_alive_while_another_of_its_processes_
     leader.wait(timeout=10)  # the leader has ended and is reaped: only its child runs on in the group
     try:
         assert not Path(f"/proc/{leader.pid}").exists()
-        assert processes._group_alive(leader.pid)
+        assert processes.group_alive(leader.pid)
     finally:
         os.kill(worker, 9)
     deadline = time.monotonic() + 10
-    while processes._group_alive(leader.pid) and time.monotonic() < deadline:
+    while processes.group_alive(leader.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not processes._group_alive(leader.pid)
+    assert not processes.group_alive(leader.pid)
 
 
 def test_a_second_up_on_the_same_stack_says_it_waits_for_the_first(tmp_path):

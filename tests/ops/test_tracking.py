@@ -22,7 +22,7 @@ from classifier import config
 from ops import tracking
 from ops.code import ROOT
 from ops.tracking import lineage, locations, runs, store, worker
-from ops.tracking.metrics import _history
+from ops.tracking.metrics import history_rows
 from tests.workspace import GIT_ENV
 
 PIPELINE = {
@@ -176,13 +176,13 @@ def test_logging_failure_after_the_work_keeps_outputs_and_says_how_to_log_them(p
 def test_a_historys_steps_are_its_epochs_counted_from_1_within_the_stage(tmp_path):
     path = tmp_path / "history.csv"
     path.write_text("epoch,loss,val_accuracy,stage\n1,0.9,0.4,top\n2,0.5,0.8,top\n")
-    assert _history(path) == [(1, {"loss": 0.9, "val_accuracy": 0.4}), (2, {"loss": 0.5, "val_accuracy": 0.8})]
+    assert history_rows(path) == [(1, {"loss": 0.9, "val_accuracy": 0.4}), (2, {"loss": 0.5, "val_accuracy": 0.8})]
     path.write_text("epoch,loss\n3,0.9\n4,0.5\n")
-    assert [step for step, _ in _history(path)] == [3, 4], "the epoch column, not the row"
+    assert [step for step, _ in history_rows(path)] == [3, 4], "the epoch column, not the row"
     path.write_text("loss\n0.9\n0.5\n")
-    assert _history(path) == [(1, {"loss": 0.9}), (2, {"loss": 0.5})], "no epoch column: the row, from 1"
+    assert history_rows(path) == [(1, {"loss": 0.9}), (2, {"loss": 0.5})], "no epoch column: the row, from 1"
     path.write_text("epoch,loss\n")
-    assert _history(path) == []
+    assert history_rows(path) == []
 
 
 def test_the_epoch_logger_logs_keras_epoch_k_at_step_k_plus_1_as_history_csv_counts_it(project):
@@ -200,7 +200,7 @@ def test_the_epoch_logger_logs_keras_epoch_k_at_step_k_plus_1_as_history_csv_cou
     client = mlflow.MlflowClient()
     for name in ("top.loss", "top.val_loss"):
         assert sorted(m.step for m in client.get_metric_history(run_id, name)) == [1, 2], name
-    assert [step for step, _ in _history(project / "reports/train_top/history.csv")] == [1, 2]
+    assert [step for step, _ in history_rows(project / "reports/train_top/history.csv")] == [1, 2]
 
 
 def test_unreachable_server_fails_in_seconds_naming_it(project, monkeypatch):
@@ -580,7 +580,7 @@ def test_a_foreach_stage_is_read_as_the_stages_dvc_makes_of_it(tmp_path, monkeyp
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     (tmp_path / "params.yaml").write_text("ensemble:\n  backbones: [resnet50, xception]\n")
     monkeypatch.chdir(tmp_path)
-    assert list(lineage._stages()) == ["members@resnet50", "members@xception", "listed@a", "listed@b"]
+    assert list(lineage.dvc_stages()) == ["members@resnet50", "members@xception", "listed@a", "listed@b"]
     assert tracking.stage_outputs("members@xception") == ["data/ensemble/xception"]
     assert tracking.data_deps("members@resnet50") == ["data/prepared"]
     assert tracking.stage_param_keys("members@resnet50") == ["ensemble.image_size"]
@@ -770,7 +770,7 @@ def _store_with_a_run(folder: Path) -> tuple[str, str]:
 
     client = mlflow.MlflowClient(store.store_uri())
     mlflow.set_tracking_uri(store.tracking_uri())
-    mlflow.set_experiment(experiment_id=store._experiment(client).experiment_id)
+    mlflow.set_experiment(experiment_id=store.ensure_experiment(client).experiment_id)
     (folder / "note.txt").write_text("made in A")
     with mlflow.start_run() as run:
         mlflow.log_artifact(str(folder / "note.txt"), "notes")
@@ -863,7 +863,7 @@ def test_a_store_with_artifacts_outside_its_folder_is_refused_in_one_line(projec
 
     own = project / "mlartifacts"
     client = mlflow.MlflowClient(store.store_uri())
-    experiment = store._experiment(client).experiment_id
+    experiment = store.ensure_experiment(client).experiment_id
     client.create_registered_model("echo")
     client.create_model_version(
         "echo", source=f"{own.as_uri()}/model", run_id=client.create_run(experiment).info.run_id
@@ -898,7 +898,7 @@ def test_locations_that_are_no_mlartifacts_folder_are_left_alone(project, monkey
     import mlflow
 
     client = mlflow.MlflowClient(store.store_uri())
-    ours = store._experiment(client).experiment_id
+    ours = store.ensure_experiment(client).experiment_id
     plain = client.create_experiment("plain", artifact_location=f"{project}/mlartifacts/plain")
     theirs = {"s3://bucket/x", "mlflow-artifacts:/7", "file:///data/mine", "/data/mlartifacts-old"}
     for n, location in enumerate(sorted(theirs)):
