@@ -617,6 +617,17 @@ async def never_called(scope, receive, send):
     raise AssertionError("the guard let it through")
 
 
+def answering(got: list[bytes]):
+    """An ASGI app that answers 200 to every request, keeping each body it read in `got`."""
+
+    async def app(scope, receive, send):
+        got.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    return app
+
+
 def test_the_server_refuses_what_the_model_cannot_take_before_reading_it():
     json_type = [(b"content-type", b"application/json")]
     status, answer = guarded(never_called, [(b"content-type", b"application/vnd.apache.parquet")], [b"PAR1"])
@@ -632,12 +643,8 @@ def test_the_server_refuses_what_the_model_cannot_take_before_reading_it():
 
 
 def test_the_server_lets_a_request_within_the_limits_through_whole():
-    got = []
-
-    async def app(scope, receive, send):
-        got.append((await receive())["body"])
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
+    got: list[bytes] = []
+    app = answering(got)
 
     body = split_request([b64(png(10, 10))] * 3)
     status, _ = guarded(app, [(b"content-type", b"application/json; charset=utf-8")], [body[:50], body[50:]])
@@ -718,12 +725,8 @@ def test_a_number_no_parser_would_read_is_refused_in_one_line(body):
 
 
 def test_the_widest_request_the_model_takes_goes_through():
-    got = []
-
-    async def app(scope, receive, send):
-        got.append((await receive())["body"])
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
+    got: list[bytes] = []
+    app = answering(got)
 
     records = json.dumps({"dataframe_records": [{"image": b64(png(2, 2))}] * pyfunc.MAX_ROWS}).encode()
     split = json.dumps(
@@ -746,13 +749,7 @@ def test_stalled_bodies_hold_no_slot_and_are_answered_408_with_the_connection_cl
 
     async def scenario() -> tuple[list, list]:
         served: list[bytes] = []
-
-        async def app(scope, receive, send):
-            served.append((await receive())["body"])
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            await send({"type": "http.response.body", "body": b"{}"})
-
-        guard = server.Guard(app, slots=1, waiting=1, read_seconds=1.0)
+        guard = server.Guard(answering(served), slots=1, waiting=1, read_seconds=1.0)
         answers: list[tuple[str, int, list]] = []
 
         async def request(name: str, chunks: list[bytes], stall: bool) -> None:
