@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import signal
 import sys
 from pathlib import Path
@@ -44,41 +43,6 @@ TINY: dict = {
     "audit": {"folds": 2},
     "export": {"formats": []},
 }
-
-
-#: Test files whose program starts in the background once the suite is collected (their `start`).
-STARTED_EARLY = ("test_gpu_check.py", "test_demo.py")
-
-#: Test files whose program starts in the background once the team's members have run their
-#: pipelines (`team_members`, then their `start`), and which run last.
-STARTED_AFTER_TEAM = ("test_jax.py", "test_pipeline.py")
-
-
-def pytest_collection_finish(session):
-    """Four slow checks run a program each, mostly a process starting after another: the GPU check's
-    quick mode, the demo, the JAX pipeline (whose compiling leaves a core idle) and test_pipeline's
-    MLflow server and first repro. They run beside other tests, where those leave a core idle, and
-    their tests wait for them. The unit tests that come first mostly use one core: the GPU check and
-    the demo start as soon as the suite is collected (STARTED_EARLY). From the team's members, who
-    run three pipelines at once, both cores are busy; the tests after them mostly run one stage or
-    one pipeline at a time: the JAX pipeline and test_pipeline's repro start then (`team_members`),
-    and their tests run last (`pytest_collection_modifyitems`). Started through the module pytest
-    imported, whose fixture then finds it started; a file run alone starts its program itself."""
-    _start(session.items, STARTED_EARLY)
-
-
-def _start(items, files: tuple[str, ...]) -> None:
-    """Start the program of each of `files` that has a test among `items` (the module's `start`)."""
-    for module in {item.module for item in items if item.path.name in files}:
-        module.start()
-
-
-def pytest_collection_modifyitems(session, config, items):
-    """The tests of STARTED_AFTER_TEAM run last, in that order (`pytest_collection_finish`)."""
-    late = [item for item in items if item.path.name in STARTED_AFTER_TEAM]
-    items[:] = [item for item in items if item.path.name not in STARTED_AFTER_TEAM] + sorted(
-        late, key=lambda item: STARTED_AFTER_TEAM.index(item.path.name)
-    )
 
 
 def pytest_runtest_teardown(item):
@@ -175,41 +139,9 @@ def team_stack():
 
 
 @pytest.fixture(scope="session")
-def team_members(request, team_stack, four_classes, tmp_path_factory):
-    """alice and bob, who ran the tiny pipeline against the team stack at the same time.
-
-    `four_classes` is asked for only to start it first: it runs beside their two pipelines, which
-    keep the two cores busier than one pipeline does (a stage spends seconds importing TensorFlow
-    on one core), so the suite is shorter than with the three one after the other. The tests that
-    follow mostly run one pipeline, or one stage, at a time, leaving a core idle: the programs of
-    STARTED_AFTER_TEAM start then, beside them, in the module pytest imported, whose fixture then
-    finds its program started."""
+def team_members(team_stack, tmp_path_factory):
+    """alice and bob, who ran the tiny pipeline against the team stack at the same time
+    (tests/teamstack.py)."""
     from tests import teamstack
 
-    members = teamstack.members(team_stack, tmp_path_factory)
-    _start(request.session.items, STARTED_AFTER_TEAM)
-    return members
-
-
-#: TINY with four generated classes, the baseline and an ensemble of two small backbones: the
-#: pipeline of tests/e2e/test_many_classes.py.
-FOUR_CLASSES = copy.deepcopy(TINY)
-FOUR_CLASSES["data"]["synthetic"]["classes"] = 4
-FOUR_CLASSES["baseline"] = {"enabled": True, "units": 8, "epochs": 1, "batch_size": 8}
-FOUR_CLASSES["ensemble"] = {"backbones": ["mobilenet_v2", "efficientnet_v2_b0"], "weights": None, "image_size": 32}
-FOUR_CLASSES["export"] = {"formats": ["onnx", "tf_saved_model", "litert"]}
-
-
-@pytest.fixture(scope="session")
-def four_classes(tmp_path_factory):
-    """The FOUR_CLASSES pipeline in a new git repository, logging to its own mlflow.db: its
-    `dvc repro` started in the background ("repro": `finish_repro` waits for it)."""
-    from ops import demo
-    from tests.workspace import base_env, commit, start_repro
-
-    workspace = demo.make_workspace(tmp_path_factory.mktemp("four-classes") / "repo", FOUR_CLASSES, git=True)
-    env = base_env(MLFLOW_TRACKING_URI=f"sqlite:///{workspace / 'mlflow.db'}")
-    commit(workspace, env, "pipeline with four classes")
-    repro = start_repro(workspace, env)
-    yield {"path": workspace, "env": env, "repro": repro}
-    repro.process.kill()
+    return teamstack.members(team_stack, tmp_path_factory)

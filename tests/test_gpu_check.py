@@ -1,14 +1,12 @@
 """The GPU check (benchmarks/gpu.py) in its quick mode, on Keras's JAX backend as on the GPU machine,
 where TensorFlow is not installed: here `import tensorflow` fails in the check's process. About a
-minute on a 2-core CPU, in the background from the start of the suite (`start`)."""
+minute on a 2-core CPU."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,13 +20,10 @@ def cells(line: str) -> list[str]:
     return [cell.strip() for cell in line.strip().strip("|").split("|")]
 
 
-#: The check's process, started by `start` (tests/conftest.py, once the suite is collected).
-RUNNING: dict = {}
-
-
-def start() -> None:
-    """The quick check started in the background, on JAX, with `import tensorflow` failing."""
-    folder = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+@pytest.fixture(scope="module")
+def check(tmp_path_factory):
+    """The quick check run to its end, on JAX, with `import tensorflow` failing: its process and files."""
+    folder = tmp_path_factory.mktemp("gpu-check")
     blocked = folder / "no-tensorflow" / "tensorflow"
     blocked.mkdir(parents=True)
     (blocked / "__init__.py").write_text("raise ImportError('TensorFlow is not installed here')\n")
@@ -45,20 +40,12 @@ def start() -> None:
             stdout=printed,
             stderr=errors,
         )
-    RUNNING.update(process=process, folder=folder, out=out)
-
-
-@pytest.fixture(scope="module")
-def check():
-    if not RUNNING:
-        start()
     try:
-        RUNNING["process"].wait(timeout=300)
+        process.wait(timeout=300)
     except subprocess.TimeoutExpired:
-        RUNNING["process"].kill()
+        process.kill()
         pytest.fail("benchmarks/gpu.py --quick did not end within 300 s")
-    yield RUNNING
-    shutil.rmtree(RUNNING["folder"], ignore_errors=True)
+    return {"process": process, "folder": folder, "out": out}
 
 
 @pytest.mark.slow

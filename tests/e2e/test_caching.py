@@ -23,7 +23,10 @@ from tests.workspace import (
     set_param,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xdist_group("team"),
+]  # one worker: bob's clone of tests/ops/test_team.py's team
 
 
 @pytest.fixture(scope="module")

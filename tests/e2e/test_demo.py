@@ -1,5 +1,5 @@
 """The README's demo path, run as written: `make demo` (here `python -m ops.demo` on the tiny
-config, started in the background once the suite is collected), then the experiment and the MLflow
+config), then the experiment and the MLflow
 link it prints, whose commands the README shows."""
 
 from __future__ import annotations
@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import shutil
 import subprocess
 import sys
-import tempfile
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -21,11 +19,9 @@ from ops.code import ROOT
 from ops.tracking import views
 from tests.workspace import (
     base_env,
-    finish_repro,
     free_port,
     ran_stages,
     run,
-    start_background,
     wait_until_answering,
 )
 
@@ -44,26 +40,14 @@ def readme_section(title: str) -> str:
     return (ROOT / "README.md").read_text(encoding="utf-8").split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
-#: The demo started by `start`: its folder, environment and process.
-RUNNING: dict = {}
-
-
-def start() -> None:
-    """The demo on the tiny config, started in the background as soon as the suite is collected
-    (tests/conftest.py, STARTED_EARLY): its pipeline runs beside the tests that come first."""
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The demo on the tiny config, run to its end: its environment and what it printed."""
     env = base_env()
     env.pop("MLFLOW_TRACKING_URI", None)  # the demo's own store, as `make demo` has
-    tmp = Path(tempfile.mkdtemp(prefix="demo-"))
-    args = [sys.executable, "-c", DEMO_ON_TINY, str(tmp / "demo")]
-    RUNNING.update(tmp=tmp, env=env, demo=start_background(args, ROOT, env, tmp / "demo.log"))
-
-
-@pytest.fixture(scope="module")
-def demo_run():
-    if not RUNNING:
-        start()
-    yield {**RUNNING, "printed": finish_repro(RUNNING["demo"])}
-    shutil.rmtree(RUNNING["tmp"], ignore_errors=True)
+    folder = tmp_path_factory.mktemp("demo") / "demo"
+    done = run([sys.executable, "-c", DEMO_ON_TINY, str(folder)], ROOT, env)
+    return {"env": env, "printed": done.stdout + done.stderr}
 
 
 @pytest.mark.slow

@@ -2,8 +2,7 @@
 the tiny pipeline with `backend: jax`, featurize, finetune and evaluate each run by `ops.launch` as
 two processes on 127.0.0.1 (PIPELINE_LAUNCH), so that each batch of fine-tuning is split two ways
 and the validation split's last batch is completed with pictures of weight 0, and `import
-tensorflow` failing in every process. The pipeline starts in the
-background once the team's members have run (`start`, tests/conftest.py).
+tensorflow` failing in every process.
 
 Then, here on TensorFlow: the JAX run's backbone weights give the same features, and its saved
 model the same test scores and the same validation accuracy, as the JAX run computed; both
@@ -16,28 +15,25 @@ import copy
 import csv
 import json
 import re
-import shutil
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ops import demo
 from tests.conftest import TINY
-from tests.workspace import STAGES, base_env, finish_repro, ran_stages, start_repro
+from tests.workspace import STAGES, base_env, dvc, ran_stages
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("jax")]  # one worker: its pipeline is built once
 
 #: How far apart TensorFlow and JAX may compute a float32 feature or probability of the same weights.
 CLOSE = 1e-4
-#: The pipeline started by `start`.
-RUNNING: dict = {}
 
 
-def start() -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="jax-"))
+@pytest.fixture(scope="module")
+def jax_run(tmp_path_factory):
+    """The tiny pipeline on JAX, reproduced once: its folder, store and `dvc repro` output."""
+    tmp = tmp_path_factory.mktemp("jax")
     workspace = demo.make_workspace(tmp / "repo", copy.deepcopy(TINY) | {"backend": "jax"}, git=True)
     blocked = tmp / "no-tensorflow" / "tensorflow"
     blocked.mkdir(parents=True)
@@ -47,16 +43,9 @@ def start() -> None:
         PIPELINE_LAUNCH=f"{sys.executable} -m ops.launch --processes 2 --",
         MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
     )
-    RUNNING.update(tmp=tmp, path=workspace, store=env["MLFLOW_TRACKING_URI"], repro=start_repro(workspace, env))
-
-
-@pytest.fixture(scope="module")
-def jax_run():
-    if not RUNNING:
-        start()
-    output = finish_repro(RUNNING["repro"])
-    yield {**RUNNING, "output": output, "ran": ran_stages(output)}
-    shutil.rmtree(RUNNING["tmp"], ignore_errors=True)
+    done = dvc("repro", cwd=workspace, env=env)
+    output = done.stdout + done.stderr
+    return {"path": workspace, "store": env["MLFLOW_TRACKING_URI"], "output": output, "ran": ran_stages(output)}
 
 
 def test_the_jax_path_runs_every_stage_as_two_processes_without_tensorflow(jax_run):

@@ -1,8 +1,7 @@
 """End to end with four classes and every model: the real `dvc repro` of the tiny pipeline with the
 baseline, an ensemble of two small backbones and the exports switched on, then the models it served,
 exported and audited, and the `predict` command, in a temporary git repository (the other end-to-end
-tests use two classes, and export nothing). The `four_classes` fixture (tests/conftest.py) runs the pipeline in the
-background, beside the team members' two pipelines.
+tests use two classes, and export nothing).
 
 Four classes is more than top-3: evaluate adds `test.top3_accuracy`, macro-averages precision,
 recall and F1, and the softmax model names every class in the served `p.<class>` columns.
@@ -10,6 +9,7 @@ recall and F1, and the softmax model names every class in the served `p.<class>`
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import re
@@ -19,13 +19,19 @@ import numpy as np
 import pytest
 
 from classifier.data import synthetic
+from ops import demo
 from ops.code import ROOT
-from tests.conftest import FOUR_CLASSES
-from tests.workspace import STAGES, finish_repro, ran_stages, run
+from tests.conftest import TINY
+from tests.workspace import STAGES, base_env, commit, dvc, ran_stages, run
 
 pytestmark = pytest.mark.slow
 
-PARAMS = FOUR_CLASSES
+#: TINY with four generated classes, the baseline, an ensemble of two small backbones and every export.
+PARAMS = copy.deepcopy(TINY)
+PARAMS["data"]["synthetic"]["classes"] = 4
+PARAMS["baseline"] = {"enabled": True, "units": 8, "epochs": 1, "batch_size": 8}
+PARAMS["ensemble"] = {"backbones": ["mobilenet_v2", "efficientnet_v2_b0"], "weights": None, "image_size": 32}
+PARAMS["export"] = {"formats": ["onnx", "tf_saved_model", "litert"]}
 CLASSES = PARAMS["data"]["synthetic"]["classes"]
 MEMBERS = PARAMS["ensemble"]["backbones"]
 #: Every stage runs: the ensemble's after one featurize stage per member.
@@ -42,14 +48,23 @@ def printed_as(value: float, text: str) -> bool:
     return any(f"{v:.3f}" == text for v in (value - SAME, value, value + SAME))
 
 
+@pytest.fixture(scope="module")
+def four_classes(tmp_path_factory):
+    """The PARAMS pipeline in a new git repository, logging to its own mlflow.db, reproduced once."""
+    workspace = demo.make_workspace(tmp_path_factory.mktemp("four-classes") / "repo", PARAMS, git=True)
+    env = base_env(MLFLOW_TRACKING_URI=f"sqlite:///{workspace / 'mlflow.db'}")
+    commit(workspace, env, "pipeline with four classes")
+    return {"path": workspace, "env": env, "ran": ran_stages(dvc("repro", cwd=workspace, env=env).stdout)}
+
+
 def test_four_classes_run_through_every_stage_and_serve_and_predict_every_class(four_classes):
     import mlflow
     import pandas as pd
 
-    # the pipeline (started by the `four_classes` fixture, tests/conftest.py): every stage runs, and succeeds
+    # the pipeline: every stage runs, and succeeds
     workspace, env = four_classes["path"], four_classes["env"]
     store = env["MLFLOW_TRACKING_URI"]
-    assert ran_stages(finish_repro(four_classes["repro"])) == RAN
+    assert four_classes["ran"] == RAN
     assert json.loads((workspace / "models/classes.json").read_text()) == NAMES
 
     # the headline metrics: top-3 accuracy (more than 3 classes), macro averages

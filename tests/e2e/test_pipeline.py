@@ -14,7 +14,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -34,53 +33,34 @@ from tests.workspace import (
     base_env,
     dvc,
     dvc_repro,
-    finish_repro,
     free_port,
     locked_hashes,
     queue_workers,
     ran_stages,
     run,
     set_param,
-    start_background,
     stop_queue,
     wait_until_answering,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xdist_group("pipeline"),
+]  # one worker: the tests build on one repository, in file order
 
 #: The keys of reports/metrics.json's "test" object (DVC and MLflow: test.accuracy, ...).
 TEST_METRICS = {"accuracy", "precision", "recall", "f1", "log_loss", "ece", "roc_auc", "images"}
 
 
-#: Waits for the MLflow server to answer (60 s at most), then becomes `dvc repro`.
-REPRO_ONCE_SERVED = """
-import os, sys, time, urllib.request
-deadline = time.monotonic() + 60
-while True:
-    try:
-        with urllib.request.urlopen(sys.argv[1], timeout=2):
-            break
-    except OSError:
-        if time.monotonic() > deadline:
-            sys.exit(f"{sys.argv[1]} did not answer within 60 s")
-        time.sleep(0.5)
-os.execv(sys.executable, [sys.executable, "-m", "dvc", "repro"])
-"""
-
-#: What `start` started: the folder, the server (process, log, URI), the workspace and its repro.
-RUNNING: dict = {}
-
-
-def start() -> None:
-    """A real MLflow tracking server on 127.0.0.1 (sqlite backend, artifacts served by it) and the
-    tiny pipeline's first `dvc repro` against it, in a fresh git repository, both started in the
-    background. tests/conftest.py starts them once the team's members have run their pipelines,
-    beside the tests after those, which leave a core idle; the fixtures below wait for them."""
-    root = Path(tempfile.mkdtemp(prefix="pipeline-"))
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The URI of a real MLflow tracking server on 127.0.0.1 (sqlite backend, artifacts served by
+    it), stopped after the file's tests."""
+    root = tmp_path_factory.mktemp("server")
     port = free_port()
-    server_log = root / "server.log"
-    with server_log.open("w") as out:
-        server = subprocess.Popen(
+    log = root / "server.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -104,28 +84,12 @@ def start() -> None:
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
     uri = f"http://127.0.0.1:{port}"
-    workspace = demo.make_workspace(root / "repo", TINY, git=True)
-    env = base_env() | {"MLFLOW_TRACKING_URI": uri}
-    repro = start_background(
-        [sys.executable, "-c", REPRO_ONCE_SERVED, f"{uri}/health"], workspace, env, root / "repro.log"
-    )
-    RUNNING.update(root=root, server=server, server_log=server_log, uri=uri, workspace=workspace, env=env, repro=repro)
-
-
-@pytest.fixture(scope="module")
-def server():
-    """The URI of the MLflow server `start` started (started here when it was not), stopped after the
-    file's tests."""
-    if not RUNNING:
-        start()
     try:
-        wait_until_answering(f"{RUNNING['uri']}/health", RUNNING["server"], RUNNING["server_log"], timeout=60)
-        yield RUNNING["uri"]
+        wait_until_answering(f"{uri}/health", process, log, timeout=60)
+        yield uri
     finally:
-        RUNNING["repro"].process.kill()
-        RUNNING["server"].terminate()
-        RUNNING["server"].wait(timeout=30)
-        shutil.rmtree(RUNNING["root"], ignore_errors=True)
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def run_ids(uri: str, version: int = 0) -> dict[str, str]:
@@ -143,10 +107,12 @@ def pipeline_versions(uri: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def repo(server):
+def repo(server, tmp_path_factory):
     """The tiny pipeline in a fresh git repository, reproduced once against the MLflow server."""
-    ran = ran_stages(finish_repro(RUNNING["repro"]))
-    return {"path": RUNNING["workspace"], "env": RUNNING["env"], "first_run": ran, "server": server}
+    workspace = demo.make_workspace(tmp_path_factory.mktemp("pipeline") / "repo", TINY, git=True)
+    env = base_env() | {"MLFLOW_TRACKING_URI": server}
+    ran = dvc_repro(workspace, env)
+    return {"path": workspace, "env": env, "first_run": ran, "server": server}
 
 
 def client(uri: str):

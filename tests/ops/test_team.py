@@ -27,7 +27,10 @@ from ops.team import postgres, processes, services, state
 from tests.teamstack import OPERATOR_SECRETS, PROJECT, member_env, query, team_cli
 from tests.workspace import STAGES, WAIT_FOR_RELEASE, dvc, locked_hashes, ran_stages, released_together, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xdist_group("team"),
+]  # one worker: the team stack and its members, shared with tests/e2e/test_caching.py
 
 
 def test_up_prints_what_members_need_with_a_new_admin_password_and_restarts_nothing(team_stack):
