@@ -40,13 +40,16 @@ $(STAMP): requirements.txt requirements-$(DEVICE).txt constraints.txt pyproject.
 repro: $(STAMP)
 	dvc repro
 
-test: lint
-	python -m pytest
+# The tests side by side, one pytest-xdist worker per core; the tests of a file that share a workspace
+# or module fixtures run on one worker, in file order (their xdist_group mark).
+PYTEST := python -m pytest -n auto --dist loadgroup
 
-# The inner loop: lint, types, and every test that starts no stage process, side by side (one
-# pytest-xdist worker per core; a file whose tests share module fixtures runs on one: xdist_group).
+test: lint
+	$(PYTEST)
+
+# The inner loop: lint, types, and every test that starts no stage process.
 check: lint
-	python -m pytest -m "not slow" -n auto --dist loadgroup
+	$(PYTEST) -m "not slow"
 
 # What the checks cover and why is in pyproject.toml ([tool.ruff], [tool.mypy]).
 lint: $(STAMP)

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("features", type=Path, help="the folder of the members' features (one folder each)")
-    parser.add_argument("prepared", type=Path, help="the prepare stage's output (an input example)")
+    parser.add_argument("prepared", type=Path, help="the prepare stage's output (the test set the model was scored on)")
     parser.add_argument("models", type=Path, help=f"folder for the ensemble model ({MODEL})")
     parser.add_argument("reports", type=Path, help="folder for history.csv and metrics.json")
     args = parser.parse_args()
@@ -48,7 +48,7 @@ def main() -> None:
     backend.select(params.backend, params.deterministic)  # before Keras is imported
     tracking.start_worker("ensemble")  # its arguments and params are good: the run will open
     # Keras is imported once there is a model to train: switched off, the stage takes a second.
-    from classifier.model import devices, images, training
+    from classifier.model import devices, training
 
     devices.start(params.deterministic)
     metas = member_meta(args.features, members, params.ensemble.image_size)
@@ -71,10 +71,7 @@ def main() -> None:
             saving.save_model(model, tmp / MODEL)
         write_reports(args.reports, history, name, params.top.patience, metrics["test"])
         write_reliability(args.reports / RELIABILITY, test[1], probs, params.evaluate.threshold, "ensemble")
-        example = Path(images.load_split(args.prepared, "test").paths[0])
-        tracking.log_classifier(
-            "ensemble", args.models / MODEL, classes, example, args.prepared, params, metrics["test"]
-        )
+        tracking.log_classifier("ensemble", args.models / MODEL, classes, args.prepared, params, metrics["test"])
     accuracy = metrics["test"]["accuracy"]
     log.info("ensemble of %s: test accuracy %.4f on %d images", ", ".join(members), accuracy, len(test[1]))
 

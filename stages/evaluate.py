@@ -58,9 +58,7 @@ def main() -> None:
         with saving.atomic_dir(args.reports) as tmp:
             write_reports(tmp, split, probs, metrics, params.evaluate.threshold, args.history)
         saving.write_json(args.metrics, {"test": metrics["test"]})  # headline numbers only: DVC's columns
-        tracking.log_classifier(
-            "evaluate", args.model, split.classes, Path(split.paths[0]), args.prepared, params, metrics["test"]
-        )
+        tracking.log_classifier("evaluate", args.model, split.classes, args.prepared, params, metrics["test"])
     log.info("test accuracy %.4f on %d images; wrote %s", metrics["test"]["accuracy"], len(split), args.metrics)
 
 

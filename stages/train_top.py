@@ -37,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("features", type=Path, help="the featurize stage's output")
     parser.add_argument("backbone_weights", type=Path, help="the featurize stage's backbone weights")
-    parser.add_argument("prepared", type=Path, help="the prepare stage's output (an input example)")
+    parser.add_argument("prepared", type=Path, help="the prepare stage's output (the test set the model was scored on)")
     parser.add_argument("output", type=Path, help="where to save the trained head (.keras)")
     parser.add_argument("models", type=Path, help=f"folder for the frozen backbone and head as one model ({MODEL})")
     parser.add_argument("reports", type=Path, help="folder for history.csv, metrics.json and reliability.png")
@@ -46,7 +46,7 @@ def main() -> None:
     backend.select(params.backend, params.deterministic)  # before Keras is imported
     tracking.start_worker("train_top")  # its arguments and params are good: the run will open
     # Imported once the worker is started: MLflow loads there while Keras loads here.
-    from classifier.model import devices, heads, images
+    from classifier.model import devices, heads
     from classifier.model.bottleneck import META, load_features
     from classifier.model.history import write_reports
     from classifier.model.training import score_head, train_top
@@ -73,10 +73,7 @@ def main() -> None:
         write_reliability(
             args.reports / RELIABILITY, test[1], probs, params.evaluate.threshold, "frozen backbone + head"
         )
-        example = Path(images.load_split(args.prepared, "test").paths[0])
-        tracking.log_classifier(
-            "train_top", args.models / MODEL, classes, example, args.prepared, params, metrics["test"]
-        )
+        tracking.log_classifier("train_top", args.models / MODEL, classes, args.prepared, params, metrics["test"])
     log.info(
         "kept epoch %d of %d: validation accuracy %.4f, test accuracy %.4f; wrote %s and %s",
         kept + 1,

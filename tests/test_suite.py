@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 #: A group of three tests sharing a module fixture, and enough other tests to keep two workers busy.
-GROUPED = '''
+GROUPED = """
 import os
 import pytest
 
@@ -33,7 +33,7 @@ def test_second(built):
 def test_third(built):
     with open("order.txt", "a") as f:
         f.write("third\\n")
-'''
+"""
 OTHERS = """
 import time
 import pytest

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from classifier import saving
-from classifier.metrics.scores import Calibration, Roc, calibration
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from classifier.metrics.scores import Calibration, Roc
 
 
 #: The reliability diagram's file in a scoring stage's reports folder.
@@ -196,7 +197,11 @@ def write_reliability(
     """The reliability diagram of `model`'s test `probs` as a PNG at `path` (its frame only when
     `labels` is None: a stage switched off still writes its declared output)."""
     plt = _pyplot()
-    cal = None if labels is None or probs is None else calibration(labels, probs, threshold)
+    cal = None
+    if labels is not None and probs is not None:
+        from classifier.metrics.scores import calibration  # scikit-learn: a switched-off stage's frame needs none
+
+        cal = calibration(labels, probs, threshold)
     fig = reliability_figure(cal, model)
     _save(fig, path)
     plt.close(fig)

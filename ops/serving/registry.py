@@ -163,7 +163,6 @@ def log_model(
     model_path: Path,
     classes: list[str],
     threshold: float,
-    example: Path,
     registered_model: str | None,
     accuracy: float,
     test_set: str | None,
@@ -175,7 +174,8 @@ def log_model(
     about: dict[str, Any] | None = None,
 ) -> str:
     """Log the fine-tuned model to the active run as a pyfunc model (`ImageClassifier`), with its
-    signature and an input example; register it with the alias `candidate`, and `champion` too
+    signature (no input example: MLflow would load the model to check it, seconds of every stage
+    that logs one, and only warn when it fails); register it with the alias `candidate`, and `champion` too
     when its test accuracy beats the current champion's on the same test set (`test_set`: the DVC
     hash of the prepared data it was scored on). `max_side` is the `data.max_side` its data was
     prepared with, which the served model prepares pictures to (refusing those under `min_side` or
@@ -191,7 +191,6 @@ def log_model(
     import tempfile
 
     import mlflow
-    import pandas as pd
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
@@ -212,7 +211,6 @@ def log_model(
             artifacts={"model": str(model_path), "spec": str(spec)},
             code_paths=[str(shipped_code(Path(tmp) / "code"))],
             signature=signature,
-            input_example=pd.DataFrame({COLUMN: [example.read_bytes()]}),
             pip_requirements=_requirements(),
         )
         if registered_model is None:

@@ -272,16 +272,15 @@ def log_classifier(
     stage: str,
     model_path: Path,
     classes: list[str],
-    example: Path,
     prepared: Path,
     params: config.Params,
     test: dict[str, Any],
 ) -> None:
     """Log and register a classifier that `stage` scored on the test split of `prepared` (`log_model`,
-    with evaluate's threshold and registry name, `test` its headline test metrics and `example` an
-    input picture), named as the models table names it (top, finetuned, ensemble) and described as
-    the model of this pipeline version; a failure says how to log it afterwards (`logging_failed`).
-    With tracking off, nothing (MLflow is not even imported)."""
+    with evaluate's threshold and registry name, `test` its headline test metrics), named as the
+    models table names it (top, finetuned, ensemble) and described as the model of this pipeline
+    version; a failure says how to log it afterwards (`logging_failed`). With tracking off, nothing
+    (MLflow is not even imported)."""
     if not enabled():
         return
     model = next(name for name, scorer in table.STAGES.items() if scorer == stage)
@@ -297,7 +296,6 @@ def log_classifier(
             model_path,
             classes,
             params.evaluate.threshold,
-            example,
             params.evaluate.registered_model,
             test["accuracy"],
             test_set=locked_hashes().get(prepared.as_posix()),

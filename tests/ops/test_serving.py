@@ -74,7 +74,6 @@ def logged(tmp_path_factory) -> SimpleNamespace:
                 folder / "model.keras",
                 CLASSES,
                 0.5,
-                pictures[0],
                 "clf",
                 0.875,
                 test_set="0123456789abcdef.dir",
