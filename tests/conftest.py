@@ -45,6 +45,13 @@ TINY: dict = {
 }
 
 
+def pytest_collection_modifyitems(items):
+    """The slow tests first (a pipeline, a stage's process: marked `slow`), then the quick ones, each
+    in file order: run side by side, the quick tests keep the workers busy while the last pipelines
+    end, rather than a pipeline starting last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_runtest_teardown(item):
     """Loading an MLflow model puts its code folder first on sys.path (MLflow's doing), for good. A
     logged classifier's folder holds only the part of the `classifier` package it answers with, so
