@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import shutil
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -205,14 +206,16 @@ def log_model(
         spec.write_text(
             json.dumps(model_spec(classes, threshold, max_side, precision, min_side, max_pixels)), encoding="utf-8"
         )
-        info = mlflow.pyfunc.log_model(
-            name=(about or {}).get("model", "model"),
-            python_model=pyfunc.__file__,  # models from code: that file, not a pickled object
-            artifacts={"model": str(model_path), "spec": str(spec)},
-            code_paths=[str(shipped_code(Path(tmp) / "code"))],
-            signature=signature,
-            pip_requirements=_requirements(),
-        )
+        with warnings.catch_warnings():  # no input example, on purpose: MLflow warns of its absence
+            warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name=(about or {}).get("model", "model"),
+                python_model=pyfunc.__file__,  # models from code: that file, not a pickled object
+                artifacts={"model": str(model_path), "spec": str(spec)},
+                code_paths=[str(shipped_code(Path(tmp) / "code"))],
+                signature=signature,
+                pip_requirements=_requirements(),
+            )
         if registered_model is None:
             outcome = "not registered (evaluate.registered_model is null)"
             mlflow.set_tag("model.registry", outcome)
