@@ -41,8 +41,9 @@ repro: $(STAMP)
 	dvc repro
 
 # The tests side by side, one pytest-xdist worker per core; the tests of a file that share a workspace
-# or module fixtures run on one worker, in file order (their xdist_group mark).
-PYTEST := python -m pytest -n auto --dist loadgroup
+# or module fixtures run on one worker, in file order (their xdist_group mark); the groups start in the
+# order of their first test (slow tests first: tests/conftest.py), not largest group first.
+PYTEST := python -m pytest -n auto --dist loadgroup --no-loadscope-reorder
 
 test: lint
 	$(PYTEST)
