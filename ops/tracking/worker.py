@@ -160,9 +160,9 @@ def _portable(err: BaseException) -> BaseException:
 
 def _warm_up(stage: str) -> None:
     """What the stage will need, loaded while it does its first work: MLflow, an embedded store that
-    exists already (none is created here, and a server is not asked anything yet), and for evaluate
-    what logging a model needs (Keras too: MLflow loads the logged model to check that it serves its
-    input example). Failures wait for the call that needs it."""
+    exists already (none is created here, and a server is not asked anything yet), and for the
+    stages that log a model what logging one needs (not Keras: the model is logged without an input
+    example, which MLflow would load it to check). Failures wait for the call that needs it."""
     with contextlib.suppress(Exception):
         import mlflow
 
@@ -172,11 +172,9 @@ def _warm_up(stage: str) -> None:
         if store is not None and store.is_file():
             with store_lock():
                 mlflow.get_experiment_by_name(experiment_name())
-        if stage in ("evaluate", "ensemble"):  # they log a model
+        if stage in ("train_top", "evaluate", "ensemble"):  # they log a model
             import mlflow.pyfunc
             from mlflow.utils import requirements_utils
-
-            from classifier.model import backbones  # noqa: F401  Keras: MLflow loads the model to check its input example
 
             requirements_utils._init_modules_to_packages_map()  # reads every installed package's metadata
 
