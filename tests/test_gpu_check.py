@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import gpu
+from tests.workspace import without_tensorflow
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,13 +25,10 @@ def cells(line: str) -> list[str]:
 def check(tmp_path_factory):
     """The quick check run to its end, on JAX, with `import tensorflow` failing: its process and files."""
     folder = tmp_path_factory.mktemp("gpu-check")
-    blocked = folder / "no-tensorflow" / "tensorflow"
-    blocked.mkdir(parents=True)
-    (blocked / "__init__.py").write_text("raise ImportError('TensorFlow is not installed here')\n")
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PIPELINE_LAUNCH")}
     # float32 on this CPU too (precision: auto takes bfloat16 on a CPU with avx512_bf16, which XLA
     # compiles and runs slower here): the GPU machine picks its policy by its GPU, not by these flags.
-    env |= {"KERAS_BACKEND": "jax", "PYTHONPATH": str(blocked.parent), "PIPELINE_CPU_FLAGS": "none"}
+    env |= {"KERAS_BACKEND": "jax", "PYTHONPATH": without_tensorflow(folder), "PIPELINE_CPU_FLAGS": "none"}
     out = folder / "table.md"
     with open(folder / "stderr.log", "w") as errors, open(folder / "stdout.log", "w") as printed:
         process = subprocess.Popen(

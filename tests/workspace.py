@@ -67,6 +67,15 @@ def wait_until_answering(url: str, process: subprocess.Popen, log: Path, timeout
             time.sleep(0.5)
 
 
+def without_tensorflow(folder: Path) -> str:
+    """A folder for PYTHONPATH, made in `folder`, in which `import tensorflow` fails, as on a machine
+    without it (the GPU machine's)."""
+    blocked = folder / "no-tensorflow" / "tensorflow"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('TensorFlow is not installed here')\n")
+    return str(blocked.parent)
+
+
 def base_env(**extra: str) -> dict:
     return demo.pipeline_env(**GIT_ENV, **extra)
 

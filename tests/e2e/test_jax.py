@@ -22,7 +22,7 @@ import pytest
 
 from ops import demo
 from tests.conftest import TINY
-from tests.workspace import STAGES, base_env, dvc, ran_stages
+from tests.workspace import STAGES, base_env, dvc, ran_stages, without_tensorflow
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("jax")]  # one worker: its pipeline is built once
 
@@ -35,11 +35,8 @@ def jax_run(tmp_path_factory):
     """The tiny pipeline on JAX, reproduced once: its folder, store and `dvc repro` output."""
     tmp = tmp_path_factory.mktemp("jax")
     workspace = demo.make_workspace(tmp / "repo", copy.deepcopy(TINY) | {"backend": "jax"}, git=True)
-    blocked = tmp / "no-tensorflow" / "tensorflow"
-    blocked.mkdir(parents=True)
-    (blocked / "__init__.py").write_text("raise ImportError('TensorFlow is not installed here')\n")
     env = base_env(
-        PYTHONPATH=str(blocked.parent),
+        PYTHONPATH=without_tensorflow(tmp),
         PIPELINE_LAUNCH=f"{sys.executable} -m ops.launch --processes 2 --",
         MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
     )

@@ -22,7 +22,7 @@ from classifier.data import synthetic
 from ops import demo
 from ops.code import ROOT
 from tests.conftest import TINY
-from tests.workspace import STAGES, base_env, commit, dvc, ran_stages, run
+from tests.workspace import STAGES, base_env, commit, dvc_repro, run
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def four_classes(tmp_path_factory):
     workspace = demo.make_workspace(tmp_path_factory.mktemp("four-classes") / "repo", PARAMS, git=True)
     env = base_env(MLFLOW_TRACKING_URI=f"sqlite:///{workspace / 'mlflow.db'}")
     commit(workspace, env, "pipeline with four classes")
-    return {"path": workspace, "env": env, "ran": ran_stages(dvc("repro", cwd=workspace, env=env).stdout)}
+    return {"path": workspace, "env": env, "ran": dvc_repro(workspace, env)}
 
 
 def test_four_classes_run_through_every_stage_and_serve_and_predict_every_class(four_classes):
